@@ -1,0 +1,172 @@
+"""Seeded-perturbation kernels: in place, float32, bit-identical everywhere.
+
+``buffers`` is one logical vector split across float32 arrays (a model's trainable
+tensors, in order): element indices continue from one buffer to the next, so the
+same seed gives the same direction however the parameters are laid out.
+
+All inputs are checked before any buffer is written, so a bad call changes nothing.
+The C++ extension (``edgefed._kernels``) does the work; without it the numpy
+reference in :mod:`edgefed.rng` is used, with a warning (it is ~20x slower).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import rng
+
+try:
+    from . import _kernels as _ext
+except ImportError as exc:  # pragma: no cover - exercised by test_kernels via a subprocess
+    _ext = None
+    warnings.warn(f"edgefed C++ kernels unavailable ({exc}); using the numpy reference, "
+                  "which is much slower. Reinstall edgefed with gcc and cmake present "
+                  "(`pip install .`) to build them.", RuntimeWarning, stacklevel=2)
+
+__all__ = ["perturb", "zo_update", "replay", "fill", "set_num_threads", "get_num_threads",
+           "backend", "DISTRIBUTIONS", "KernelInputError"]
+
+DISTRIBUTIONS = rng.DISTRIBUTIONS
+_DIST_CODE = {"normal": 0, "rademacher": 1}
+_threads = 0
+
+
+class KernelInputError(ValueError):
+    """A kernel was called with inputs it cannot use; nothing was modified."""
+
+
+def backend() -> str:
+    """'cpp' when the compiled kernels are loaded, else 'numpy'."""
+    if os.environ.get("EDGEFED_KERNELS") == "numpy":
+        return "numpy"
+    return "cpp" if _ext is not None else "numpy"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the kernels use; 0 or less means all cores. Results never depend on it."""
+    global _threads
+    _threads = max(int(n), 0)
+    if _ext is not None:
+        _ext.set_num_threads(_threads)
+
+
+def get_num_threads() -> int:
+    if _ext is not None:
+        return int(_ext.get_num_threads())
+    return _threads or (os.cpu_count() or 1)
+
+
+def _check_dist(dist: str) -> int:
+    if dist not in _DIST_CODE:
+        raise KernelInputError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    return _DIST_CODE[dist]
+
+
+def _check_buffers(buffers) -> list[np.ndarray]:
+    if isinstance(buffers, np.ndarray):
+        buffers = [buffers]
+    out = []
+    for k, b in enumerate(buffers):
+        if not isinstance(b, np.ndarray):
+            raise KernelInputError(f"buffer {k} is a {type(b).__name__}, expected a numpy float32 array")
+        if b.dtype != np.float32:
+            raise KernelInputError(f"buffer {k} has dtype {b.dtype}; the kernels work on float32 "
+                                   "only (convert once with astype(np.float32) and keep that array)")
+        if not b.flags.c_contiguous:
+            raise KernelInputError(f"buffer {k} is not C-contiguous; pass np.ascontiguousarray(...) "
+                                   "and keep using that copy, or the update is lost")
+        if not b.flags.writeable:
+            raise KernelInputError(f"buffer {k} is read-only; the kernels update in place")
+        out.append(b)
+    return out
+
+
+def _check_seed(seed, what="seed") -> int:
+    try:
+        s = int(seed)
+    except (TypeError, ValueError):
+        raise KernelInputError(f"{what} must be an integer, got {seed!r}") from None
+    if s != seed or not 0 <= s < 1 << 64:
+        raise KernelInputError(f"{what} must be an integer in [0, 2**64), got {seed!r}")
+    return s
+
+
+def _check_finite(x, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise KernelInputError(f"{what} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise KernelInputError(f"{what} is {v}; refusing to write a non-finite update "
+                               "(check the loss and the learning rate)")
+    if abs(v) > float(np.finfo(np.float32).max):
+        raise KernelInputError(f"{what}={v} overflows float32")
+    return v
+
+
+def _apply(buffers: list[np.ndarray], seeds: np.ndarray, coeffs: np.ndarray, dist: str) -> None:
+    if backend() == "cpp":
+        _ext.apply(buffers, seeds, coeffs, _DIST_CODE[dist])
+    else:
+        rng.replay(buffers, seeds, coeffs, dist)
+
+
+def perturb(buffers, seed: int, scale: float, dist: str = "normal") -> None:
+    """theta += float32(scale) * z(seed), in place."""
+    _check_dist(dist)
+    seed = _check_seed(seed)
+    scale = _check_finite(scale, "scale")
+    bufs = _check_buffers(buffers)
+    _apply(bufs, np.array([seed], np.uint64), np.array([scale], np.float32), dist)
+
+
+def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "normal") -> None:
+    """Fused restore + SGD step after a two-point probe that left theta at theta - eps*z:
+    theta += (eps - lr*g) * z, one pass over memory."""
+    _check_dist(dist)
+    seed = _check_seed(seed)
+    c = rng.zo_coefficient(_check_finite(eps, "eps"), _check_finite(lr, "lr"),
+                           _check_finite(g, "g (projected gradient)"))
+    _check_finite(c, "eps - lr*g")
+    bufs = _check_buffers(buffers)
+    _apply(bufs, np.array([seed], np.uint64), np.array([c], np.float32), dist)
+
+
+def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] | np.ndarray,
+           dist: str = "normal") -> None:
+    """theta += sum_j coeffs[j] * z(seeds[j]), in one tiled pass; bit-identical to calling
+    perturb(buffers, seeds[j], coeffs[j]) for j in order."""
+    _check_dist(dist)
+    seeds_list = list(seeds)
+    c = np.asarray(list(coeffs) if not isinstance(coeffs, np.ndarray) else coeffs, dtype=np.float64)
+    if c.ndim != 1 or len(seeds_list) != c.shape[0]:
+        raise KernelInputError(f"replay needs one coefficient per seed: {len(seeds_list)} seeds, "
+                               f"{c.size} coefficients")
+    bad = np.flatnonzero(~np.isfinite(c.astype(np.float32)))
+    if bad.size:
+        raise KernelInputError(f"coefficient {int(bad[0])} is {c[bad[0]]} (non-finite in float32); "
+                               "nothing was applied")
+    s = np.array([_check_seed(x, f"seed {j}") for j, x in enumerate(seeds_list)], dtype=np.uint64)
+    bufs = _check_buffers(buffers)
+    if s.size:
+        _apply(bufs, s, c.astype(np.float32), dist)
+
+
+def fill(out: np.ndarray, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0) -> None:
+    """out[i] = z(seed)[offset + i] on `stream` (0: parameter perturbations; others for
+    e.g. projection matrices)."""
+    code = _check_dist(dist)
+    seed = _check_seed(seed)
+    if not 0 <= int(stream) < 1 << 32:
+        raise KernelInputError(f"stream must be in [0, 2**32), got {stream}")
+    if not 0 <= int(offset) < 1 << 62:
+        raise KernelInputError(f"offset must be in [0, 2**62), got {offset}")
+    (buf,) = _check_buffers([out])
+    if backend() == "cpp":
+        _ext.fill(buf, seed, code, int(stream), int(offset))
+    else:
+        buf.reshape(-1)[:] = rng.generate(seed, buf.size, dist, int(stream), int(offset))

@@ -1,0 +1,16 @@
+"""Host-side export: transformers causal LM -> EdgeFed ONNX artifact (needs torch).
+
+`export_artifact` is imported lazily so that `import edgefed.export.artifact` (numpy only)
+and the CLI's argument parsing do not pull in torch.
+"""
+from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, parse_task, parse_trainable
+
+__all__ = ["export_artifact", "parse_task", "parse_trainable", "DEFAULT_TEMPLATE", "DEFAULT_PROMPT_INIT"]
+
+
+def __getattr__(name):
+    if name == "export_artifact":
+        from .onnx_export import export_artifact
+
+        return export_artifact
+    raise AttributeError(name)

@@ -1,0 +1,307 @@
+"""Causal LM -> EdgeFed ONNX artifact whose trainable tensors are graph inputs.
+
+The device runtime perturbs/updates the flat trainable buffer in place and feeds its views
+as inputs; frozen weights stay initializers (optionally int8 via dynamic quantisation).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifact as art
+from .adapters import ExportWrapper, LossCore, lora_patched
+from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, parse_task, parse_trainable
+
+__all__ = ["export_artifact"]
+
+# Two batches of different shape: tracing on one and verifying on the other catches
+# shapes that were baked into the graph instead of staying dynamic.
+_SAMPLES = [
+    "A gorgeous, witty, seductive movie.",
+    "Meandering and glacially paced, and often just plain dull.",
+    "The performances are strong, but the script never finds its footing.",
+    "An utterly charming comedy that earns every one of its laughs.",
+]
+_TRACE_IDX, _VERIFY_IDX = [0, 2], [1, 3, 0]
+_QUANT_RTOL = 0.05  # int8 frozen weights: loss may move by a few per cent
+
+
+def _log(msg: str) -> None:
+    print(f"[edgefed.export] {msg}", file=sys.stderr, flush=True)
+
+
+def _resolve_model(model, tokenizer, model_name):
+    if isinstance(model, (str, os.PathLike)):
+        from edgefed.models import load_model
+
+        name = str(model)
+        model, loaded_tok = load_model(name)
+        return model, tokenizer or loaded_tok, model_name or Path(name).name
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        if not src or not Path(src).is_dir():
+            raise ValueError("pass tokenizer= (the model has no local name_or_path to load it from)")
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    name = model_name or Path(getattr(model, "name_or_path", "") or "model").name
+    return model, tokenizer, name
+
+
+def _plain_backend(tokenizer):
+    """The `tokenizers` object devices will use, without HF padding/truncation settings."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@contextlib.contextmanager
+def _eager_eval(model):
+    """Eager attention (SDPA with GQA does not trace) and eval mode, restored afterwards."""
+    prev_attn = getattr(model.config, "_attn_implementation", None)
+    was_training = model.training
+    if prev_attn != "eager":
+        model.set_attn_implementation("eager")
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if prev_attn not in (None, "eager"):
+            model.set_attn_implementation(prev_attn)
+
+
+def _batch(tok, texts, task: TaskSpec, template: str, pad_id: int, idx):
+    """Right-padded (input_ids, attention_mask, targets) exactly as a device would build it."""
+    texts = [texts[i] for i in idx]
+    if task.kind == "classify":
+        texts = [template.format(text=t) for t in texts]
+    ids = [tok.encode(t).ids for t in texts]
+    T = max(map(len, ids))
+    input_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), T), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    if task.kind == "classify":
+        targets = np.arange(len(ids), dtype=np.int64) % len(task.labels)
+    else:
+        targets = np.where(mask == 1, input_ids, -100).astype(np.int64)
+    return input_ids, mask, targets
+
+
+def _label_token_ids(tok, labels) -> list[int]:
+    ids = []
+    for lab in labels:
+        enc = tok.encode(" " + lab, add_special_tokens=False).ids
+        if not enc:
+            raise ValueError(f"label {lab!r} tokenises to nothing")
+        ids.append(enc[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"labels {list(labels)} share a first token ({ids}); pick other label words")
+    return ids
+
+
+def _soft_prompt_init(tok, model, n_tokens: int, text: str) -> torch.Tensor:
+    ids = tok.encode(text, add_special_tokens=False).ids or [0]
+    ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]  # truncate or repeat
+    emb = model.get_input_embeddings().weight
+    return emb.detach()[torch.tensor(ids)].clone().float()
+
+
+def _trainables(core: LossCore, ts: TrainableSpec, lora_wrappers) -> list[tuple[str, str]]:
+    """[(graph input name, parameter path inside core)] in manifest order."""
+    if ts.mode == "full":
+        # named_parameters() drops duplicates, so tied lm_head/embed_tokens is one tensor.
+        return [(p[len("lm."):], p) for p, _ in core.named_parameters() if p.startswith("lm.")]
+    if ts.mode == "lora":
+        return [(f"{m}.{ab}", f"lm.{m}.{ab}") for m in lora_wrappers for ab in ("lora_A", "lora_B")]
+    return [("soft_prompt", "soft_prompt")]
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # MatMulConstBOnly: matmuls whose weight is a graph input (LoRA, soft prompt) stay float,
+    # otherwise the device's small seeded perturbations would be rounded away.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # silences the "consider pre-processing" advice
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+
+
+def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
+                    template: str = DEFAULT_TEMPLATE, quantize_frozen: bool = False,
+                    opset: int = 17, progress: bool = True, *, tokenizer=None,
+                    model_name: str | None = None, prompt_init: str = DEFAULT_PROMPT_INIT,
+                    seed: int = 0) -> Path:
+    """Export `model` (a transformers causal LM, or a registry name / model dir) to an
+    EdgeFed artifact folder and check ONNX Runtime's loss against torch's. Returns out_dir."""
+    from tqdm import tqdm
+
+    ts, tk = parse_trainable(trainable), parse_task(task)
+    if quantize_frozen and ts.mode == "full":
+        raise ValueError("quantize_frozen needs a frozen part: use lora or prompt mode")
+    if tk.kind == "classify" and "{text}" not in template:
+        raise ValueError("template must contain {text}")
+    model, tokenizer, model_name = _resolve_model(model, tokenizer, model_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # written last: marks a complete artifact
+    tok = _plain_backend(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    label_ids = _label_token_ids(tok, tk.labels) if tk.kind == "classify" else []
+    stages = ["trace", "save", "verify"] + (["quantise", "verify-q"] if quantize_frozen else [])
+    bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress, file=sys.stderr)
+    t0 = time.time()
+
+    with contextlib.ExitStack() as stack, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from transformers are expected noise
+        stack.enter_context(_eager_eval(model))
+        wrappers = (stack.enter_context(lora_patched(model, ts.targets, ts.r, ts.alpha, seed))
+                    if ts.mode == "lora" else {})
+        soft = _soft_prompt_init(tok, model, ts.tokens, prompt_init) if ts.mode == "prompt" else None
+        core = LossCore(model, tk.kind, label_ids, soft).eval()
+        names, paths = zip(*_trainables(core, ts, wrappers))
+        params = dict(core.named_parameters())
+        init = [params[p].detach().clone().float() for p in paths]
+        n_trainable = sum(t.numel() for t in init)
+        n_frozen = sum(p.numel() for k, p in params.items() if k not in set(paths))
+        wrapper = ExportWrapper(core, list(paths))
+        io_names = ["input_ids", "attention_mask", "targets"]
+        out_names = ["loss", "label_logits"] if tk.kind == "classify" else ["loss"]
+        seq_axes = {0: "batch", 1: "seq"}
+        dyn = {"input_ids": seq_axes, "attention_mask": seq_axes,
+               "targets": {0: "batch"} if tk.kind == "classify" else seq_axes}
+        if tk.kind == "classify":
+            dyn["label_logits"] = {0: "batch"}
+
+        # -- trace
+        bar.set_postfix_str("trace")
+        tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
+        stack.callback(shutil.rmtree, tmp, True)
+        fp32_path = tmp / "model.fp32.onnx"
+        tb = [torch.from_numpy(a) for a in _batch(tok, _SAMPLES, tk, template, pad_id, _TRACE_IDX)]
+        torch.onnx.export(wrapper, (*tb, *init), str(fp32_path), input_names=io_names + list(names),
+                          output_names=out_names, dynamic_axes=dyn, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+        bar.update()
+
+        # -- save trainable.bin + tokenizer, torch reference loss on a differently shaped batch
+        bar.set_postfix_str("save")
+        layout = art.trainable_layout([(n, tuple(t.shape)) for n, t in zip(names, init)])
+        art.write_trainable(out / art.FILES["trainable"], [t.numpy() for t in init])
+        tok.save(str(out / art.FILES["tokenizer"]))
+        vb = _batch(tok, _SAMPLES, tk, template, pad_id, _VERIFY_IDX)
+        vt = [torch.from_numpy(a) for a in vb]
+        # Also check at perturbed trainables: LoRA B starts at zero, so the initial point
+        # alone would not exercise the adapter path at all.
+        gen = torch.Generator().manual_seed(seed + 1)
+        pert = [t + 0.05 * (t.std() if t.numel() > 1 and t.std() > 0 else 1.0)
+                * torch.randn(t.shape, generator=gen) for t in init]
+        refs = [_as_numpy(wrapper(*vt, *init)), _as_numpy(wrapper(*vt, *pert))]
+        bar.update()
+
+        # -- verify fp32 graph, feeding the trainables read back from trainable.bin
+        bar.set_postfix_str("verify")
+        manifest_stub = {"n_trainable": n_trainable, "files": art.FILES, "trainable": layout}
+        views = art.trainable_views(art.read_trainable(out, manifest_stub), manifest_stub)
+        feeds = [dict(zip(io_names, vb)) | views,
+                 dict(zip(io_names, vb)) | {n: t.numpy() for n, t in zip(names, pert)}]
+        expected_inputs = io_names + list(names)
+        final_path = fp32_path
+        got = _check(fp32_path, feeds, refs, expected_inputs, rtol=1e-4)
+        bar.update()
+
+        if quantize_frozen:
+            bar.set_postfix_str("quantise")
+            final_path = tmp / "model.int8.onnx"
+            _quantize(fp32_path, final_path)
+            bar.update()
+            bar.set_postfix_str("verify-q")
+            fp32_loss = float(got[0])
+            got = _check(final_path, feeds, refs, expected_inputs, rtol=_QUANT_RTOL)
+            _log(f"int8 frozen part: onnx loss {float(got[0]):.6f} vs torch fp32 "
+                 f"{float(refs[0][0]):.6f} (fp32 onnx {fp32_loss:.6f}); "
+                 f"size {fp32_path.stat().st_size / 1e6:.1f} -> {final_path.stat().st_size / 1e6:.1f} MB")
+            bar.update()
+        os.replace(final_path, out / art.FILES["onnx"])
+    bar.close()
+
+    manifest = {
+        "format": art.FORMAT, "format_version": art.FORMAT_VERSION, "model": model_name,
+        "trainable_mode": ts.mode, "trainable_spec": trainable,
+        "task": {"kind": tk.kind, "labels": list(tk.labels), "label_token_ids": label_ids,
+                 "template": template},
+        "inputs": {k: k for k in io_names},
+        "outputs": {"loss": "loss", "label_logits": "label_logits" if tk.kind == "classify" else None},
+        "trainable": layout, "n_trainable": int(n_trainable), "n_frozen": int(n_frozen),
+        "opset": opset, "quantized_frozen": bool(quantize_frozen),
+        "pad_token_id": int(pad_id), "eos_token_id": int(eos_id),
+        "max_seq_len": int(getattr(model.config, "max_position_embeddings", 2048)),
+        "files": dict(art.FILES),
+        "sha256": {f: art.sha256_file(out / f) for f in art.FILES.values()},
+        "export_check": {"torch_loss": float(refs[0][0]), "onnx_loss": float(got[0]),
+                         "abs_diff": float(abs(float(refs[0][0]) - float(got[0])))},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _log(f"{model_name} [{ts.mode}, {tk.kind}] -> {out} in {time.time() - t0:.1f} s: "
+         f"{n_trainable:,} trainable, {n_frozen:,} frozen, loss diff "
+         f"{manifest['export_check']['abs_diff']:.2e}")
+    return out
+
+
+def _as_numpy(out) -> list[np.ndarray]:
+    return [o.detach().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _check(path: Path, feeds: list[dict], refs: list[list[np.ndarray]], expected_inputs,
+           rtol: float) -> list[np.ndarray]:
+    """Run ORT on each feed and compare with torch. The graph inputs must be exactly
+    input_ids, attention_mask, targets + trainables in manifest order. Returns the first run."""
+    sess = _session(path)
+    graph_inputs = [i.name for i in sess.get_inputs()]
+    if graph_inputs != list(expected_inputs):
+        raise RuntimeError(f"graph inputs {graph_inputs[:6]}... differ from the expected "
+                           f"{list(expected_inputs)[:6]}... (a trainable was unused or renamed)")
+    atol = 1e-6 if rtol <= 1e-4 else 1e-2
+    results = []
+    for k, (feed, ref) in enumerate(zip(feeds, refs)):
+        got = sess.run(None, feed)
+        for i, (g, r) in enumerate(zip(got, ref)):
+            # label_logits are not averaged over the batch: a bit looser than the loss
+            tol, at = (rtol, atol) if i == 0 else (max(rtol, 1e-3), 10 * atol)
+            if not np.allclose(g, r, rtol=tol, atol=at):
+                what = "loss" if i == 0 else "label_logits"
+                point = "initial" if k == 0 else "perturbed"
+                raise RuntimeError(f"{path.name}: ONNX Runtime {what} {np.ravel(g)[:4]} != torch "
+                                   f"{np.ravel(r)[:4]} at the {point} trainables (rtol {tol})")
+        results.append(got)
+    return results[0]

@@ -1,0 +1,99 @@
+"""Parsing of the `--trainable` and `--task` spec strings (no torch).
+
+Grammar: "<kind>[:key=value,key=value,...]". A comma-separated token without "=" continues
+the previous value, so "lora:r=8,targets=q_proj,v_proj" gives targets=["q_proj", "v_proj"].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
+DEFAULT_PROMPT_INIT = "Classify the sentiment of this movie review as positive or negative."
+
+
+def _parse(spec: str) -> tuple[str, dict[str, list[str]]]:
+    kind, _, rest = spec.strip().partition(":")
+    opts: dict[str, list[str]] = {}
+    key = None
+    for tok in filter(None, (t.strip() for t in rest.split(","))):
+        if "=" in tok:
+            key, _, val = tok.partition("=")
+            key = key.strip()
+            if key in opts:
+                raise ValueError(f"{spec!r}: option {key!r} given twice")
+            opts[key] = [val.strip()] if val.strip() else []
+        elif key is None:
+            raise ValueError(f"{spec!r}: expected key=value, got {tok!r}")
+        else:
+            opts[key].append(tok)
+    return kind.strip().lower(), opts
+
+
+def _one(spec: str, opts: dict, key: str, cast, default):
+    if key not in opts:
+        return default
+    if len(opts[key]) != 1:
+        raise ValueError(f"{spec!r}: option {key!r} takes one value")
+    try:
+        return cast(opts[key][0])
+    except ValueError:
+        raise ValueError(f"{spec!r}: bad value for {key!r}: {opts[key][0]!r}") from None
+
+
+def _check_known(spec: str, opts: dict, known: set[str]) -> None:
+    unknown = set(opts) - known
+    if unknown:
+        raise ValueError(f"{spec!r}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class TrainableSpec:
+    mode: str  # "full" | "lora" | "prompt"
+    spec: str  # the string as given (goes into the manifest)
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    tokens: int = 20
+
+
+def parse_trainable(spec: str) -> TrainableSpec:
+    kind, opts = _parse(spec)
+    if kind == "full":
+        _check_known(spec, opts, set())
+        return TrainableSpec("full", spec)
+    if kind == "lora":
+        _check_known(spec, opts, {"r", "alpha", "targets"})
+        r = _one(spec, opts, "r", int, 8)
+        alpha = _one(spec, opts, "alpha", float, 2.0 * r)  # scale alpha/r = 2, peft's common choice
+        targets = tuple(opts.get("targets") or ("q_proj", "v_proj"))
+        if r < 1:
+            raise ValueError(f"{spec!r}: r must be >= 1")
+        return TrainableSpec("lora", spec, r=r, alpha=alpha, targets=targets)
+    if kind == "prompt":
+        _check_known(spec, opts, {"tokens"})
+        tokens = _one(spec, opts, "tokens", int, 20)
+        if tokens < 1:
+            raise ValueError(f"{spec!r}: tokens must be >= 1")
+        return TrainableSpec("prompt", spec, tokens=tokens)
+    raise ValueError(f"trainable spec {spec!r}: kind must be full, lora or prompt")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str  # "lm" | "classify"
+    spec: str
+    labels: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_task(spec: str) -> TaskSpec:
+    kind, opts = _parse(spec)
+    if kind == "lm":
+        _check_known(spec, opts, set())
+        return TaskSpec("lm", spec)
+    if kind == "classify":
+        _check_known(spec, opts, {"labels"})
+        labels = tuple(opts.get("labels") or ("positive", "negative"))
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"{spec!r}: need >= 2 distinct labels")
+        return TaskSpec("classify", spec, labels=labels)
+    raise ValueError(f"task spec {spec!r}: kind must be lm or classify")

@@ -1,0 +1,1001 @@
+"""EdgeFed wire protocol v1: topic layout and compact binary messages.
+
+One spec, two renderings: this module is the executable one, docs/protocol.md the readable
+one (tests/test_protocol.py checks that their field tables agree).
+
+Every message is
+
+    header  <4s B B H I>   magic b"EDGF", protocol version, message type, flags (0), body length
+    body    fields in the order of the message's SCHEMA, little-endian
+    trailer <I>            CRC32 (zlib) over header + body
+
+Device-side module: numpy + stdlib only (no torch); payloads are parsed field by field.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAGIC = b"EDGF"
+HEADER = struct.Struct("<4sBBHI")
+TRAILER = struct.Struct("<I")
+OVERHEAD = HEADER.size + TRAILER.size  # 16 bytes around every body
+KNOWN_FLAGS = 0x0000  # no flags defined in v1; unknown bits are refused, not ignored
+
+MAX_ID_LEN = 64  # job / device / method / state / device class ids
+MAX_NAME_LEN = 256  # tensor names, param keys, model ids, digests
+_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:/\-\[\]]{1,256}\Z")
+
+TOPIC_ROOT = "edgefed/v1"  # topic-layout version; independent of PROTOCOL_VERSION (see docs)
+
+
+# --------------------------------------------------------------------------- errors
+
+class ProtocolError(ValueError):
+    """A message or field is not valid EdgeFed protocol v1. The text says what and what to do."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A size limit was exceeded (checked before anything is allocated)."""
+
+
+class TruncatedMessage(ProtocolError):
+    """The payload is shorter than its header or a field says."""
+
+
+class BadMagic(ProtocolError):
+    """The payload is not an EdgeFed message at all."""
+
+
+class UnsupportedVersion(ProtocolError):
+    def __init__(self, received: int):
+        self.received = received
+        hint = ("upgrade edgefed on the device" if received > PROTOCOL_VERSION
+                else "the sender runs an older edgefed; upgrade it")
+        super().__init__(f"protocol version {received} not supported (this build speaks "
+                         f"{PROTOCOL_VERSION}); {hint}")
+
+
+class ChecksumMismatch(ProtocolError):
+    """CRC32 over the message does not match its trailer (corrupted in transit or by a bug)."""
+
+
+class InvalidField(ProtocolError):
+    """A field holds a value the protocol forbids (bad id, NaN scalar, index out of range...)."""
+
+
+class RoundMismatch(InvalidField):
+    """An update or reply refers to another round than the one expected; servers usually ack 'late'."""
+
+    def __init__(self, msg: str, expected: int, received: int):
+        super().__init__(msg)
+        self.expected = expected
+        self.received = received
+
+
+# --------------------------------------------------------------------------- limits
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits, enforced on encode and on decode before any buffer is allocated."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_seeds: int = 65536  # per update, per plan delta, per sync-reply round
+    max_pool_size: int = 1 << 24  # K
+    max_tensors: int = 256
+    max_tensor_ndim: int = 8
+    max_sync_rounds: int = 4096
+    max_params: int = 64
+    max_text: int = 1024  # bytes of utf-8 in free text / reasons
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --------------------------------------------------------------------------- field checks
+
+def check_id(value: Any, what: str = "id") -> str:
+    """Job/device/method ids: 1..64 of [A-Za-z0-9_.-]; no MQTT wildcards or separators."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidField(
+            f"{what} {value!r} is not a valid id: use 1..{MAX_ID_LEN} characters of "
+            f"[A-Za-z0-9_.-] (no spaces, '/', '+', '#' or '$')")
+    return value
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InvalidField(f"{what} {value!r} is not valid: use 1..{MAX_NAME_LEN} characters "
+                           f"of [A-Za-z0-9_.:/-[]]")
+    return value
+
+
+def _check_int(value: Any, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidField(f"{what} must be an integer, got {type(value).__name__}")
+    if not lo <= int(value) <= hi:
+        raise InvalidField(f"{what}={value} is outside [{lo}, {hi}]")
+    return int(value)
+
+
+def _check_finite(value: Any, what: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InvalidField(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise InvalidField(f"{what} is {f} (must be finite)")
+    return f
+
+
+def _as_u32(value: Any, what: str) -> np.ndarray:
+    a = np.asarray(value if value is not None else [])
+    if a.ndim != 1:
+        raise InvalidField(f"{what} must be a 1-D array, got shape {a.shape}")
+    if a.size == 0:
+        return np.zeros(0, np.uint32)
+    if a.dtype.kind not in "iu":
+        raise InvalidField(f"{what} must hold integers (seed indices), got dtype {a.dtype}")
+    if a.dtype != np.uint32 and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
+        raise InvalidField(f"{what} holds values outside uint32")
+    return np.ascontiguousarray(a, dtype=np.uint32)
+
+
+def _as_f32(value: Any, what: str, ndim1: bool = True) -> np.ndarray:
+    try:
+        a = np.asarray(value if value is not None else [], dtype=np.float32)  # no copy if already f32
+    except (TypeError, ValueError):
+        raise InvalidField(f"{what} must be an array of numbers") from None
+    if ndim1 and a.ndim != 1:
+        raise InvalidField(f"{what} must be a 1-D array, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _check_all_finite(a: np.ndarray, what: str, hint: str = "") -> None:
+    if a.size and not np.isfinite(a).all():
+        bad = int(np.flatnonzero(~np.isfinite(a.reshape(-1)))[0])
+        raise InvalidField(f"{what}[{bad}] is {a.reshape(-1)[bad]} (must be finite){hint}")
+
+
+def _check_text(value: Any, what: str, limits: Limits) -> str:
+    if not isinstance(value, str):
+        raise InvalidField(f"{what} must be a str, got {type(value).__name__}")
+    try:
+        n = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidField(f"{what} cannot be encoded as utf-8") from None
+    if n > limits.max_text:
+        raise MessageTooLarge(f"{what} is longer than {limits.max_text} bytes of utf-8; shorten it")
+    return value
+
+
+# --------------------------------------------------------------------------- value types
+
+@dataclass(eq=False)
+class Tensor:
+    """A named float32 tensor (LoRA factor, soft prompt, full-state chunk)."""
+
+    name: str
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.data = np.ascontiguousarray(np.asarray(self.data, dtype=np.float32))
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.data.shape)
+
+
+@dataclass(eq=False)
+class RoundDelta:
+    """The scalar deltas (and/or tensor deltas) the server applied in one round."""
+
+    round: int
+    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    coeffs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tensors: List[Tensor] = field(default_factory=list)
+
+
+Param = Union[int, float, str]
+
+_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<u4")}  # wire dtype codes; 0 = absent (optional)
+_DTYPE_CODE = {"f4": 1, "u4": 2}
+_PARAM_INT, _PARAM_FLOAT, _PARAM_STR = 1, 2, 3
+
+
+# --------------------------------------------------------------------------- byte codec
+
+class _Writer:
+    def __init__(self, limits: Limits):
+        self.parts: List[bytes] = []
+        self.limits = limits
+
+    def pack(self, fmt: str, value: Any, what: str) -> None:
+        try:
+            self.parts.append(struct.pack("<" + fmt, value))
+        except (struct.error, OverflowError) as e:
+            raise InvalidField(f"{what}={value!r} does not fit the wire type '{fmt}': {e}") from None
+
+    def str(self, s: str, what: str) -> None:
+        b = s.encode("utf-8")
+        self.pack("H", len(b), what)
+        self.parts.append(b)
+
+    def array(self, a: Optional[np.ndarray], code: str, what: str) -> None:
+        if a is None:
+            self.parts.append(struct.pack("<BI", 0, 0))
+            return
+        self.parts.append(struct.pack("<BI", _DTYPE_CODE[code], a.size))
+        self.parts.append(np.ascontiguousarray(a, dtype="<" + code).tobytes())
+
+    def tensors(self, ts: List[Tensor], what: str) -> None:
+        self.pack("H", len(ts), what)
+        for t in ts:
+            self.str(t.name, what + ".name")
+            self.parts.append(struct.pack("<B", t.data.ndim))
+            self.parts.append(struct.pack(f"<{t.data.ndim}I", *t.data.shape))
+            self.array(t.data.reshape(-1), "f4", what)
+
+    def params(self, p: Dict[str, Param], what: str) -> None:
+        self.pack("H", len(p), what)
+        for k, v in p.items():
+            self.str(k, what)
+            if isinstance(v, str):
+                self.parts.append(struct.pack("<B", _PARAM_STR))
+                self.str(v, f"{what}[{k!r}]")
+            elif isinstance(v, (int, np.integer)):  # bool is an int here
+                self.parts.append(struct.pack("<B", _PARAM_INT))
+                self.pack("q", int(v), f"{what}[{k!r}]")
+            else:
+                self.parts.append(struct.pack("<B", _PARAM_FLOAT))
+                self.pack("d", float(v), f"{what}[{k!r}]")
+
+    def rounds(self, rs: List[RoundDelta], what: str) -> None:
+        self.pack("I", len(rs), what)
+        for r in rs:
+            self.pack("I", r.round, what + ".round")
+            self.array(r.seeds, "u4", what + ".seeds")
+            self.array(r.coeffs, "f4", what + ".coeffs")
+            self.tensors(r.tensors, what + ".tensors")
+
+
+class _Reader:
+    """Bounds-checked reader: every count is checked against limits and remaining bytes first."""
+
+    def __init__(self, buf: memoryview, total: int, limits: Limits):
+        self.buf, self.pos, self.total, self.limits = buf, 0, total, limits
+
+    def _need(self, n: int, what: str) -> None:
+        left = len(self.buf) - self.pos
+        if n > left:
+            raise TruncatedMessage(
+                f"message truncated: field {what!r} needs {n} bytes but only {left} remain "
+                f"(message is {self.total} bytes); it was cut in transit or built by another encoder")
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        s = struct.calcsize("<" + fmt)
+        self._need(s, what)
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += s
+        return v[0] if len(v) == 1 else v
+
+    def str(self, what: str, max_bytes: int) -> str:
+        n = self.unpack("H", what)
+        if n > max_bytes:
+            raise MessageTooLarge(f"{what} is {n} bytes; the limit is {max_bytes}")
+        self._need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidField(f"{what} is not valid utf-8") from None
+
+    def array(self, code: str, what: str, max_count: int, optional: bool = False
+              ) -> Optional[np.ndarray]:
+        dcode, count = self.unpack("BI", what)
+        if dcode == 0 and optional:
+            if count:
+                raise InvalidField(f"{what}: absent array with non-zero count {count}")
+            return None
+        want = _DTYPE_CODE[code]
+        if dcode != want:
+            raise InvalidField(f"{what} has dtype code {dcode}, expected {want} ({_DTYPES[want]})")
+        if count > max_count:
+            raise MessageTooLarge(f"{what} has {count} elements; the limit is {max_count}")
+        nbytes = count * 4
+        self._need(nbytes, what)
+        a = np.frombuffer(self.buf, dtype=_DTYPES[want], count=count, offset=self.pos)
+        self.pos += nbytes
+        return a.astype(_DTYPES[want].newbyteorder("="), copy=True)  # own, writable, native
+
+    def tensors(self, what: str) -> List[Tensor]:
+        n = self.unpack("H", what)
+        if n > self.limits.max_tensors:
+            raise MessageTooLarge(f"{what} has {n} tensors; the limit is {self.limits.max_tensors}")
+        out = []
+        for i in range(n):
+            name = self.str(f"{what}[{i}].name", MAX_NAME_LEN)
+            ndim = self.unpack("B", f"{what}[{i}].ndim")
+            if ndim > self.limits.max_tensor_ndim:
+                raise MessageTooLarge(f"{what}[{i}] ({name}) has {ndim} dims; the limit is "
+                                      f"{self.limits.max_tensor_ndim}")
+            shape = self.unpack(f"{ndim}I", f"{what}[{i}].shape") if ndim else ()
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            count = math.prod(shape)
+            data = self.array("f4", f"{what}[{i}] ({name})", self.limits.max_message_bytes // 4)
+            if data.size != count:
+                raise InvalidField(f"{what}[{i}] ({name}): shape {shape} needs {count} values, "
+                                   f"payload has {data.size}")
+            out.append(Tensor(name, data.reshape(shape)))
+        return out
+
+    def params(self, what: str) -> Dict[str, Param]:
+        n = self.unpack("H", what)
+        if n > self.limits.max_params:
+            raise MessageTooLarge(f"{what} has {n} entries; the limit is {self.limits.max_params}")
+        out: Dict[str, Param] = {}
+        for _ in range(n):
+            k = self.str(f"{what} key", MAX_NAME_LEN)
+            tag = self.unpack("B", f"{what}[{k!r}] type")
+            if tag == _PARAM_INT:
+                out[k] = self.unpack("q", f"{what}[{k!r}]")
+            elif tag == _PARAM_FLOAT:
+                out[k] = self.unpack("d", f"{what}[{k!r}]")
+            elif tag == _PARAM_STR:
+                out[k] = self.str(f"{what}[{k!r}]", self.limits.max_text)
+            else:
+                raise InvalidField(f"{what}[{k!r}] has unknown value type {tag}")
+        return out
+
+    def rounds(self, what: str) -> List[RoundDelta]:
+        n = self.unpack("I", what)
+        if n > self.limits.max_sync_rounds:
+            raise MessageTooLarge(f"{what} has {n} rounds; the limit is "
+                                  f"{self.limits.max_sync_rounds}; request a full-state sync")
+        return [RoundDelta(self.unpack("I", f"{what}[{i}].round"),
+                           self.array("u4", f"{what}[{i}].seeds", self.limits.max_seeds),
+                           self.array("f4", f"{what}[{i}].coeffs", self.limits.max_seeds),
+                           self.tensors(f"{what}[{i}].tensors"))
+                for i in range(n)]
+
+
+# Wire kinds of SCHEMA entries: (struct format | special kind). Special kinds are handled above.
+_SCALAR_FMT = {"u8": "B", "u32": "I", "u64": "Q", "i64": "q", "f32": "f", "f64": "d", "bool": "?"}
+
+
+def _write_field(w: _Writer, kind: str, value: Any, what: str) -> None:
+    if kind in _SCALAR_FMT:
+        w.pack(_SCALAR_FMT[kind], value, what)
+    elif kind in ("id", "name", "text"):
+        w.str(value, what)
+    elif kind == "u32[]":
+        w.array(value, "u4", what)
+    elif kind in ("f32[]", "f32[]?"):
+        w.array(value, "f4", what)
+    else:
+        getattr(w, kind)(value, what)  # tensors / params / rounds
+
+
+def _read_field(r: _Reader, kind: str, what: str) -> Any:
+    lim = r.limits
+    if kind in _SCALAR_FMT:
+        v = r.unpack(_SCALAR_FMT[kind], what)
+        return bool(v) if kind == "bool" else v
+    if kind == "id":
+        return r.str(what, MAX_ID_LEN)
+    if kind == "name":
+        return r.str(what, MAX_NAME_LEN)
+    if kind == "text":
+        return r.str(what, lim.max_text)
+    if kind == "u32[]":
+        return r.array("u4", what, lim.max_seeds)
+    if kind == "f32[]":
+        return r.array("f4", what, lim.max_seeds)
+    if kind == "f32[]?":
+        return r.array("f4", what, lim.max_pool_size, optional=True)
+    return getattr(r, kind)(what)
+
+
+# --------------------------------------------------------------------------- messages
+
+class MessageType(IntEnum):
+    ROUND_PLAN = 1
+    UPDATE = 2
+    ACK = 3
+    STATUS = 4
+    SYNC_REQUEST = 5
+    SYNC_REPLY = 6
+    JOB_STATE = 7
+
+
+class AckStatus(IntEnum):
+    ACCEPTED = 0
+    REJECTED = 1
+    DUPLICATE = 2
+    LATE = 3
+
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Message:
+    """Base of all messages: SCHEMA drives encode/decode; _check() validates field values."""
+
+    TYPE: ClassVar[MessageType]
+    SCHEMA: ClassVar[Tuple[Tuple[str, str], ...]]
+
+    def _check(self, limits: Limits) -> None:  # per-message value rules
+        raise NotImplementedError
+
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> "Message":
+        """Normalise array fields and check every value; raises ProtocolError."""
+        self._check(limits)
+        return self
+
+    def encode(self, limits: Limits = DEFAULT_LIMITS) -> bytes:
+        self.validate(limits)
+        w = _Writer(limits)
+        for name, kind in self.SCHEMA:
+            _write_field(w, kind, getattr(self, name), f"{type(self).__name__}.{name}")
+        body = b"".join(w.parts)
+        size = len(body) + OVERHEAD
+        if size > limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"{type(self).__name__} would be {size} bytes; the limit is "
+                f"{limits.max_message_bytes} (Limits.max_message_bytes): split tensors or raise the limit "
+                f"on both sides")
+        head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(self.TYPE), 0, len(body))
+        return head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
+
+    def __eq__(self, other: object) -> bool:  # arrays make field-wise == ambiguous; compare wire bytes
+        if type(other) is not type(self):
+            return NotImplemented
+        try:
+            return self.encode() == other.encode()  # type: ignore[union-attr]
+        except ProtocolError:
+            return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _check_tensors(ts: List[Tensor], what: str, limits: Limits) -> None:
+    if len(ts) > limits.max_tensors:
+        raise MessageTooLarge(f"{what} has {len(ts)} tensors; the limit is {limits.max_tensors}")
+    for i, t in enumerate(ts):
+        if not isinstance(t, Tensor):
+            raise InvalidField(f"{what}[{i}] must be a protocol.Tensor")
+        _check_name(t.name, f"{what}[{i}].name")
+        if t.data.ndim > limits.max_tensor_ndim:
+            raise MessageTooLarge(f"{what}[{i}] ({t.name}) has {t.data.ndim} dims; limit "
+                                  f"{limits.max_tensor_ndim}")
+        _check_all_finite(t.data, f"{what}[{i}] ({t.name}) flat index ")
+
+
+def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
+    if not isinstance(p, dict):
+        raise InvalidField(f"{what} must be a dict of str -> int|float|str")
+    if len(p) > limits.max_params:
+        raise MessageTooLarge(f"{what} has {len(p)} entries; the limit is {limits.max_params}")
+    for k, v in p.items():
+        _check_name(k, f"{what} key")
+        if isinstance(v, str):
+            _check_text(v, f"{what}[{k!r}]", limits)
+        elif isinstance(v, (bool, int, np.integer)):
+            _check_int(int(v), -(1 << 63), (1 << 63) - 1, f"{what}[{k!r}]")
+        elif isinstance(v, (float, np.floating)):
+            _check_finite(v, f"{what}[{k!r}]")
+        else:
+            raise InvalidField(f"{what}[{k!r}] must be int, float or str, got {type(v).__name__}")
+
+
+def _check_pairs(seeds: Any, vals: Any, what: str, limits: Limits, k: int = 0
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    s = _as_u32(seeds, f"{what} seeds")
+    v = _as_f32(vals, f"{what} values")
+    if s.size != v.size:
+        raise InvalidField(f"{what}: {s.size} seed indices but {v.size} values; send one value per seed")
+    if s.size > limits.max_seeds:
+        raise MessageTooLarge(f"{what} has {s.size} seeds; the limit is {limits.max_seeds}")
+    if k and s.size and int(s.max()) >= k:
+        bad = int(np.flatnonzero(s >= k)[0])
+        raise InvalidField(f"{what}: seed index {int(s[bad])} at position {bad} is out of range "
+                           f"for a pool of K={k}")
+    return s, v
+
+
+@dataclass(eq=False)
+class RoundPlan(Message):
+    """Published retained on plan/: what every device should do this round."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ROUND_PLAN
+    SCHEMA: ClassVar = (
+        ("job", "id"), ("round", "u32"), ("method", "id"), ("seed_pool_id", "u64"), ("k", "u32"),
+        ("lr", "f64"), ("eps", "f64"), ("local_steps", "u32"), ("batch_size", "u32"),
+        ("deadline", "f64"), ("min_devices", "u32"), ("seed_probs", "f32[]?"),
+        ("params", "params"), ("delta_seeds", "u32[]"), ("delta_coeffs", "f32[]"),
+        ("delta_tensors", "tensors"))
+
+    job: str
+    round: int
+    method: str
+    seed_pool_id: int = 0  # identifies the K-seed pool (devices derive the seeds from it)
+    k: int = 0  # pool size K; 0 = this method uses no seed pool
+    lr: float = 0.0
+    eps: float = 0.0
+    local_steps: int = 1
+    batch_size: int = 1
+    deadline: float = 0.0  # unix time; 0 = none
+    min_devices: int = 1
+    seed_probs: Optional[np.ndarray] = None  # float32[K] sampling probabilities, None = uniform
+    params: Dict[str, Param] = field(default_factory=dict)
+    delta_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    delta_coeffs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    delta_tensors: List[Tensor] = field(default_factory=list)
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.method, "method")
+        self.round = _check_int(self.round, 0, _U32, "round")
+        self.seed_pool_id = _check_int(self.seed_pool_id, 0, _U64, "seed_pool_id")
+        self.k = _check_int(self.k, 0, limits.max_pool_size, "k (seed pool size)")
+        for f in ("local_steps", "batch_size", "min_devices"):
+            setattr(self, f, _check_int(getattr(self, f), 0, _U32, f))
+        self.lr = _check_finite(self.lr, "lr")
+        self.eps = _check_finite(self.eps, "eps")
+        self.deadline = _check_finite(self.deadline, "deadline")
+        if self.eps < 0 or self.deadline < 0:
+            raise InvalidField("eps and deadline must be >= 0")
+        if self.seed_probs is not None:
+            p = _as_f32(self.seed_probs, "seed_probs")
+            if p.size != self.k:
+                raise InvalidField(f"seed_probs has {p.size} entries but K={self.k}; send one per seed")
+            _check_all_finite(p, "seed_probs")
+            if p.size and (float(p.min()) < 0 or float(p.sum()) <= 0):
+                raise InvalidField("seed_probs must be >= 0 with a positive sum")
+            self.seed_probs = p
+        _check_params(self.params, "params", limits)
+        self.delta_seeds, self.delta_coeffs = _check_pairs(
+            self.delta_seeds, self.delta_coeffs, "delta", limits, self.k)
+        _check_all_finite(self.delta_coeffs, "delta_coeffs")
+        _check_tensors(self.delta_tensors, "delta_tensors", limits)
+
+
+@dataclass(eq=False)
+class Update(Message):
+    """A device's result for one round: per-seed accumulated scalars (and/or tensors)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UPDATE
+    SCHEMA: ClassVar = (
+        ("job", "id"), ("round", "u32"), ("device", "id"), ("method", "id"), ("msg_id", "u64"),
+        ("num_samples", "u32"), ("seeds", "u32[]"), ("scalars", "f32[]"), ("tensors", "tensors"),
+        ("train_loss", "f32"))
+
+    job: str
+    round: int
+    device: str
+    method: str
+    msg_id: int  # per-device, strictly increasing (see MessageIds): the idempotency key
+    num_samples: int
+    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    scalars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tensors: List[Tensor] = field(default_factory=list)
+    train_loss: float = 0.0
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.device, "device")
+        check_id(self.method, "method")
+        self.round = _check_int(self.round, 0, _U32, "round")
+        self.msg_id = _check_int(self.msg_id, 0, _U64, "msg_id")
+        self.num_samples = _check_int(self.num_samples, 0, _U32, "num_samples")
+        if self.num_samples <= 0:
+            raise InvalidField(f"num_samples must be > 0 (device {self.device} trained on no data); "
+                               f"do not send an update for an empty round")
+        self.seeds, self.scalars = _check_pairs(self.seeds, self.scalars, "update", limits)
+        if self.scalars.size and not np.isfinite(self.scalars).all():
+            bad = int(np.flatnonzero(~np.isfinite(self.scalars))[0])
+            raise InvalidField(
+                f"scalars[{bad}] is {self.scalars[bad]} (seed index {int(self.seeds[bad])}) from device "
+                f"{self.device}: the local ZO step diverged; lower lr/eps, the update is not usable")
+        _check_tensors(self.tensors, "tensors", limits)
+        self.train_loss = _check_finite(self.train_loss, "train_loss")
+        if not math.isfinite(float(np.float32(self.train_loss))):
+            raise InvalidField(f"train_loss={self.train_loss} overflows float32")
+        self.train_loss = float(np.float32(self.train_loss))  # what the wire carries
+
+
+@dataclass(eq=False)
+class Ack(Message):
+    TYPE: ClassVar[MessageType] = MessageType.ACK
+    SCHEMA: ClassVar = (("job", "id"), ("round", "u32"), ("device", "id"), ("msg_id", "u64"),
+                        ("status", "u8"), ("reason", "text"))
+
+    job: str
+    round: int
+    device: str
+    msg_id: int
+    status: AckStatus = AckStatus.ACCEPTED
+    reason: str = ""
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.device, "device")
+        self.round = _check_int(self.round, 0, _U32, "round")
+        self.msg_id = _check_int(self.msg_id, 0, _U64, "msg_id")
+        try:
+            self.status = AckStatus(self.status)
+        except ValueError:
+            raise InvalidField(f"ack status {self.status!r} unknown (known: "
+                               f"{[s.name.lower() for s in AckStatus]})") from None
+        _check_text(self.reason, "reason", limits)
+
+
+@dataclass(eq=False)
+class Status(Message):
+    """Retained per device on status/; also its MQTT last will (state 'offline')."""
+
+    TYPE: ClassVar[MessageType] = MessageType.STATUS
+    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("state", "id"), ("device_class", "text"),
+                        ("round", "i64"), ("timestamp", "f64"), ("text", "text"))
+
+    job: str
+    device: str
+    state: str  # online | idle | syncing | training | offline | error ...
+    device_class: str = ""  # e.g. raspberry-pi-4 (a device_configs/ name)
+    round: int = -1  # last round seen, -1 = none
+    timestamp: float = 0.0  # unix time when written (for a will: when the device connected)
+    text: str = ""
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.device, "device")
+        check_id(self.state, "state")
+        if self.device_class:
+            check_id(self.device_class, "device_class")
+        self.round = _check_int(self.round, -1, _U32, "round")
+        self.timestamp = _check_finite(self.timestamp, "timestamp")
+        _check_text(self.text, "text", limits)
+
+
+@dataclass(eq=False)
+class SyncRequest(Message):
+    """Device -> server: 'my parameters equal the global state at the start of from_round'."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SYNC_REQUEST
+    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("from_round", "u32"), ("full", "bool"),
+                        ("request_id", "u64"))
+
+    job: str
+    device: str
+    from_round: int
+    full: bool = False  # ask for the full state instead of deltas
+    request_id: int = 0  # echoed in the reply
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.device, "device")
+        self.from_round = _check_int(self.from_round, 0, _U32, "from_round")
+        self.request_id = _check_int(self.request_id, 0, _U64, "request_id")
+        self.full = bool(self.full)
+
+
+@dataclass(eq=False)
+class SyncReply(Message):
+    """Server -> device: deltas of rounds from_round+1..to_round, or the full state (full=True)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SYNC_REPLY
+    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("request_id", "u64"),
+                        ("from_round", "u32"), ("to_round", "u32"), ("full", "bool"),
+                        ("rounds", "rounds"), ("state", "tensors"))
+
+    job: str
+    device: str
+    from_round: int
+    to_round: int
+    request_id: int = 0
+    full: bool = False
+    rounds: List[RoundDelta] = field(default_factory=list)
+    state: List[Tensor] = field(default_factory=list)  # full trainable state when full=True
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.device, "device")
+        self.request_id = _check_int(self.request_id, 0, _U64, "request_id")
+        self.from_round = _check_int(self.from_round, 0, _U32, "from_round")
+        self.to_round = _check_int(self.to_round, 0, _U32, "to_round")
+        self.full = bool(self.full)
+        if self.to_round < self.from_round:
+            raise InvalidField(f"to_round {self.to_round} < from_round {self.from_round}")
+        if len(self.rounds) > limits.max_sync_rounds:
+            raise MessageTooLarge(f"{len(self.rounds)} rounds in a sync reply; the limit is "
+                                  f"{limits.max_sync_rounds}: send full=True instead")
+        prev = self.from_round
+        for i, r in enumerate(self.rounds):
+            if not isinstance(r, RoundDelta):
+                raise InvalidField(f"rounds[{i}] must be a protocol.RoundDelta")
+            r.round = _check_int(r.round, 0, _U32, f"rounds[{i}].round")
+            if not prev < r.round <= self.to_round:
+                raise InvalidField(f"rounds[{i}].round={r.round} must increase within "
+                                   f"({self.from_round}, {self.to_round}]")
+            prev = r.round
+            r.seeds, r.coeffs = _check_pairs(r.seeds, r.coeffs, f"rounds[{i}]", limits)
+            _check_all_finite(r.coeffs, f"rounds[{i}].coeffs")
+            _check_tensors(r.tensors, f"rounds[{i}].tensors", limits)
+        _check_tensors(self.state, "state", limits)
+
+
+@dataclass(eq=False)
+class JobState(Message):
+    """Retained on state/: where the job is, and how far back deltas can be replayed."""
+
+    TYPE: ClassVar[MessageType] = MessageType.JOB_STATE
+    SCHEMA: ClassVar = (("job", "id"), ("round", "u32"), ("history_from", "u32"), ("method", "id"),
+                        ("seed_pool_id", "u64"), ("k", "u32"), ("model", "text"), ("digest", "text"),
+                        ("updated_at", "f64"), ("params", "params"))
+
+    job: str
+    round: int  # round of the latest published plan
+    history_from: int  # oldest from_round a delta sync can start at; older devices sync full
+    method: str
+    seed_pool_id: int = 0
+    k: int = 0
+    model: str = ""  # artifact id the devices must run
+    digest: str = ""  # e.g. sha256 hex of the global trainable state (optional)
+    updated_at: float = 0.0
+    params: Dict[str, Param] = field(default_factory=dict)
+
+    def _check(self, limits: Limits) -> None:
+        check_id(self.job, "job")
+        check_id(self.method, "method")
+        self.round = _check_int(self.round, 0, _U32, "round")
+        self.history_from = _check_int(self.history_from, 0, _U32, "history_from")
+        self.seed_pool_id = _check_int(self.seed_pool_id, 0, _U64, "seed_pool_id")
+        self.k = _check_int(self.k, 0, limits.max_pool_size, "k")
+        _check_text(self.model, "model", limits)
+        _check_text(self.digest, "digest", limits)
+        self.updated_at = _check_finite(self.updated_at, "updated_at")
+        _check_params(self.params, "params", limits)
+
+
+MESSAGE_TYPES: Dict[int, Type[Message]] = {
+    int(c.TYPE): c for c in (RoundPlan, Update, Ack, Status, SyncRequest, SyncReply, JobState)}
+
+
+# --------------------------------------------------------------------------- decode
+
+def decode(data: Union[bytes, bytearray, memoryview], *, limits: Limits = DEFAULT_LIMITS,
+           expect: Optional[Type[Message]] = None) -> Message:
+    """Parse and fully validate one message. Raises ProtocolError (a ValueError) on anything wrong."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"payload must be bytes, got {type(data).__name__}")
+    try:
+        buf = memoryview(data).cast("B")
+    except TypeError:
+        raise ProtocolError("payload must be a contiguous byte buffer") from None
+    n = len(buf)
+    if n > limits.max_message_bytes:
+        raise MessageTooLarge(f"message is {n} bytes; the limit is {limits.max_message_bytes} "
+                              f"(Limits.max_message_bytes)")
+    if n == 0:
+        raise TruncatedMessage("empty payload (on a retained topic this means the message was "
+                               "cleared); nothing to decode")
+    if n < OVERHEAD:
+        raise TruncatedMessage(f"message truncated: {n} bytes, a header and CRC alone take {OVERHEAD}")
+    magic, version, mtype, flags, body_len = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise BadMagic(f"not an EdgeFed message (magic {bytes(magic)!r}, expected {MAGIC!r}); "
+                       f"something else publishes on this topic")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersion(version)
+    if body_len != n - OVERHEAD:
+        raise TruncatedMessage(f"message length mismatch: header announces a {body_len}-byte body, "
+                               f"payload carries {n - OVERHEAD}; it was cut or padded in transit")
+    (crc,) = TRAILER.unpack_from(buf, n - TRAILER.size)
+    actual = zlib.crc32(buf[:n - TRAILER.size])
+    if crc != actual:
+        raise ChecksumMismatch(f"CRC32 mismatch (trailer {crc:#010x}, computed {actual:#010x}): the "
+                               f"message was corrupted; drop it and let the sender retry")
+    cls = MESSAGE_TYPES.get(mtype)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype} (this build knows "
+                            f"{sorted(MESSAGE_TYPES)}); upgrade edgefed")
+    if expect is not None and cls is not expect:
+        raise ProtocolError(f"expected a {expect.__name__} message, got {cls.__name__}")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown header flags {flags:#06x} (this build understands "
+                            f"{KNOWN_FLAGS:#06x}); upgrade edgefed")
+    r = _Reader(buf[HEADER.size:n - TRAILER.size], n, limits)
+    values = {name: _read_field(r, kind, f"{cls.__name__}.{name}") for name, kind in cls.SCHEMA}
+    if r.pos != body_len:
+        raise ProtocolError(f"{cls.__name__} has {body_len - r.pos} unexpected trailing bytes")
+    return cls(**values).validate(limits)
+
+
+def validate_update(update: Update, plan: RoundPlan) -> Update:
+    """Check an update against the plan it answers (job, round, method, seed range, probs)."""
+    update.validate()  # normalises arrays too; both are cheap next to the network
+    plan.validate()
+    if update.job != plan.job:
+        raise InvalidField(f"update from {update.device} is for job {update.job!r}, not {plan.job!r}")
+    if update.round != plan.round:
+        raise RoundMismatch(f"update from {update.device} is for round {update.round}, the current "
+                            f"round is {plan.round}", expected=plan.round, received=update.round)
+    if update.method != plan.method:
+        raise InvalidField(f"update from {update.device} uses method {update.method!r}, the plan "
+                           f"says {plan.method!r}; the device runs another configuration")
+    if plan.k:
+        if update.seeds.size and int(update.seeds.max()) >= plan.k:
+            bad = int(np.flatnonzero(update.seeds >= plan.k)[0])
+            raise InvalidField(f"update from {update.device}: seed index {int(update.seeds[bad])} at "
+                               f"position {bad} is out of range for a pool of K={plan.k}")
+        if plan.seed_probs is not None and update.seeds.size:
+            zero = np.flatnonzero(plan.seed_probs[update.seeds] <= 0)
+            if zero.size:
+                s = int(update.seeds[zero[0]])
+                raise InvalidField(f"update from {update.device} uses seed index {s}, which has "
+                                   f"sampling probability 0 in round {plan.round}")
+    return update
+
+
+def check_topic(topic: str, msg: Message) -> None:
+    """Refuse a message whose type, job or device does not match the topic it arrived on."""
+    info = parse_topic(topic)
+    want = TOPIC_KINDS[info.kind]
+    if not isinstance(msg, want):
+        raise ProtocolError(f"{type(msg).__name__} arrived on a {info.kind} topic ({topic}); "
+                            f"expected {want.__name__}")
+    if getattr(msg, "job", info.job) != info.job:
+        raise InvalidField(f"message for job {msg.job!r} arrived on {topic}")  # type: ignore[attr-defined]
+    if info.device is not None and getattr(msg, "device", info.device) != info.device:
+        raise InvalidField(f"message from/for device {msg.device!r} arrived on {topic}; "  # type: ignore
+                           f"a device may only use its own topics")
+
+
+# --------------------------------------------------------------------------- topics
+
+@dataclass(frozen=True)
+class TopicInfo:
+    job: str
+    kind: str  # plan | state | update | ack | status | sync_request | sync_reply
+    device: Optional[str] = None
+
+
+class Topics:
+    """Topic names and subscription filters of one job (all under edgefed/v1/{job}/)."""
+
+    def __init__(self, job: str):
+        self.job = check_id(job, "job")
+        self.base = f"{TOPIC_ROOT}/{job}"
+
+    # server -> devices
+    def plan(self) -> str: return f"{self.base}/plan"
+    def state(self) -> str: return f"{self.base}/state"
+    def ack(self, device: str) -> str: return f"{self.base}/ack/{check_id(device, 'device')}"
+    def sync_reply(self, device: str) -> str: return f"{self.base}/sync/reply/{check_id(device, 'device')}"
+
+    # devices -> server
+    def update(self, device: str) -> str: return f"{self.base}/update/{check_id(device, 'device')}"
+    def status(self, device: str) -> str: return f"{self.base}/status/{check_id(device, 'device')}"
+    def sync_request(self, device: str) -> str:
+        return f"{self.base}/sync/request/{check_id(device, 'device')}"
+
+    # server subscription filters
+    def all_updates(self) -> str: return f"{self.base}/update/+"
+    def all_statuses(self) -> str: return f"{self.base}/status/+"
+    def all_sync_requests(self) -> str: return f"{self.base}/sync/request/+"
+    def everything(self) -> str: return f"{self.base}/#"
+
+
+TOPIC_KINDS: Dict[str, Type[Message]] = {
+    "plan": RoundPlan, "state": JobState, "update": Update, "ack": Ack, "status": Status,
+    "sync_request": SyncRequest, "sync_reply": SyncReply}
+
+
+def parse_topic(topic: str) -> TopicInfo:
+    parts = topic.split("/")
+    root = TOPIC_ROOT.split("/")
+    if parts[:2] != root or len(parts) < 4:
+        raise ProtocolError(f"topic {topic!r} is not under {TOPIC_ROOT}/<job>/")
+    job = check_id(parts[2], "job in topic")
+    rest = parts[3:]
+    if rest in (["plan"], ["state"]):
+        return TopicInfo(job, rest[0])
+    if len(rest) == 2 and rest[0] in ("update", "ack", "status"):
+        return TopicInfo(job, rest[0], check_id(rest[1], "device in topic"))
+    if len(rest) == 3 and rest[0] == "sync" and rest[1] in ("request", "reply"):
+        return TopicInfo(job, "sync_" + rest[1], check_id(rest[2], "device in topic"))
+    raise ProtocolError(f"topic {topic!r} is not part of the EdgeFed v1 layout")
+
+
+# --------------------------------------------------------------------------- idempotency
+
+class MessageIds:
+    """Strictly increasing u64 message ids without persisted state: microseconds since the epoch,
+    bumped by one when the clock has not moved, so a rebooted device still counts upwards."""
+
+    def __init__(self, last: int = 0):
+        self._last = last
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return self._last
+
+
+class DedupWindow:
+    """Recently seen (device, msg_id) pairs, so QoS-1 redeliveries are processed once.
+
+    Per device it keeps the last `per_device` ids; an id at or below the highest evicted one
+    counts as seen (ids are monotonic per device). Devices are evicted least-recently-used.
+    Thread-safe. Record an id only after the update was persisted (`add`), so a crash in between
+    lets the redelivery through.
+    """
+
+    def __init__(self, per_device: int = 1024, max_devices: int = 100_000):
+        self.per_device = per_device
+        self.max_devices = max_devices
+        self._dev: "OrderedDict[str, Tuple[set, deque, list]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(self, device: str, msg_id: int) -> bool:
+        with self._lock:
+            entry = self._dev.get(device)
+            return entry is not None and (msg_id in entry[0] or msg_id <= entry[2][0])
+
+    def add(self, device: str, msg_id: int) -> None:
+        with self._lock:
+            self._add_locked(device, msg_id)
+
+    def _add_locked(self, device: str, msg_id: int) -> bool:
+        """Record; False if it was already seen."""
+        entry = self._dev.get(device)
+        if entry is None:
+            entry = self._dev[device] = (set(), deque(), [-1])
+            if len(self._dev) > self.max_devices:
+                self._dev.popitem(last=False)
+        else:
+            self._dev.move_to_end(device)
+        ids, order, floor = entry
+        if msg_id in ids or msg_id <= floor[0]:
+            return False
+        ids.add(msg_id)
+        order.append(msg_id)
+        while len(order) > self.per_device:
+            old = order.popleft()
+            ids.discard(old)
+            floor[0] = max(floor[0], old)
+        return True
+
+    def check_and_add(self, device: str, msg_id: int) -> bool:
+        """True if (device, msg_id) was seen before; records it otherwise (atomically)."""
+        with self._lock:
+            return not self._add_locked(device, msg_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(e[0]) for e in self._dev.values())
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "MAGIC", "TOPIC_ROOT", "Limits", "DEFAULT_LIMITS",
+    "ProtocolError", "MessageTooLarge", "TruncatedMessage", "BadMagic", "UnsupportedVersion",
+    "ChecksumMismatch", "InvalidField", "RoundMismatch", "Tensor", "RoundDelta", "MessageType",
+    "AckStatus", "Message", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
+    "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
+    "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds", "DedupWindow"]

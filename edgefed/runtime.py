@@ -1,0 +1,256 @@
+"""On-device model: an EdgeFed artifact run by ONNX Runtime, no torch.
+
+All trainable parameters live in ONE flat float32 buffer (`DeviceModel.params`). Each
+trainable graph input is bound to a zero-copy view of it through OrtValue/IOBinding, so
+an in-place kernel update (edgefed.kernels) is what the next forward sees: no copies,
+no re-binding. (Plain `session.run(feed)` or `bind_cpu_input` give no such guarantee.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .data import Example, label_targets
+from .device_config import DeviceConfig
+from .export.artifact import read_manifest, read_trainable, trainable_views, verify_checksums
+
+__all__ = ["Batch", "DeviceModel", "MemoryBudgetError", "estimate_memory", "peak_rss_bytes",
+           "save_checkpoint", "load_checkpoint"]
+
+MB = 1 << 20
+# Process overhead before any model: Python, numpy, ONNX Runtime, tokenizer (measured ~150 MB).
+_BASE_BYTES = 180 * MB
+
+
+class MemoryBudgetError(RuntimeError):
+    """The model and batch would not fit the device's memory budget."""
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray       # int64 [B, T], right-padded
+    attention_mask: np.ndarray  # int64 [B, T]
+    targets: np.ndarray         # int64 [B] (classify) or [B, T] (lm, -100 = ignore)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def estimate_memory(art_dir: str | os.PathLike, batch_size: int, seq_len: int,
+                    manifest: dict | None = None) -> dict:
+    """A conservative estimate of peak bytes for training this artifact at this batch shape."""
+    art_dir = Path(art_dir)
+    m = manifest or read_manifest(art_dir)
+    onnx_bytes = sum(p.stat().st_size for p in art_dir.iterdir()
+                     if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+    trainable_bytes = 4 * int(m["n_trainable"])
+    cfg = m.get("model_config") or {}
+    hidden = int(cfg.get("hidden_size", 576))
+    layers = int(cfg.get("num_hidden_layers", 30))
+    inter = int(cfg.get("intermediate_size", 4 * hidden))
+    heads = int(cfg.get("num_attention_heads", 9))
+    tokens = batch_size * seq_len
+    # Live activations of one forward (ORT frees per layer, keep two layers' worth) plus the
+    # attention scores and the output projection over the vocabulary for the last position.
+    act = 4 * tokens * (8 * hidden + 2 * inter) * 2 + 4 * batch_size * heads * seq_len * seq_len * 2
+    vocab = int(cfg.get("vocab_size", 49152))
+    act += 4 * tokens * vocab if m["task"]["kind"] == "lm" else 4 * batch_size * vocab
+    # ORT holds the graph's initializers once (mapped from the file) plus its arena.
+    total = _BASE_BYTES + int(onnx_bytes * 1.05) + trainable_bytes * 2 + act * 2
+    return {"total": total, "base": _BASE_BYTES, "weights": onnx_bytes,
+            "trainable": trainable_bytes, "activations": act * 2, "layers": layers}
+
+
+class DeviceModel:
+    """Loads an artifact into ONNX Runtime with its trainables bound zero-copy."""
+
+    def __init__(self, artifact: str | os.PathLike, config: DeviceConfig | None = None, *,
+                 threads: int | None = None, batch_size: int | None = None,
+                 seq_len: int | None = None, check_memory: bool = True, verify: bool = False):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.dir = Path(artifact)
+        if not (self.dir / "manifest.json").is_file():
+            raise FileNotFoundError(f"{self.dir} is not an EdgeFed artifact (no manifest.json); "
+                                    "create one with `edgefed export`")
+        self.manifest = read_manifest(self.dir)
+        if verify:
+            verify_checksums(self.dir, self.manifest)
+        self.config = config or DeviceConfig(name="default")
+        self.batch_size = int(batch_size or self.config.batch_size)
+        self.seq_len = int(seq_len or self.config.seq_len)
+        self.threads = int(threads or self.config.threads)
+        self.memory_estimate = estimate_memory(self.dir, self.batch_size, self.seq_len, self.manifest)
+        if check_memory:
+            self._check_memory()
+
+        self.task = self.manifest["task"]
+        self.kind = self.task["kind"]
+        self.labels: list[str] = list(self.task.get("labels") or [])
+        self.template: str = self.task.get("template") or "{text}"
+        self.pad_id = int(self.manifest.get("pad_token_id", 0))
+        self.max_seq_len = int(self.manifest.get("max_seq_len", self.seq_len))
+        self.tokenizer = Tokenizer.from_file(str(self.dir / self.manifest["files"]["tokenizer"]))
+
+        self.params = read_trainable(self.dir, self.manifest)
+        self.views = trainable_views(self.params, self.manifest)
+        self.buffers = [v.reshape(-1) for v in self.views.values()]  # kernel order == manifest order
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = self.config.providers(ort.get_available_providers())
+        self.session = ort.InferenceSession(str(self.dir / self.manifest["files"]["onnx"]), so,
+                                            providers=self.providers)
+        self._ort = ort
+        self._binding = self.session.io_binding()
+        self._param_values = []  # keep the OrtValues alive: they alias self.params
+        for name, view in self.views.items():
+            val = ort.OrtValue.ortvalue_from_numpy(view)
+            self._param_values.append(val)
+            self._binding.bind_ortvalue_input(name, val)
+        self._out_names = [self.manifest["outputs"]["loss"]]
+        if self.manifest["outputs"].get("label_logits"):
+            self._out_names.append(self.manifest["outputs"]["label_logits"])
+        self.forward_count = 0
+        prefix, _, suffix = self.template.partition("{text}")
+        self._prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+        self._suffix_ids = self.tokenizer.encode(suffix, add_special_tokens=False).ids if suffix else []
+
+    # -- memory -----------------------------------------------------------------------
+    def _check_memory(self) -> None:
+        est = self.memory_estimate
+        budget = self.config.memory_budget_mb * MB
+        if est["total"] > budget:
+            raise MemoryBudgetError(
+                f"{self.dir.name} at batch {self.batch_size} x {self.seq_len} needs about "
+                f"{est['total'] / MB:.0f} MB (weights {est['weights'] / MB:.0f} MB, trainable "
+                f"{est['trainable'] / MB:.0f} MB x2, activations {est['activations'] / MB:.0f} MB, "
+                f"runtime {est['base'] / MB:.0f} MB) but device {self.config.name!r} allows "
+                f"{self.config.memory_budget_mb} MB. Lower batch_size/seq_len, export LoRA or prompt "
+                "trainables instead of full, or quantise the frozen part (`edgefed export --quantize`).")
+
+    # -- data -------------------------------------------------------------------------
+    def encode(self, examples: Sequence[Example]) -> Batch:
+        """Tokenise with the artifact's template; the review text is cut, never the suffix."""
+        if not examples:
+            raise ValueError("cannot encode an empty batch")
+        limit = min(self.seq_len, self.max_seq_len)
+        room = max(1, limit - len(self._prefix_ids) - len(self._suffix_ids))
+        texts = [e.text for e in examples]
+        rows = []
+        for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
+            rows.append((self._prefix_ids + enc.ids[:room] + self._suffix_ids)[:limit])
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        if self.kind == "classify":
+            targets = label_targets(examples, self.labels)
+        else:
+            targets = np.where(mask == 1, ids, -100).astype(np.int64)
+        return Batch(ids, mask, targets)
+
+    def batches(self, examples: Sequence[Example], batch_size: int | None = None,
+                shuffle_seed: int | None = None) -> Iterator[Batch]:
+        bs = batch_size or self.batch_size
+        order = np.arange(len(examples))
+        if shuffle_seed is not None:
+            np.random.default_rng(shuffle_seed).shuffle(order)
+        for a in range(0, len(order), bs):
+            yield self.encode([examples[i] for i in order[a:a + bs]])
+
+    # -- compute ----------------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[float, np.ndarray | None]:
+        """Loss (and label-word logits for classification) at the current parameters."""
+        names = self.manifest["inputs"]
+        b = self._binding
+        b.bind_cpu_input(names["input_ids"], batch.input_ids)
+        b.bind_cpu_input(names["attention_mask"], batch.attention_mask)
+        b.bind_cpu_input(names["targets"], batch.targets)
+        for n in self._out_names:
+            b.bind_output(n, "cpu")
+        self.session.run_with_iobinding(b)
+        outs = b.copy_outputs_to_cpu()
+        self.forward_count += 1
+        loss = float(outs[0])
+        logits = outs[1] if len(outs) > 1 else None
+        return loss, logits
+
+    def loss(self, batch: Batch) -> float:
+        return self.forward(batch)[0]
+
+    def evaluate(self, examples: Sequence[Example], batch_size: int | None = None) -> dict:
+        """Mean loss and, for classification, label-word accuracy over examples."""
+        total, correct, n = 0.0, 0, 0
+        preds = []
+        for batch in self.batches(examples, batch_size):
+            loss, logits = self.forward(batch)
+            total += loss * batch.size
+            n += batch.size
+            if logits is not None:
+                p = logits.argmax(axis=1)
+                preds.append(p)
+                correct += int((p == batch.targets).sum())
+        out = {"loss": total / max(n, 1), "n": n}
+        if self.kind == "classify":
+            out["accuracy"] = correct / max(n, 1)
+            out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        return out
+
+    def reset_params(self) -> None:
+        """Back to the artifact's initial trainables, in place (bindings stay valid)."""
+        self.params[:] = read_trainable(self.dir, self.manifest)
+
+    @property
+    def n_trainable(self) -> int:
+        return int(self.params.size)
+
+
+def save_checkpoint(model: DeviceModel, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """The trainable buffer as raw float32 + a JSON sidecar (no pickle)."""
+    import hashlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    data = model.params.astype("<f4").tobytes()
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    side = {"artifact_sha256": model.manifest.get("sha256", {}), "n_trainable": model.n_trainable,
+            "sha256": hashlib.sha256(data).hexdigest(), "saved_at": time.time(), **(meta or {})}
+    Path(str(path) + ".json").write_text(json.dumps(side, indent=1))
+    return path
+
+
+def load_checkpoint(model: DeviceModel, path: str | os.PathLike) -> dict:
+    import hashlib
+
+    path = Path(path)
+    side = json.loads(Path(str(path) + ".json").read_text())
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != side["sha256"]:
+        raise ValueError(f"checkpoint {path} is corrupt (sha256 mismatch); delete it and retrain")
+    flat = np.frombuffer(data, dtype="<f4")
+    if flat.size != model.n_trainable:
+        raise ValueError(f"checkpoint {path} has {flat.size} parameters, the model {model.n_trainable}: "
+                         "it belongs to another artifact")
+    model.params[:] = flat
+    return side

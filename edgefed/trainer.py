@@ -1,0 +1,66 @@
+"""Local forward-only training on a device: batches, ZO steps, progress, checkpoints."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data import Example
+from .runtime import DeviceModel, save_checkpoint
+from .zo import ScalarAccumulator, SeedPool, ZOConfig, two_point_step
+
+__all__ = ["LocalTrainer", "progress_bar"]
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """tqdm when installed and wanted, else a silent stand-in with the same methods."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    class _Quiet:
+        def update(self, n=1): ...
+        def set_postfix(self, **kw): ...
+        def close(self): ...
+    return _Quiet()
+
+
+class LocalTrainer:
+    """Runs `steps` ZO steps of MeZO/FedKSeed on a DeviceModel, recording per-seed scalars."""
+
+    def __init__(self, model: DeviceModel, pool: SeedPool, cfg: ZOConfig, progress: bool = True):
+        self.model, self.pool, self.cfg, self.progress = model, pool, cfg, progress
+
+    def train(self, examples: Sequence[Example], steps: int, *, batch_size: int | None = None,
+              seed: int = 0, probs: np.ndarray | None = None, step_offset: int = 0,
+              checkpoint: str | Path | None = None, desc: str = "local ZO") -> ScalarAccumulator:
+        if not examples:
+            raise ValueError("no training examples on this device: check --data")
+        bs = min(batch_size or self.model.batch_size, len(examples))
+        gen = np.random.default_rng(seed)
+        acc = ScalarAccumulator(self.pool.k)
+        q = max(1, self.cfg.n_perturb)
+        bar = progress_bar(steps, desc, self.progress)
+        try:
+            for t in range(steps):
+                rows = gen.choice(len(examples), size=bs, replace=False)
+                batch = self.model.encode([examples[i] for i in rows])
+                lr = self.cfg.lr_at(step_offset + t) / q
+                eps = self.cfg.eps_at(step_offset + t)
+                for j in self.pool.sample(gen, q, probs):
+                    probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
+                                           self.pool.seed(int(j)), int(j), eps, lr,
+                                           self.cfg.dist, self.cfg.clip)
+                    acc.add(probe)
+                bar.update(1)
+                bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
+        finally:
+            bar.close()
+            if checkpoint is not None:
+                save_checkpoint(self.model, checkpoint, {"steps": len(acc.history)})
+        return acc

@@ -1,0 +1,41 @@
+"""Transports: MQTT (paho-mqtt 2.x) for devices and servers, in-process for simulation,
+and a broker launcher (Mosquitto or embedded amqtt).
+
+`make_transport(url, client_id)` picks the implementation from the URL:
+  mqtt://host:port, mqtts://host:port  -> MqttTransport
+  inproc://name                        -> InProcTransport on the process-wide broker `name`
+paho is imported only when an MQTT transport is used, so simulations do not need it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .base import (BrokerUnreachable, Callback, NotConnected, PublishHandle, PublishTimeout,
+                   Transport, TransportError, topic_matches)
+from .inproc import InProcBroker, InProcTransport
+
+
+def make_transport(url: str, client_id: Optional[str] = None, **kwargs: Any) -> Transport:
+    if url.startswith("inproc://"):
+        name = url[len("inproc://"):] or "default"
+        return InProcBroker.named(name, **kwargs).client(client_id)
+    from .mqtt import MqttTransport
+    return MqttTransport(url, client_id, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: simulations need no paho, and `python -m edgefed.transport.broker` must not find
+    # its own module already imported by this package.
+    if name in ("MqttTransport", "parse_url"):
+        from . import mqtt
+        return getattr(mqtt, name)
+    if name in ("BrokerHandle", "free_port", "start_broker"):
+        from . import broker
+        return getattr(broker, name)
+    raise AttributeError(name)
+
+
+__all__ = ["Transport", "TransportError", "BrokerUnreachable", "PublishTimeout", "NotConnected",
+           "PublishHandle", "Callback", "topic_matches", "InProcBroker", "InProcTransport",
+           "MqttTransport", "parse_url", "make_transport", "start_broker", "BrokerHandle",
+           "free_port"]

@@ -1,0 +1,197 @@
+"""In-process broker and transport for simulation (many virtual devices in one process).
+
+Same semantics as MQTT where the engine can tell: topic filters with + and #, retained
+messages (an empty retained payload clears), last will on an abnormal disconnect (crash()),
+the same payload bytes. Delivery is reliable, so QoS is accepted and ignored.
+
+Two delivery modes:
+- threaded (default): each client has a dispatcher thread, like MqttTransport;
+- synchronous: no threads; the publishing thread runs the callbacks from a broker-wide FIFO.
+  A callback that publishes does not recurse: its message is queued and delivered after it
+  returns, so a long simulation never grows the stack. Callbacks must not block waiting for
+  another thread's publish in this mode.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Dict, Optional, Tuple
+
+from .base import (Callback, Dispatcher, NotConnected, PublishHandle, Transport, TransportError,
+                   check_topic_filter, check_topic_name, log, topic_matches)
+
+
+class InProcBroker:
+    _named: Dict[str, "InProcBroker"] = {}
+    _named_lock = threading.Lock()
+
+    def __init__(self, synchronous: bool = False):
+        self.synchronous = synchronous
+        self._lock = threading.RLock()
+        self._clients: Dict[str, "InProcTransport"] = {}
+        self._retained: Dict[str, bytes] = {}
+        self._sync_q: deque = deque()
+        self._drain_lock = threading.Lock()
+        self._tls = threading.local()
+        self._ids = itertools.count(1)
+        self.published = 0  # messages accepted (for tests and simulation stats)
+
+    @classmethod
+    def named(cls, name: str, synchronous: bool = False) -> "InProcBroker":
+        """A process-wide broker by name, so `inproc://name` URLs meet the same broker."""
+        with cls._named_lock:
+            if name not in cls._named:
+                cls._named[name] = cls(synchronous=synchronous)
+            return cls._named[name]
+
+    def client(self, client_id: Optional[str] = None) -> "InProcTransport":
+        return InProcTransport(self, client_id)
+
+    def retained(self, topic: str) -> Optional[bytes]:
+        with self._lock:
+            return self._retained.get(topic)
+
+    # ------------------------------------------------------------------ internals
+    def _attach(self, t: "InProcTransport") -> None:
+        with self._lock:
+            old = self._clients.get(t.client_id)
+            if old is not None and old is not t:  # MQTT session takeover: the old one is dropped
+                old._detached()
+            self._clients[t.client_id] = t
+
+    def _detach(self, t: "InProcTransport", abnormal: bool) -> None:
+        with self._lock:
+            if self._clients.get(t.client_id) is t:
+                del self._clients[t.client_id]
+            will = t._will if abnormal else None
+        if will is not None:
+            topic, payload, _, retain = will
+            self._publish(topic, payload, retain)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        with self._lock:
+            self.published += 1
+            if retain:
+                if payload:
+                    self._retained[topic] = payload
+                else:
+                    self._retained.pop(topic, None)
+            for c in self._clients.values():
+                for flt, cb in c._subs.items():
+                    if topic_matches(flt, topic):
+                        self._enqueue(c, cb, topic, payload)
+        self._drain()
+
+    def _deliver_retained(self, c: "InProcTransport", flt: str, cb: Callback) -> None:
+        with self._lock:
+            for topic, payload in self._retained.items():
+                if topic_matches(flt, topic):
+                    self._enqueue(c, cb, topic, payload)
+        self._drain()
+
+    def _enqueue(self, c: "InProcTransport", cb: Callback, topic: str, payload: bytes) -> None:
+        if self.synchronous:
+            self._sync_q.append((cb, topic, payload))
+        elif c._dispatcher is not None:
+            c._dispatcher.submit(cb, topic, payload)
+
+    def _drain(self) -> None:
+        if not self.synchronous or getattr(self._tls, "draining", False):
+            return  # threaded mode, or an outer frame of this thread is already draining
+        with self._drain_lock:
+            self._tls.draining = True
+            try:
+                while True:
+                    with self._lock:
+                        if not self._sync_q:
+                            return
+                        cb, topic, payload = self._sync_q.popleft()
+                    try:
+                        cb(topic, payload)
+                    except Exception:
+                        log.exception("subscriber callback failed for topic %s", topic)
+            finally:
+                self._tls.draining = False
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Threaded mode: wait until every client's callbacks have caught up."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                busy = [c for c in self._clients.values()
+                        if c._dispatcher is not None and not c._dispatcher.idle()]
+            if not busy and not self._sync_q:
+                return True
+            time.sleep(0.002)
+        return False
+
+
+class InProcTransport(Transport):
+    def __init__(self, broker: InProcBroker, client_id: Optional[str] = None):
+        self.broker = broker
+        self.client_id = client_id or f"inproc-{next(broker._ids)}"
+        self._subs: Dict[str, Callback] = {}
+        self._will: Optional[Tuple[str, bytes, int, bool]] = None
+        self._dispatcher: Optional[Dispatcher] = None
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self, timeout: float = 10.0) -> None:
+        if self._connected:
+            return
+        if not self.broker.synchronous:
+            self._dispatcher = Dispatcher(f"edgefed-inproc-{self.client_id}")
+        self._connected = True
+        self.broker._attach(self)
+
+    def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
+        if self._connected:
+            raise TransportError("set_will() must be called before connect()")
+        self._will = (check_topic_name(topic), bytes(payload), qos, retain)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                wait: bool = True, timeout: Optional[float] = None) -> PublishHandle:
+        check_topic_name(topic)
+        if not self._connected:
+            raise NotConnected(f"{self.client_id}: publish() before connect()")
+        self.broker._publish(topic, bytes(payload), retain)
+        h = PublishHandle()
+        h._complete()
+        return h
+
+    def subscribe(self, topic_filter: str, callback: Callback, qos: int = 1) -> None:
+        check_topic_filter(topic_filter)
+        with self.broker._lock:
+            self._subs[topic_filter] = callback
+        if self._connected:
+            self.broker._deliver_retained(self, topic_filter, callback)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self.broker._lock:
+            self._subs.pop(topic_filter, None)
+
+    def close(self) -> None:
+        self._disconnect(abnormal=False)
+
+    def crash(self) -> None:
+        """Vanish without a DISCONNECT: the broker publishes the will (as on a killed device)."""
+        self._disconnect(abnormal=True)
+
+    def _disconnect(self, abnormal: bool) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        self.broker._detach(self, abnormal)
+        self._detached()
+
+    def _detached(self) -> None:
+        self._connected = False
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
+            self._dispatcher = None
+

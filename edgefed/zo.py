@@ -1,0 +1,182 @@
+"""Zeroth-order estimators and the seed pool (MeZO, FedKSeed, FedKSeed-Pro, n-SPSA).
+
+A step probes theta +- eps*z(seed) with two forward passes, g = (L+ - L-) / (2 eps) is the
+projected gradient, and the fused kernel restores theta and applies -lr*g*z in one pass.
+Only (seed index, g) needs to leave the device: anyone holding the same seed pool can
+regenerate z and replay the update. Device side: no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import kernels, rng
+
+__all__ = ["SeedPool", "Schedule", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step",
+           "ScalarAccumulator", "pro_probabilities"]
+
+
+class DivergedError(RuntimeError):
+    """A loss came back NaN/inf; the parameters were restored before this was raised."""
+
+
+class SeedPool:
+    """K candidate seeds derived from a pool id (FedKSeed): everyone derives the same list.
+
+    Seed j is the 64-bit value of Philox words (2j, 2j+1) on stream 1 keyed by the pool id,
+    so the pool costs nothing to ship and can't collide with perturbation streams."""
+
+    STREAM = 1
+
+    def __init__(self, pool_id: int, k: int):
+        if not 1 <= k <= 1 << 20:
+            raise ValueError(f"seed pool size K must be in [1, 2**20], got {k}")
+        self.pool_id = int(pool_id)
+        self.k = int(k)
+        w = rng.words(self.pool_id, 2 * self.k, stream=self.STREAM).astype(np.uint64)
+        self.seeds = w[0::2] | (w[1::2] << np.uint64(32))
+
+    def seed(self, index: int) -> int:
+        if not 0 <= index < self.k:
+            raise IndexError(f"seed index {index} outside the pool of {self.k}")
+        return int(self.seeds[index])
+
+    def sample(self, gen: np.random.Generator, n: int, probs: np.ndarray | None = None) -> np.ndarray:
+        """n seed indices, uniform or with FedKSeed-Pro probabilities (with replacement)."""
+        if probs is not None:
+            probs = np.asarray(probs, dtype=np.float64)
+            if probs.shape != (self.k,) or not np.all(np.isfinite(probs)) or probs.min() < 0:
+                raise ValueError(f"seed probabilities must be {self.k} finite non-negative numbers")
+            probs = probs / probs.sum()
+        return gen.choice(self.k, size=n, replace=True, p=probs).astype(np.int64)
+
+
+def pro_probabilities(abs_sum: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """FedKSeed-Pro: seeds whose projected gradients have been larger are sampled more.
+
+    psi_j = mean |g| of seed j (seeds never seen get the mean of the seen ones), min-max
+    normalised to [0, 1], then a softmax."""
+    abs_sum = np.asarray(abs_sum, np.float64)
+    counts = np.asarray(counts, np.float64)
+    seen = counts > 0
+    if not seen.any():
+        return np.full(abs_sum.shape, 1.0 / abs_sum.size)
+    psi = np.where(seen, abs_sum / np.maximum(counts, 1), 0.0)
+    psi[~seen] = psi[seen].mean()
+    span = psi.max() - psi.min()
+    psi = (psi - psi.min()) / span if span > 0 else np.zeros_like(psi)
+    e = np.exp(psi - psi.max())
+    return e / e.sum()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A value over steps, a pure function of the step so the server can replay it.
+
+    kind: constant | linear (to min_ratio*base at total) | cosine; warmup steps ramp up linearly."""
+    base: float
+    kind: str = "constant"
+    total: int = 1
+    warmup: int = 0
+    min_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "linear", "cosine"):
+            raise ValueError(f"schedule kind must be constant, linear or cosine, not {self.kind!r}")
+        if not math.isfinite(self.base):
+            raise ValueError("schedule base value must be finite")
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return self.base * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.base
+        frac = min(1.0, max(0.0, (step - self.warmup) / max(1, self.total - self.warmup)))
+        if self.kind == "linear":
+            shape = 1.0 - frac
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.base * (self.min_ratio + (1.0 - self.min_ratio) * shape)
+
+
+@dataclass
+class ZOConfig:
+    lr: float = 1e-3
+    eps: float = 1e-3
+    n_perturb: int = 1            # directions per step (n-SPSA); lr is split between them
+    dist: str = "normal"
+    clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
+    lr_schedule: Schedule | None = None
+    eps_schedule: Schedule | None = None
+
+    def lr_at(self, step: int) -> float:
+        return self.lr_schedule(step) if self.lr_schedule else self.lr
+
+    def eps_at(self, step: int) -> float:
+        return self.eps_schedule(step) if self.eps_schedule else self.eps
+
+
+@dataclass
+class ProbeResult:
+    seed_index: int
+    g: float              # projected gradient after clipping
+    g_raw: float
+    loss_plus: float
+    loss_minus: float
+    coeff: float = 0.0    # what was applied to theta: -lr*g (float32-rounded in the kernel)
+
+    @property
+    def loss(self) -> float:
+        return 0.5 * (self.loss_plus + self.loss_minus)
+
+
+def two_point_step(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], seed: int,
+                   seed_index: int, eps: float, lr: float, dist: str = "normal",
+                   clip: float = 0.0) -> ProbeResult:
+    """One SPSA probe and update, in place: +eps z, L+, -2eps z, L-, then theta += (eps - lr g) z.
+
+    On a non-finite loss the parameters are put back (theta += eps z) and DivergedError
+    is raised, so nothing is lost."""
+    kernels.perturb(buffers, seed, eps, dist)
+    lp = loss_fn()
+    if not math.isfinite(lp):
+        kernels.perturb(buffers, seed, -eps, dist)
+        raise DivergedError(f"loss is {lp} at theta + eps*z (seed index {seed_index}); parameters "
+                            "restored. Lower lr or eps, or enable clipping.")
+    kernels.perturb(buffers, seed, -2.0 * eps, dist)
+    lm = loss_fn()
+    if not math.isfinite(lm):
+        kernels.perturb(buffers, seed, eps, dist)
+        raise DivergedError(f"loss is {lm} at theta - eps*z (seed index {seed_index}); parameters "
+                            "restored. Lower lr or eps, or enable clipping.")
+    g_raw = (lp - lm) / (2.0 * eps)
+    g = float(np.clip(g_raw, -clip, clip)) if clip > 0 else g_raw
+    kernels.zo_update(buffers, seed, eps, lr, g, dist)
+    return ProbeResult(seed_index, g, g_raw, lp, lm, coeff=-lr * g)
+
+
+@dataclass
+class ScalarAccumulator:
+    """Per-seed sums of projected gradients: what a FedKSeed device sends (a few hundred
+    bytes however many steps it ran)."""
+    k: int
+    g_sum: dict[int, float] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+    history: list[ProbeResult] = field(default_factory=list)
+
+    def add(self, probe: ProbeResult) -> None:
+        j = probe.seed_index
+        self.g_sum[j] = self.g_sum.get(j, 0.0) + probe.g
+        self.count[j] = self.count.get(j, 0) + 1
+        self.history.append(probe)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seed indices uint32 ascending, summed g float32)."""
+        idx = np.array(sorted(self.g_sum), dtype=np.uint32)
+        return idx, np.array([self.g_sum[int(i)] for i in idx], dtype=np.float32)
+
+    def mean_loss(self) -> float:
+        return float(np.mean([p.loss for p in self.history])) if self.history else float("nan")

@@ -1,0 +1,409 @@
+"""Wire format: round trips, every rejection path, fuzzing, topics, dedup, docs in sync."""
+import re
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefed import protocol as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def sample_messages():
+    r = _rng(1)
+    k = 4096
+    return [
+        P.RoundPlan("job-1", 7, "fedkseed", seed_pool_id=2**63 + 5, k=k, lr=3e-7, eps=1e-3,
+                    local_steps=10, batch_size=8, deadline=1.8e9, min_devices=3,
+                    seed_probs=r.random(k).astype(np.float32),
+                    params={"alpha": 0.5, "rounds": 40, "loss": "label-token", "flag": True},
+                    delta_seeds=r.integers(0, k, 300), delta_coeffs=r.standard_normal(300),
+                    delta_tensors=[P.Tensor("layers.0.q_proj.lora_A", r.standard_normal((8, 64)))]),
+        P.RoundPlan("j", 0, "fedavg"),
+        P.Update("job-1", 7, "pi4-kitchen", "fedkseed", msg_id=P.MessageIds().next(), num_samples=64,
+                 seeds=r.integers(0, k, 200), scalars=r.standard_normal(200), train_loss=0.693),
+        P.Update("job-1", 7, "jetson.2", "fedlora", msg_id=1, num_samples=1,
+                 tensors=[P.Tensor("a", r.standard_normal((8, 576))),
+                          P.Tensor("b", r.standard_normal((576, 8))), P.Tensor("scalar", 3.0)]),
+        P.Ack("job-1", 7, "pi4-kitchen", 12345, P.AckStatus.LATE, "round 7 closed at 12:00; ünïcode"),
+        P.Ack("job-1", 7, "d", 1),
+        P.Status("job-1", "pi4-kitchen", "training", "raspberry-pi-4", 7, 1.7e9, "step 3/10"),
+        P.Status("job-1", "d", "offline"),
+        P.SyncRequest("job-1", "pi4-kitchen", from_round=3, full=False, request_id=99),
+        P.SyncReply("job-1", "pi4-kitchen", 3, 6, request_id=99, rounds=[
+            P.RoundDelta(4, [1, 2], [0.5, -0.5]), P.RoundDelta(6, [], [],
+                                                               [P.Tensor("t", np.ones(3))])]),
+        P.SyncReply("job-1", "d", 0, 6, full=True, state=[P.Tensor("w", r.standard_normal((4, 4)))]),
+        P.JobState("job-1", 7, 2, "fedkseed", seed_pool_id=42, k=k, model="smollm2-135m/lora-r8",
+                   digest="ab" * 32, updated_at=1.7e9, params={"x": 1}),
+    ]
+
+
+@pytest.mark.parametrize("msg", sample_messages(), ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    data = msg.encode()
+    back = P.decode(data)
+    assert type(back) is type(msg)
+    assert back == msg and back.encode() == data
+    for f, _ in msg.SCHEMA:  # field by field, not only via bytes
+        a, b = getattr(msg, f), getattr(back, f)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        elif isinstance(a, list):
+            assert len(a) == len(b)
+        else:
+            assert a == b, f
+    assert P.decode(bytearray(data)) == msg and P.decode(memoryview(data)) == msg
+
+
+def test_decoded_arrays_are_owned_and_writable():
+    u = P.decode(sample_messages()[2].encode())
+    u.scalars[0] = 1.0  # no read-only view of the payload
+    assert u.seeds.dtype == np.uint32 and u.scalars.dtype == np.float32
+
+
+def test_sizes_are_compact():
+    k = 4096
+    u = P.Update("j", 1, "d", "fedkseed", 1, 8, np.arange(k), np.zeros(k))
+    assert len(u.encode()) < 8 * k + 128  # 4 B index + 4 B scalar per seed, small fixed part
+    assert len(P.Ack("j", 1, "d", 1).encode()) < 48
+
+
+def _frame(mtype, body, version=P.PROTOCOL_VERSION, flags=0, magic=P.MAGIC):
+    head = P.HEADER.pack(magic, version, mtype, flags, len(body))
+    return head + body + P.TRAILER.pack(zlib.crc32(head + body))
+
+
+def _refresh_crc(data: bytes) -> bytes:
+    return data[:-4] + P.TRAILER.pack(zlib.crc32(data[:-4]))
+
+
+def test_bad_magic():
+    data = bytearray(P.Ack("j", 1, "d", 1).encode())
+    data[:4] = b"MQTT"
+    with pytest.raises(P.BadMagic, match="not an EdgeFed message"):
+        P.decode(bytes(data))
+
+
+def test_wrong_version_message_text():
+    data = bytearray(P.Ack("j", 1, "d", 1).encode())
+    data[4] = 3
+    with pytest.raises(P.UnsupportedVersion) as e:
+        P.decode(_refresh_crc(bytes(data)))
+    assert str(e.value) == ("protocol version 3 not supported (this build speaks 1); "
+                            "upgrade edgefed on the device")
+    assert e.value.received == 3
+    data[4] = 0
+    with pytest.raises(P.UnsupportedVersion, match="version 0 not supported.*older"):
+        P.decode(bytes(data))
+
+
+def test_version_checked_before_crc():
+    # a future version may change the trailer; the version error must still be the one shown
+    data = bytearray(P.Ack("j", 1, "d", 1).encode())
+    data[4] = 2
+    data[-1] ^= 0xFF
+    with pytest.raises(P.UnsupportedVersion):
+        P.decode(bytes(data))
+
+
+@pytest.mark.parametrize("cut", [0, 1, 15, 16, 30, -1])
+def test_truncated(cut):
+    data = sample_messages()[2].encode()
+    with pytest.raises(P.TruncatedMessage):
+        P.decode(data[:cut] if cut >= 0 else data[:cut])
+
+
+def test_truncated_inside_body_with_consistent_header():
+    # header and CRC agree with a body that is cut in the middle of an array
+    full = sample_messages()[2].encode()
+    body = full[P.HEADER.size:-4][:60]
+    with pytest.raises(P.TruncatedMessage, match="needs .* bytes but only"):
+        P.decode(_frame(int(P.MessageType.UPDATE), body))
+
+
+def test_crc_mismatch():
+    data = bytearray(sample_messages()[2].encode())
+    data[40] ^= 0x01
+    with pytest.raises(P.ChecksumMismatch, match="CRC32 mismatch"):
+        P.decode(bytes(data))
+
+
+def test_unknown_type_flags_and_trailing_bytes():
+    with pytest.raises(P.ProtocolError, match="unknown message type 99"):
+        P.decode(_frame(99, b""))
+    body = P.Ack("j", 1, "d", 1).encode()[P.HEADER.size:-4]
+    with pytest.raises(P.ProtocolError, match="unknown header flags"):
+        P.decode(_frame(int(P.MessageType.ACK), body, flags=0x8000))
+    with pytest.raises(P.ProtocolError, match="trailing bytes"):
+        P.decode(_frame(int(P.MessageType.ACK), body + b"\0"))
+    with pytest.raises(P.ProtocolError, match="expected a Update"):
+        P.decode(P.Ack("j", 1, "d", 1).encode(), expect=P.Update)
+
+
+def test_oversize_message_rejected_up_front():
+    with pytest.raises(P.MessageTooLarge, match="limit is 4194304"):
+        P.decode(b"\0" * (4 * 1024 * 1024 + 1))
+    small = P.Limits(max_message_bytes=1000)
+    big = P.Update("j", 1, "d", "m", 1, 1, np.arange(500), np.zeros(500))
+    with pytest.raises(P.MessageTooLarge):
+        big.encode(limits=small)
+    with pytest.raises(P.MessageTooLarge):
+        P.decode(big.encode(), limits=small)
+
+
+def _update_body_claiming(count: int) -> bytes:
+    """An Update body whose seed array claims `count` elements but carries none."""
+    w = b""
+    for s in ("j",):
+        w += struct.pack("<H", len(s)) + s.encode()
+    w += struct.pack("<I", 1)
+    for s in ("d", "m"):
+        w += struct.pack("<H", len(s)) + s.encode()
+    w += struct.pack("<QI", 1, 1)
+    w += struct.pack("<BI", 2, count)
+    return w
+
+
+def test_huge_counts_rejected_before_allocating():
+    tracemalloc.start()
+    try:
+        for count in (2**32 - 1, 70_000, 1000):
+            with pytest.raises(P.ProtocolError) as e:
+                P.decode(_frame(int(P.MessageType.UPDATE), _update_body_claiming(count)))
+            assert isinstance(e.value, (P.MessageTooLarge, P.TruncatedMessage))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024  # nothing close to count * 4 bytes was ever allocated
+
+
+def test_limits_on_counts():
+    with pytest.raises(P.MessageTooLarge, match="limit is 65536"):
+        P.decode(_frame(int(P.MessageType.UPDATE), _update_body_claiming(65537)))
+    lim = P.Limits(max_seeds=10, max_tensors=1, max_params=1, max_text=5)
+    with pytest.raises(P.MessageTooLarge):
+        P.Update("j", 1, "d", "m", 1, 1, np.arange(11), np.zeros(11)).encode(limits=lim)
+    with pytest.raises(P.MessageTooLarge):
+        P.Update("j", 1, "d", "m", 1, 1, tensors=[P.Tensor("a", [1]), P.Tensor("b", [1])]
+                 ).encode(limits=lim)
+    with pytest.raises(P.MessageTooLarge):
+        P.RoundPlan("j", 1, "m", params={"a": 1, "b": 2}).encode(limits=lim)
+    with pytest.raises(P.MessageTooLarge):
+        P.Ack("j", 1, "d", 1, reason="too long").encode(limits=lim)
+    # a decoder with tighter limits refuses what a looser encoder produced
+    with pytest.raises(P.MessageTooLarge):
+        P.decode(P.Ack("j", 1, "d", 1, reason="too long").encode(), limits=lim)
+
+
+def test_nan_scalar_names_the_index():
+    s = np.zeros(10, np.float32)
+    s[7] = np.nan
+    with pytest.raises(P.InvalidField, match=r"scalars\[7\] is nan \(seed index 17\)"):
+        P.Update("j", 1, "d", "m", 1, 4, np.arange(10, 20), s).encode()
+    # also when a foreign encoder put it on the wire
+    good = P.Update("j", 1, "d", "m", 1, 4, np.arange(10, 20), np.zeros(10)).encode()
+    at = good.index(struct.pack("<BI", 1, 10)) + 5  # start of the f32[10] scalars
+    bad = bytearray(good)
+    bad[at + 4 * 3: at + 4 * 4] = struct.pack("<f", float("inf"))
+    with pytest.raises(P.InvalidField, match=r"scalars\[3\] is inf"):
+        P.decode(_refresh_crc(bytes(bad)))
+
+
+def test_other_non_finite_values():
+    t = np.ones((2, 2))
+    t[1, 0] = np.inf
+    with pytest.raises(P.InvalidField, match=r"flat index \[2\]"):
+        P.Update("j", 1, "d", "m", 1, 1, tensors=[P.Tensor("x", t)]).encode()
+    with pytest.raises(P.InvalidField, match="train_loss"):
+        P.Update("j", 1, "d", "m", 1, 1, train_loss=float("nan")).encode()
+    with pytest.raises(P.InvalidField, match="lr"):
+        P.RoundPlan("j", 1, "m", lr=float("inf")).encode()
+    with pytest.raises(P.InvalidField, match="delta_coeffs"):
+        P.RoundPlan("j", 1, "m", k=10, delta_seeds=[1], delta_coeffs=[np.nan]).encode()
+
+
+def test_field_rules():
+    with pytest.raises(P.InvalidField, match="num_samples must be > 0"):
+        P.Update("j", 1, "d", "m", 1, 0).encode()
+    with pytest.raises(P.InvalidField, match="2 seed indices but 3 values"):
+        P.Update("j", 1, "d", "m", 1, 1, [1, 2], [1, 2, 3]).encode()
+    with pytest.raises(P.InvalidField, match="outside uint32"):
+        P.Update("j", 1, "d", "m", 1, 1, [-1], [1.0]).encode()
+    with pytest.raises(P.InvalidField, match="must hold integers"):
+        P.Update("j", 1, "d", "m", 1, 1, [1.5], [1.0]).encode()
+    with pytest.raises(P.InvalidField, match="out of range for a pool of K=10"):
+        P.RoundPlan("j", 1, "m", k=10, delta_seeds=[3, 10], delta_coeffs=[1, 1]).encode()
+    with pytest.raises(P.InvalidField, match="seed_probs has 3 entries but K=4"):
+        P.RoundPlan("j", 1, "m", k=4, seed_probs=[1, 1, 1]).encode()
+    with pytest.raises(P.InvalidField, match="round"):
+        P.Ack("j", -1, "d", 1).encode()
+    with pytest.raises(P.InvalidField, match="ack status"):
+        P.Ack("j", 1, "d", 1, status=9).encode()
+    with pytest.raises(P.InvalidField, match="must increase"):
+        P.SyncReply("j", "d", 3, 6, rounds=[P.RoundDelta(5), P.RoundDelta(5)]).encode()
+    with pytest.raises(P.InvalidField, match="to_round"):
+        P.SyncReply("j", "d", 6, 3).encode()
+    with pytest.raises(P.InvalidField, match="params"):
+        P.RoundPlan("j", 1, "m", params={"x": [1]}).encode()
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "dev+1", "dev#", "$SYS", "x" * 65, "sp ace",
+                                 "ünï", None, 5])
+def test_bad_ids(bad):
+    with pytest.raises(P.InvalidField, match="not a valid id"):
+        P.Update("j", 1, bad, "m", 1, 1).encode()
+    with pytest.raises(P.InvalidField):
+        P.Topics("job").update(bad)
+
+
+def test_bad_id_on_the_wire():
+    good = P.Ack("job", 1, "dev", 1).encode()
+    bad = _refresh_crc(good.replace(b"dev", b"d/v"))
+    with pytest.raises(P.InvalidField, match="'d/v' is not a valid id"):
+        P.decode(bad)
+
+
+def test_validate_update_against_plan():
+    k = 100
+    probs = np.ones(k, np.float32)
+    probs[5] = 0
+    plan = P.RoundPlan("job", 4, "fedkseed", k=k, seed_probs=probs)
+    ok = P.Update("job", 4, "d", "fedkseed", 1, 8, [1, 2, 99], [0.1, 0.2, 0.3])
+    assert P.validate_update(ok, plan) is ok
+    with pytest.raises(P.InvalidField, match="seed index 100 at position 1 is out of range"):
+        P.validate_update(P.Update("job", 4, "d", "fedkseed", 1, 8, [1, 100], [0, 0]), plan)
+    with pytest.raises(P.RoundMismatch, match="round 3, the current round is 4") as e:
+        P.validate_update(P.Update("job", 3, "d", "fedkseed", 1, 8), plan)
+    assert (e.value.expected, e.value.received) == (4, 3)
+    with pytest.raises(P.InvalidField, match="job"):
+        P.validate_update(P.Update("other", 4, "d", "fedkseed", 1, 8), plan)
+    with pytest.raises(P.InvalidField, match="method"):
+        P.validate_update(P.Update("job", 4, "d", "mezo", 1, 8), plan)
+    with pytest.raises(P.InvalidField, match="probability 0"):
+        P.validate_update(P.Update("job", 4, "d", "fedkseed", 1, 8, [5], [0.0]), plan)
+
+
+def test_dedup_window():
+    w = P.DedupWindow(per_device=4, max_devices=2)
+    assert not w.check_and_add("a", 1)
+    assert w.check_and_add("a", 1)  # QoS-1 redelivery
+    assert not w.check_and_add("b", 1)  # keyed by device too
+    assert w.seen("a", 1) and not w.seen("a", 2)
+    for i in range(2, 10):
+        assert not w.check_and_add("a", i)
+    assert w.seen("a", 3)  # evicted from the window but below its floor: still a duplicate
+    assert not w.seen("a", 10)
+    w.add("c", 5)  # third device evicts the least recently used one ("b")
+    assert not w.seen("b", 1) and w.seen("a", 9) and w.seen("c", 5)
+
+
+def test_dedup_window_thread_safe():
+    import threading
+    w = P.DedupWindow()
+    fresh = []
+
+    def worker():
+        fresh.append(sum(not w.check_and_add("d", i) for i in range(2000)))
+
+    ts = [threading.Thread(target=worker) for _ in range(4)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert sum(fresh) == 2000  # every id counted as new exactly once
+
+
+def test_message_ids_monotonic():
+    ids = P.MessageIds()
+    seq = [ids.next() for _ in range(1000)]
+    assert seq == sorted(set(seq))
+    assert P.MessageIds(last=2**62).next() == 2**62 + 1
+
+
+def test_topics_and_parse():
+    t = P.Topics("job-1")
+    assert t.plan() == "edgefed/v1/job-1/plan"
+    assert t.state() == "edgefed/v1/job-1/state"
+    assert t.update("d1") == "edgefed/v1/job-1/update/d1"
+    assert t.ack("d1") == "edgefed/v1/job-1/ack/d1"
+    assert t.status("d1") == "edgefed/v1/job-1/status/d1"
+    assert t.sync_request("d1") == "edgefed/v1/job-1/sync/request/d1"
+    assert t.sync_reply("d1") == "edgefed/v1/job-1/sync/reply/d1"
+    assert t.all_updates() == "edgefed/v1/job-1/update/+"
+    assert P.parse_topic(t.sync_request("d1")) == P.TopicInfo("job-1", "sync_request", "d1")
+    assert P.parse_topic(t.plan()) == P.TopicInfo("job-1", "plan")
+    for bad in ("edgefed/v2/j/plan", "edgefed/v1/j/nope", "edgefed/v1/j/update", "x"):
+        with pytest.raises(P.ProtocolError):
+            P.parse_topic(bad)
+
+
+def test_check_topic():
+    t = P.Topics("j")
+    u = P.Update("j", 1, "d1", "m", 1, 1)
+    P.check_topic(t.update("d1"), u)
+    with pytest.raises(P.InvalidField, match="its own topics"):
+        P.check_topic(t.update("d2"), u)  # a device posing as another
+    with pytest.raises(P.ProtocolError, match="expected RoundPlan"):
+        P.check_topic(t.plan(), u)
+
+
+def test_fuzz_random_bytes_only_raise_protocol_error():
+    r = _rng(42)
+    for _ in range(3000):
+        data = r.integers(0, 256, int(r.integers(0, 200)), dtype=np.uint8).tobytes()
+        with pytest.raises(P.ProtocolError):
+            P.decode(data)
+
+
+def test_fuzz_mutated_valid_messages():
+    """Flip bytes in valid messages and fix the CRC, so the body parser sees the damage."""
+    r = _rng(7)
+    seeds = [m.encode() for m in sample_messages()
+             if len(m.encode()) < 20000]  # keep it quick
+    outcomes = {"ok": 0, "err": 0}
+    for i in range(4000):
+        data = bytearray(seeds[i % len(seeds)])
+        for _ in range(int(r.integers(1, 4))):
+            pos = int(r.integers(P.HEADER.size, len(data) - 4)) if len(data) > 20 else 0
+            data[pos] = int(r.integers(0, 256))
+        if r.random() < 0.2:  # also truncate / extend with a consistent header
+            data = data[:-4][:int(r.integers(P.HEADER.size, len(data) - 3))] + data[-4:]
+            struct.pack_into("<I", data, 8, len(data) - P.OVERHEAD)
+        try:
+            P.decode(_refresh_crc(bytes(data)))
+            outcomes["ok"] += 1
+        except P.ProtocolError:
+            outcomes["err"] += 1
+    assert outcomes["err"] > 1000  # the parser really was exercised
+
+
+def test_device_side_imports_no_torch_and_no_pickle():
+    code = ("import sys, edgefed.protocol, edgefed.transport, edgefed.transport.mqtt, "
+            "edgefed.transport.inproc, edgefed.transport.broker; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'amqtt')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # numpy itself imports pickle; what matters is that our wire code never uses it
+    for f in [ROOT / "edgefed" / "protocol.py", *(ROOT / "edgefed" / "transport").glob("*.py")]:
+        assert "pickle" not in f.read_text(), f
+
+
+def test_docs_match_schema():
+    """docs/protocol.md is the readable copy of SCHEMA: every message's field table must agree."""
+    doc = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    for code, cls in P.MESSAGE_TYPES.items():
+        m = re.search(rf"^### {cls.__name__} \(type {code}\)\n(.*?)(?=^### |\Z)", doc, re.M | re.S)
+        assert m, f"docs/protocol.md has no section '### {cls.__name__} (type {code})'"
+        rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", m.group(1), re.M)
+        assert rows == list(cls.SCHEMA), f"{cls.__name__}: docs {rows} != code {list(cls.SCHEMA)}"
+    assert f"version {P.PROTOCOL_VERSION}" in doc and P.MAGIC.decode() in doc

@@ -38,12 +38,14 @@ class LocalTrainer:
 
     def train(self, examples: Sequence[Example], steps: int, *, batch_size: int | None = None,
               seed: int = 0, probs: np.ndarray | None = None, step_offset: int = 0,
-              checkpoint: str | Path | None = None, desc: str = "local ZO") -> ScalarAccumulator:
+              checkpoint: str | Path | None = None, desc: str = "local ZO",
+              acc: ScalarAccumulator | None = None) -> ScalarAccumulator:
+        """Pass `acc` to keep the record of applied steps even if a step raises."""
         if not examples:
             raise ValueError("no training examples on this device: check --data")
         bs = min(batch_size or self.model.batch_size, len(examples))
         gen = np.random.default_rng(seed)
-        acc = ScalarAccumulator(self.pool.k)
+        acc = acc if acc is not None else ScalarAccumulator(self.pool.k)
         q = max(1, self.cfg.n_perturb)
         bar = progress_bar(steps, desc, self.progress)
         try:

@@ -1,0 +1,25 @@
+"""The method registry: name -> (client algorithm, server strategy). Adding a method is one
+module and one line here; the engine, agent and CLI look methods up by name only."""
+from __future__ import annotations
+
+from .base import (ClientAlgorithm, ClientResult, JobConfig, Method, MethodState, PlanFields,
+                   ServerStrategy)
+from .fedkseed import FedKSeedClient, FedKSeedServer
+from .fedmezo import FedMeZOClient, FedMeZOServer
+
+__all__ = ["METHODS", "get_method", "ClientAlgorithm", "ClientResult", "JobConfig", "Method",
+           "MethodState", "PlanFields", "ServerStrategy"]
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("fedkseed", FedKSeedClient, FedKSeedServer,
+           "ZO on any trainables; (seed index, scalar) pairs each way; add pro=1 for FedKSeed-Pro"),
+    Method("fedmezo", FedMeZOClient, FedMeZOServer,
+           "ZO on LoRA / prompt trainables; averaged parameter deltas each way"),
+]}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None

@@ -1,0 +1,141 @@
+"""One federated method = a client algorithm + a server strategy, registered under one name.
+
+The round engine (edgefed_server), the device agent, the transports and the CLI only ever
+talk to these interfaces; none of them knows any method by name.
+
+State that a strategy keeps between rounds is a `MethodState`: JSON-able scalars plus named
+numpy arrays, so the store can persist it without pickle (arrays as raw little-endian bytes
+with dtype and shape).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..protocol import RoundDelta, RoundPlan, Tensor, Update
+
+__all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
+           "ClientAlgorithm", "Method"]
+
+
+@dataclass
+class JobConfig:
+    """What a federated job is: set when it is created, stored with it, never changed."""
+    job: str
+    method: str
+    artifact: str = ""              # artifact directory (devices and server must hold the same one)
+    rounds: int = 10
+    devices_per_round: int = 0      # 0: every device that is online
+    min_devices: int = 1            # quorum: fewer accepted updates at the deadline = round retried
+    round_timeout: float = 300.0    # seconds from plan to deadline
+    lr: float = 1e-3
+    eps: float = 1e-3
+    local_steps: int = 10
+    batch_size: int = 8
+    k: int = 4096                   # seed pool size (ZO methods)
+    seed_pool_id: int = 0
+    seed: int = 0                   # job-level randomness (device selection, ...)
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown job settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class MethodState:
+    """A strategy's state between rounds (persisted by the store after every round)."""
+    scalars: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def copy(self) -> "MethodState":
+        return MethodState(dict(self.scalars), {k: v.copy() for k, v in self.arrays.items()})
+
+
+@dataclass
+class PlanFields:
+    """The method-specific part of a RoundPlan; the engine adds job, round, method, deadline,
+    min_devices and the previous round's delta."""
+    lr: float = 0.0
+    eps: float = 0.0
+    local_steps: int = 1
+    batch_size: int = 1
+    seed_pool_id: int = 0
+    k: int = 0
+    seed_probs: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """The method-specific part of an Update."""
+    num_samples: int
+    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    scalars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tensors: list[Tensor] = field(default_factory=list)
+    train_loss: float = 0.0
+
+
+class ServerStrategy(ABC):
+    """Server side of a method: pure numpy, deterministic (a replay of the accepted-update
+    log through aggregate() must give the same state)."""
+
+    @abstractmethod
+    def init_state(self, job: JobConfig) -> MethodState: ...
+
+    @abstractmethod
+    def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields: ...
+
+    def validate_update(self, job: JobConfig, state: MethodState, plan: RoundPlan,
+                        update: Update) -> None:
+        """Method-specific checks beyond the protocol's (raise protocol.InvalidField)."""
+
+    @abstractmethod
+    def aggregate(self, job: JobConfig, state: MethodState, plan: RoundPlan,
+                  updates: Sequence[Update]) -> tuple[MethodState, RoundDelta]:
+        """Fold the round's accepted updates (in a fixed order: by device id) into the state;
+        return the new state and the delta devices apply to reach it."""
+
+    def full_state(self, job: JobConfig, state: MethodState) -> list[Tensor]:
+        """Everything a device far behind needs to rebuild the global state from the artifact."""
+        return []
+
+    def summary(self, state: MethodState) -> dict:
+        """A few numbers for /status and logs."""
+        return {}
+
+
+class ClientAlgorithm(ABC):
+    """Device side of a method: runs on the device with no torch."""
+
+    @abstractmethod
+    def local_train(self, model, examples: Sequence, plan: RoundPlan, seed: int,
+                    progress: bool = False) -> ClientResult:
+        """Train locally from the current global parameters, then put the parameters BACK to the
+        global state they started from (the device applies the aggregated delta later)."""
+
+    @abstractmethod
+    def apply_delta(self, model, delta: RoundDelta, plan_params: dict) -> None:
+        """Move the model's parameters from global state r to r+1."""
+
+    def apply_full_state(self, model, tensors: Sequence[Tensor], plan_params: dict) -> None:
+        """Rebuild the global state from the artifact's initial parameters."""
+        raise NotImplementedError(f"{type(self).__name__} has no full-state sync")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    client: type[ClientAlgorithm]
+    server: type[ServerStrategy]
+    summary: str = ""

@@ -1,0 +1,91 @@
+"""FedMeZO-style: MeZO on a small trainable set (LoRA / soft prompt) on each device, with the
+resulting parameter deltas averaged FedAvg-style on the server. More bytes than FedKSeed
+(the whole adapter each way) but no seed pool and no replay cost."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
+from ..trainer import LocalTrainer
+from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy
+from .fedkseed import seed_pool, zo_config
+
+__all__ = ["FedMeZOClient", "FedMeZOServer"]
+
+DELTA = "delta"
+
+
+class FedMeZOClient(ClientAlgorithm):
+    def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
+        # Fresh seeds every round and device: the pool only names them.
+        pool = seed_pool(plan.seed_pool_id, plan.k)
+        start = model.params.copy()
+        try:
+            acc = LocalTrainer(model, pool, zo_config(plan.lr, plan.eps, plan.params), progress).train(
+                examples, plan.local_steps, batch_size=plan.batch_size, seed=seed, desc=f"round {plan.round}")
+            delta = model.params - start
+        finally:
+            model.params[:] = start
+        return ClientResult(num_samples=plan.local_steps * min(plan.batch_size, len(examples)),
+                            tensors=[Tensor(DELTA, delta)], train_loss=acc.mean_loss())
+
+    def apply_delta(self, model, delta: RoundDelta, plan_params: dict) -> None:
+        for t in delta.tensors:
+            if t.name != DELTA or t.data.size != model.params.size:
+                raise InvalidField(f"fedmezo delta {t.name!r} of {t.data.size} values does not fit "
+                                   f"{model.params.size} trainables: wrong artifact?")
+            model.params += t.data.reshape(-1)
+
+    def apply_full_state(self, model, tensors: Sequence[Tensor], plan_params: dict) -> None:
+        model.reset_params()
+        for t in tensors:
+            if t.name == "cum_delta":
+                model.params += t.data.reshape(-1)
+
+
+class FedMeZOServer(ServerStrategy):
+    def init_state(self, job: JobConfig) -> MethodState:
+        return MethodState(scalars={"rounds_aggregated": 0, "n": 0}, arrays={})
+
+    def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
+        p = job.params
+        return PlanFields(lr=job.lr, eps=job.eps, local_steps=job.local_steps, batch_size=job.batch_size,
+                          seed_pool_id=job.seed_pool_id + round_id, k=job.k,
+                          params={"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
+                                  "clip": float(p.get("clip", 0.0))})
+
+    def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
+        ts = {t.name: t for t in update.tensors}
+        if set(ts) != {DELTA} or ts[DELTA].data.ndim != 1:
+            raise InvalidField(f"fedmezo update from {update.device} must carry one flat tensor {DELTA!r}")
+        n = int(state.scalars.get("n", 0))
+        if n and ts[DELTA].data.size != n:
+            raise InvalidField(f"update from {update.device} has {ts[DELTA].data.size} parameters, the job "
+                               f"{n}: the device runs another artifact")
+        if not np.all(np.isfinite(ts[DELTA].data)):
+            raise InvalidField(f"update from {update.device} has non-finite parameter deltas")
+
+    def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
+        state = state.copy()
+        total = float(sum(u.num_samples for u in updates))
+        avg = None
+        for u in sorted(updates, key=lambda u: u.device):
+            d = u.tensors[0].data.astype(np.float64) * (u.num_samples / total)
+            avg = d if avg is None else avg + d
+        avg32 = avg.astype(np.float32)
+        cum = state.arrays.get("cum_delta")
+        state.arrays["cum_delta"] = avg32.copy() if cum is None else (cum + avg32).astype(np.float32)
+        state.scalars["n"] = int(avg32.size)
+        state.scalars["rounds_aggregated"] = int(state.scalars.get("rounds_aggregated", 0)) + 1
+        return state, RoundDelta(round=plan.round, tensors=[Tensor(DELTA, avg32)])
+
+    def full_state(self, job, state: MethodState) -> list[Tensor]:
+        cum = state.arrays.get("cum_delta")
+        return [] if cum is None else [Tensor("cum_delta", cum)]
+
+    def summary(self, state: MethodState) -> dict:
+        cum = state.arrays.get("cum_delta")
+        return {"delta_norm": float(np.linalg.norm(cum)) if cum is not None else 0.0,
+                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0))}

@@ -1,14 +1,16 @@
-"""The `edgefed` command. Each subcommand imports its implementation lazily, so a
-device without torch can run `edgefed device` and friends."""
+"""The `edgefed` command. Each subcommand imports its implementation lazily, so a device
+without torch can run `edgefed device` and friends."""
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 import sys
+from pathlib import Path
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
     import runpy
-    from pathlib import Path
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
     if not bench.exists():
         print(f"benchmarks/kernels.py not found next to this install ({bench}); "
@@ -19,35 +21,98 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="device class name or YAML (device_configs/)")
+    p.add_argument("--broker", required=True, help="mqtt://host:port of the job's broker")
+    p.add_argument("--data", required=True, help="this device's examples (JSON lines: text, label)")
+    p.add_argument("--artifact", required=True, help="the exported model folder the job runs")
+    p.add_argument("--job", required=True)
+    p.add_argument("--device-id", default=None, help="default: the host name")
+    p.add_argument("--threads", type=int, default=None, help="override the config's threads")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--idle-timeout", type=float, default=None, help="leave after this long with no plan")
+    p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
+
+
+def _device(args: argparse.Namespace) -> int:
+    from . import kernels
+    from .agent import DeviceAgent
+    from .data import read_jsonl
+    from .device_config import load_device_config
+    from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes
+    from .transport import make_transport
+
+    cfg = load_device_config(args.config)
+    device_id = args.device_id or socket.gethostname().split(".")[0]
+    examples = read_jsonl(args.data)
     try:
-        from .demo import add_demo_args, run_demo  # noqa: F401
-    except ImportError:
-        # Until the federated demo lands, the main job is the kernel benchmark.
-        args.rest = []
-        return _bench_kernels(args)
-    return run_demo(args)
+        model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size)
+    except MemoryBudgetError as exc:
+        print(f"edgefed device: {exc}", file=sys.stderr)
+        return 3
+    kernels.set_num_threads(model.threads)
+    t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
+    agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
+                        progress=args.progress)
+    stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)
+    print(f"device {device_id}: {stats.rounds_trained} rounds, {stats.updates_accepted} accepted, "
+          f"{stats.bytes_sent} B sent, {stats.bytes_received} B received, peak RSS "
+          f"{peak_rss_bytes() / 2**20:.0f} MB", file=sys.stderr)
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _delegate(module: str, add: str, run: str):
+    """A subcommand implemented elsewhere: (add_args, run) resolved on use."""
+    def add_args(p: argparse.ArgumentParser) -> None:
+        import importlib
+        getattr(importlib.import_module(module), add)(p)
+
+    def go(args: argparse.Namespace) -> int:
+        import importlib
+        return int(getattr(importlib.import_module(module), run)(args) or 0)
+    return add_args, go
+
+
+SUBCOMMANDS = {
+    # name: (help, add_args, run)
+    "export": ("export a model as an EdgeFed ONNX artifact (host, needs torch)",
+               *_delegate("edgefed.export.cli", "add_export_args", "run_export")),
+    "models": ("list / prepare packaged models (host)",
+               *_delegate("edgefed.export.cli", "add_models_args", "run_models")),
+    "server": ("run the aggregation server for a job",
+               *_delegate("edgefed_server.cli", "add_server_args", "run_server")),
+    "device": ("run a device: join a job, train forward-only, report", _add_device_args, _device),
+    "simulate": ("N virtual devices and the server in one process",
+                 *_delegate("edgefed.simulate", "add_simulate_args", "run_simulate")),
+    "demo": ("the main job: federated fine-tuning of SmolLM2 over MQTT",
+             *_delegate("edgefed.demo", "add_demo_args", "run_demo")),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefed", description="Federated post-training of language "
                                 "models on devices people own")
+    p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench-kernels", help="perturbation kernel throughput vs baselines")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench_kernels)
-    d = sub.add_parser("demo", help="the main job: a real federated fine-tuning over MQTT")
-    try:
-        from .demo import add_demo_args
-        add_demo_args(d)
-    except ImportError:
-        pass
-    d.set_defaults(func=_demo)
+    # Only the chosen subcommand's arguments are built, so `edgefed device` never imports
+    # the host-side modules of `export` or `demo`.
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in SUBCOMMANDS), None)
+    for name, (help_, add_args, run) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_)
+        if name == chosen:
+            add_args(sp)
+        sp.set_defaults(func=run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     return int(args.func(args) or 0)
 
 

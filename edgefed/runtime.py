@@ -45,7 +45,17 @@ class Batch:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    VmHWM from /proc where there is one: getrusage's ru_maxrss survives execve, so a child
+    started by a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -118,12 +128,7 @@ class DeviceModel:
         self.session = ort.InferenceSession(str(self.dir / self.manifest["files"]["onnx"]), so,
                                             providers=self.providers)
         self._ort = ort
-        self._binding = self.session.io_binding()
-        self._param_values = []  # keep the OrtValues alive: they alias self.params
-        for name, view in self.views.items():
-            val = ort.OrtValue.ortvalue_from_numpy(view)
-            self._param_values.append(val)
-            self._binding.bind_ortvalue_input(name, val)
+        self._bind_params()
         self._out_names = [self.manifest["outputs"]["loss"]]
         if self.manifest["outputs"].get("label_logits"):
             self._out_names.append(self.manifest["outputs"]["label_logits"])
@@ -131,6 +136,26 @@ class DeviceModel:
         prefix, _, suffix = self.template.partition("{text}")
         self._prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
         self._suffix_ids = self.tokenizer.encode(suffix, add_special_tokens=False).ids if suffix else []
+
+    def _bind_params(self) -> None:
+        self._binding = self.session.io_binding()
+        self._param_values = []  # keep the OrtValues alive: they alias self.params
+        for name, view in self.views.items():
+            val = self._ort.OrtValue.ortvalue_from_numpy(view)
+            self._param_values.append(val)
+            self._binding.bind_ortvalue_input(name, val)
+
+    def fork(self) -> "DeviceModel":
+        """Another virtual device on the same loaded graph (simulation): its own parameter
+        buffer and binding, the session and its weights shared."""
+        other = object.__new__(DeviceModel)
+        other.__dict__.update(self.__dict__)
+        other.params = read_trainable(self.dir, self.manifest)
+        other.views = trainable_views(other.params, self.manifest)
+        other.buffers = [v.reshape(-1) for v in other.views.values()]
+        other.forward_count = 0
+        other._bind_params()
+        return other
 
     # -- memory -----------------------------------------------------------------------
     def _check_memory(self) -> None:

@@ -207,6 +207,13 @@ def test_quantized_lora_keeps_adapter_sensitivity(tiny, artifacts, tmp_path):
     assert abs(diffs[0]) > 1e-5 and np.isclose(diffs[1], diffs[0], rtol=0.3), diffs
 
 
+def test_dynamic_int8_exports(tiny, tmp_path):
+    _, model, tok = tiny
+    q = export_artifact(model, tmp_path / "dq", "prompt:tokens=4", "lm", tokenizer=tok,
+                        quantize_frozen="dynamic-int8", progress=False)
+    assert art.read_manifest(q)["quantized_frozen"] is True
+
+
 def test_full_quantize_rejected(tiny, tmp_path):
     _, model, tok = tiny
     with pytest.raises(ValueError, match="quantize"):

@@ -93,6 +93,15 @@ def test_publish_subscribe_bytes_and_order(broker, clients):
     assert inbox.payloads() == sent  # same bytes, same order
     assert {tp for tp, _ in inbox.items} == {t.update("dev-ps")}
 
+    # a LoRA-sized tensor update (1.8 MB fp32 for r=8 q,v of SmolLM2) goes through as well
+    import numpy as np
+    big = P.Update("job-ps", 1, "dev-ps", "fedlora", 99, 8, tensors=[
+        P.Tensor("lora", np.random.default_rng(0).standard_normal(460_800).astype(np.float32))]).encode()
+    assert len(big) > 1_800_000
+    dev.publish(t.update("dev-ps"), big, timeout=20)
+    assert wait_for(lambda: len(inbox.payloads()) == 31)
+    assert inbox.payloads()[-1] == big
+
 
 def test_retained_plan_reaches_late_subscriber(broker, clients):
     t = P.Topics("job-ret")

@@ -94,11 +94,16 @@ is the token expected at position t, as HF `labels`).
         if n_prompt:
             # As peft's prompt tuning (labels padded with -100 over the virtual tokens): the
             # last soft-prompt position predicts the first real token.
-            logits, labels = head(hidden[:, n_prompt - 1:-1]), targets
+            h, labels = hidden[:, n_prompt - 1:-1], targets
         else:
-            logits, labels = head(hidden[:, :-1]), targets[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100)
+            h, labels = hidden[:, :-1], targets[:, 1:]
+        # 2-D input + explicit bias exports as Gemm(transB=1) on the weight itself; lm_head(h)
+        # would export MatMul(Transpose(W)), which constant folding turns into a second copy
+        # of the tied embedding matrix (+113 MB for SmolLM2).
+        w = head.weight
+        bias = head.bias if head.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        logits = F.linear(h.reshape(-1, h.shape[-1]), w, bias)
+        return F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from . import artifact as art
+from . import quantize as quant
 from .adapters import ExportWrapper, LossCore, lora_patched
 from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, parse_task, parse_trainable
 
@@ -34,8 +34,7 @@ _SAMPLES = [
     "An utterly charming comedy that earns every one of its laughs.",
 ]
 _TRACE_IDX, _VERIFY_IDX = [0, 2], [1, 3, 0]
-_QUANT_RTOL = 0.1  # int8 frozen weights: the loss moves by a few per cent
-_QUANT_SKIP = ("down_proj",)  # node-name parts kept float when quantising (see _quantize)
+_QUANT_RTOL = 0.1  # quantised frozen weights: the loss moves by a few per cent
 
 
 def _log(msg: str) -> None:
@@ -142,38 +141,22 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _quantize(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # Measured on SmolLM2-135M (200 held-out, classify): int8 everywhere drops accuracy
-    # 75.0% -> 63.5% (loss 0.52 -> 0.63) because of activation outliers entering down_proj;
-    # keeping down_proj float gives 75.0% / 0.54 at 217 MB instead of 539 MB.
-    graph = onnx.load(str(src), load_external_data=False).graph
-    skip = [n.name for n in graph.node if any(k in n.name for k in _QUANT_SKIP)]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # silences the "consider pre-processing" advice
-    try:
-        # MatMulConstBOnly: matmuls whose B is a graph input (LoRA, soft prompt) stay float,
-        # otherwise the device's small seeded perturbations would be rounded away.
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=skip, extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
-
-
 def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
-                    template: str = DEFAULT_TEMPLATE, quantize_frozen: bool = False,
+                    template: str = DEFAULT_TEMPLATE, quantize_frozen: bool | str = False,
                     opset: int = 17, progress: bool = True, *, tokenizer=None,
                     model_name: str | None = None, prompt_init: str = DEFAULT_PROMPT_INIT,
                     seed: int = 0) -> Path:
     """Export `model` (a transformers causal LM, or a registry name / model dir) to an
-    EdgeFed artifact folder and check ONNX Runtime's loss against torch's. Returns out_dir."""
+    EdgeFed artifact folder and check ONNX Runtime's loss against torch's. Returns out_dir.
+
+    quantize_frozen: False | True (= "int8") | "int8" | "dynamic-int8" (see
+    export/quantize.py: only the weight-only methods keep the loss smooth for ZO training).
+    """
     from tqdm import tqdm
 
     ts, tk = parse_trainable(trainable), parse_task(task)
-    if quantize_frozen and ts.mode == "full":
+    qmethod = quant.normalize(quantize_frozen)
+    if qmethod and ts.mode == "full":
         raise ValueError("quantize_frozen needs a frozen part: use lora or prompt mode")
     if tk.kind == "classify" and "{text}" not in template:
         raise ValueError("template must contain {text}")
@@ -185,7 +168,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     label_ids = _label_token_ids(tok, tk.labels) if tk.kind == "classify" else []
-    stages = ["trace", "save", "verify"] + (["quantise", "verify-q"] if quantize_frozen else [])
+    stages = ["trace", "save", "verify"] + (["quantise", "verify-q"] if qmethod else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress, file=sys.stderr)
     t0 = time.time()
 
@@ -247,17 +230,20 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         got = _check(fp32_path, feeds, refs, expected_inputs, rtol=1e-4)
         bar.update()
 
-        if quantize_frozen:
+        if qmethod:
             bar.set_postfix_str("quantise")
-            final_path = tmp / "model.int8.onnx"
-            _quantize(fp32_path, final_path)
+            final_path = tmp / f"model.{qmethod}.onnx"
+            quant.quantize(fp32_path, final_path, qmethod)
             bar.update()
             bar.set_postfix_str("verify-q")
             fp32_loss = float(got[0])
             got = _check(final_path, feeds, refs, expected_inputs, rtol=_QUANT_RTOL)
-            _log(f"int8 frozen part: onnx loss {float(got[0]):.6f} vs torch fp32 "
+            _log(f"{qmethod} frozen part: onnx loss {float(got[0]):.6f} vs torch fp32 "
                  f"{float(refs[0][0]):.6f} (fp32 onnx {fp32_loss:.6f}); "
                  f"size {fp32_path.stat().st_size / 1e6:.1f} -> {final_path.stat().st_size / 1e6:.1f} MB")
+            if qmethod == "dynamic-int8":
+                _log("warning: dynamic-int8 re-quantises activations per batch; the loss jumps "
+                     "under eps-sized perturbations, so use this artifact for evaluation, not ZO")
             bar.update()
         os.replace(final_path, out / art.FILES["onnx"])
     bar.close()
@@ -270,7 +256,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         "inputs": {k: k for k in io_names},
         "outputs": {"loss": "loss", "label_logits": "label_logits" if tk.kind == "classify" else None},
         "trainable": layout, "n_trainable": int(n_trainable), "n_frozen": int(n_frozen),
-        "opset": opset, "quantized_frozen": bool(quantize_frozen),
+        "opset": opset, "quantized_frozen": qmethod is not None,
         "pad_token_id": int(pad_id), "eos_token_id": int(eos_id),
         "max_seq_len": int(getattr(model.config, "max_position_embeddings", 2048)),
         "files": dict(art.FILES),
@@ -302,7 +288,10 @@ def _check(path: Path, feeds: list[dict], refs: list[list[np.ndarray]], expected
     results = []
     for k, (feed, ref) in enumerate(zip(feeds, refs)):
         got = sess.run(None, feed)
-        for i, (g, r) in enumerate(zip(got, ref)):
+        # int8 shifts all label logits of a row by a similar amount (softmax-invariant):
+        # only the loss is a meaningful check there.
+        pairs = list(zip(got, ref))[: 1 if rtol > 1e-3 else None]
+        for i, (g, r) in enumerate(pairs):
             # label_logits are not averaged over the batch: a bit looser than the loss
             tol, at = (rtol, atol) if i == 0 else (max(rtol, 1e-3), 10 * atol)
             if not np.allclose(g, r, rtol=tol, atol=at):

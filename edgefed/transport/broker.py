@@ -14,6 +14,7 @@ caller's event loop and can be killed cleanly. amqtt speaks MQTT 3.1.1 only.
 from __future__ import annotations
 
 import argparse
+import atexit
 import getpass
 import os
 import shutil
@@ -197,6 +198,7 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
             h._env = env
         try:
             h._spawn(timeout)
+            atexit.register(h.stop)  # a crashed caller should not leave a broker behind
             return h
         except RuntimeError as e:
             last_error = e

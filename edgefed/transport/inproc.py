@@ -148,6 +148,10 @@ class InProcTransport(Transport):
             self._dispatcher = Dispatcher(f"edgefed-inproc-{self.client_id}")
         self._connected = True
         self.broker._attach(self)
+        with self.broker._lock:
+            subs = list(self._subs.items())
+        for flt, cb in subs:  # like MQTT, where subscriptions made before connect go out now
+            self.broker._deliver_retained(self, flt, cb)
 
     def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
         if self._connected:

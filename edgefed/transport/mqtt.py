@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .base import (BrokerUnreachable, Callback, Dispatcher, NotConnected, PublishHandle,
-                   Transport, TransportError, check_topic_filter, check_topic_name, log,
+                   PublishTimeout, Transport, TransportError, check_topic_filter, check_topic_name, log,
                    topic_matches)
 
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason (a 3.1.1 broker's rc 1 is mapped to this by paho)
@@ -267,9 +267,11 @@ class MqttTransport(Transport):
         topic = msg.topic
         with self._lock:
             targets = [cb for f, (_, cb) in self._subs.items() if topic_matches(f, topic)]
+        d = self._dispatcher
+        if d is None:  # closing
+            return
         for cb in targets:
-            assert self._dispatcher is not None
-            self._dispatcher.submit(cb, topic, bytes(msg.payload))
+            d.submit(cb, topic, bytes(msg.payload))
 
     def _on_publish(self, client, userdata, mid, reason, properties) -> None:
         err = None
@@ -333,7 +335,13 @@ class MqttTransport(Transport):
             return  # disconnected in between: _on_connect will send it
         h = PublishHandle(mid)
         self._subacks.register(h)
-        h.wait(timeout)  # so that a publish after subscribe() returns is seen
+        try:
+            h.wait(timeout)  # so that a publish after subscribe() returns is seen
+        except PublishTimeout:
+            if self.connected:
+                raise TransportError(f"no SUBACK for {topic_filter!r} from {self.url} within "
+                                     f"{timeout} s") from None
+            return  # connection dropped meanwhile: _on_connect re-sends it
         with self._lock:
             if topic_filter in self._subs:
                 self._confirmed.add(topic_filter)

@@ -1,0 +1,247 @@
+"""The device agent: joins a job, keeps its parameters on the global state, trains, reports.
+
+Loop: wait for the retained plan of round R; bring the parameters to the global state at
+the start of R (apply the plan's delta, or ask the server for the missing rounds / the full
+state); run the method's local training (which puts the parameters back afterwards); publish
+the Update and wait for its Ack, re-sending the same bytes (same msg_id: idempotent) until
+acknowledged. Broker restarts are ridden out by the transport's reconnect; the retained plan
+is delivered again after it and handled idempotently by round id.
+No torch: this is device code.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import protocol as P
+from .methods import get_method
+from .transport.base import Transport, TransportError
+
+__all__ = ["DeviceAgent", "AgentStats"]
+
+log = logging.getLogger("edgefed.agent")
+
+
+@dataclass
+class AgentStats:
+    rounds_trained: int = 0
+    updates_accepted: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    syncs: int = 0
+    full_syncs: int = 0
+    last_round: int = -1
+    losses: list = field(default_factory=list)
+
+
+class DeviceAgent:
+    def __init__(self, transport: Transport, device_id: str, job: str, model, examples: Sequence, *,
+                 device_class: str = "", progress: bool = False, ack_timeout: float = 20.0,
+                 sync_timeout: float = 60.0, logger: logging.Logger | None = None):
+        if not examples:
+            raise ValueError(f"device {device_id}: no training data (check --data)")
+        self.t = transport
+        self.device = P.check_id(device_id, "device")
+        self.job = P.check_id(job, "job")
+        self.model = model
+        self.examples = list(examples)
+        self.device_class = device_class
+        self.progress = progress
+        self.ack_timeout = ack_timeout
+        self.sync_timeout = sync_timeout
+        self.log = logger or log
+        self.topics = P.Topics(job)
+        self.ids = P.MessageIds()
+        self.stats = AgentStats()
+        self.start_round = 0          # parameters == global state at the start of this round
+        self._plans: "queue.Queue[P.RoundPlan]" = queue.Queue()
+        self._acks: "queue.Queue[P.Ack]" = queue.Queue()
+        self._syncs: "queue.Queue[P.SyncReply]" = queue.Queue()
+        self._finished = threading.Event()
+        self._done_rounds: set[int] = set()
+        self._client = None
+
+    # -- messages in ------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.stats.bytes_received += len(payload)
+        if not payload:
+            return  # a cleared retained message
+        try:
+            msg = P.decode(payload)
+            P.check_topic(topic, msg)
+        except P.ProtocolError as exc:
+            self.log.warning("%s: ignored message on %s: %s", self.device, topic, exc)
+            return
+        if isinstance(msg, P.RoundPlan):
+            self._plans.put(msg)
+        elif isinstance(msg, P.Ack):
+            self._acks.put(msg)
+        elif isinstance(msg, P.SyncReply):
+            self._syncs.put(msg)
+        elif isinstance(msg, P.JobState) and msg.params.get("finished"):
+            self._finished.set()
+
+    def _status(self, state: str, text: str = "") -> None:
+        st = P.Status(job=self.job, device=self.device, state=state, device_class=self.device_class,
+                      round=self.stats.last_round, timestamp=time.time(), text=text[:200])
+        self._publish(self.topics.status(self.device), st.encode(), retain=True)
+
+    def _publish(self, topic: str, data: bytes, retain: bool = False) -> None:
+        """Publish, waiting out broker outages (the transport reconnects underneath)."""
+        while True:
+            try:
+                self.t.publish(topic, data, qos=1, retain=retain, wait=True, timeout=self.ack_timeout)
+                self.stats.bytes_sent += len(data)
+                return
+            except TransportError as exc:
+                if self._finished.is_set():
+                    return
+                self.log.warning("%s: publish to %s failed (%s); retrying", self.device, topic, exc)
+                time.sleep(1.0)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        will = P.Status(job=self.job, device=self.device, state="offline", device_class=self.device_class,
+                        timestamp=time.time(), text="connection lost")
+        self.t.set_will(self.topics.status(self.device), will.encode(), retain=True)
+        if not self.t.connected:
+            self.t.connect()
+        for flt in (self.topics.plan(), self.topics.state(), self.topics.ack(self.device),
+                    self.topics.sync_reply(self.device)):
+            self.t.subscribe(flt, self._on_message)
+        self._status("online")
+
+    def stop(self, state: str = "offline") -> None:
+        try:
+            self._status(state)
+        finally:
+            self.t.close()
+
+    def run(self, max_rounds: int | None = None, stop: threading.Event | None = None,
+            idle_timeout: float | None = None) -> AgentStats:
+        """Serve rounds until the job finishes, max_rounds were trained, or stop is set."""
+        self.start()
+        stop = stop or threading.Event()
+        last_activity = time.time()
+        try:
+            while not stop.is_set() and not self._finished.is_set():
+                if max_rounds is not None and self.stats.rounds_trained >= max_rounds:
+                    break
+                try:
+                    plan = self._plans.get(timeout=0.5)
+                except queue.Empty:
+                    if idle_timeout and time.time() - last_activity > idle_timeout:
+                        self.log.warning("%s: no plan for %.0f s; leaving", self.device, idle_timeout)
+                        break
+                    continue
+                plan = self._latest(plan)
+                if plan.round in self._done_rounds or plan.round < self.start_round:
+                    continue  # redelivered or re-published plan of a round we answered
+                last_activity = time.time()
+                self._serve(plan)
+        finally:
+            self.stop("finished" if self._finished.is_set() else "offline")
+        return self.stats
+
+    def _latest(self, plan: P.RoundPlan) -> P.RoundPlan:
+        """Skip plans superseded while we were busy."""
+        while True:
+            try:
+                nxt = self._plans.get_nowait()
+            except queue.Empty:
+                return plan
+            if nxt.round >= plan.round:
+                plan = nxt
+
+    # -- one round --------------------------------------------------------------------
+    def _serve(self, plan: P.RoundPlan) -> None:
+        method = get_method(plan.method)
+        if self._client is None or type(self._client) is not method.client:
+            self._client = method.client()
+        pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
+        if not self._sync_to(plan, pparams):
+            return
+        self._status("training")
+        seed = zlib.crc32(f"{self.job}/{self.device}/{plan.round}".encode())
+        result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
+        upd = P.Update(job=self.job, round=plan.round, device=self.device, method=plan.method,
+                       msg_id=self.ids.next(), num_samples=result.num_samples, seeds=result.seeds,
+                       scalars=result.scalars, tensors=result.tensors, train_loss=result.train_loss)
+        data = upd.encode()
+        self.stats.rounds_trained += 1
+        self.stats.last_round = plan.round
+        self.stats.losses.append(result.train_loss)
+        self._done_rounds.add(plan.round)
+        ack = self._send_update(data, upd)
+        if ack is not None:
+            self.log.info("%s: round %d %s (%s) loss %.4f, %d B up", self.device, plan.round,
+                          ack.status.name.lower(), ack.reason, result.train_loss, len(data))
+        self._status("idle")
+
+    def _sync_to(self, plan: P.RoundPlan, pparams: dict) -> bool:
+        """Bring the parameters to the global state at the start of plan.round."""
+        if self.start_round == plan.round:
+            return True
+        if self.start_round == plan.round - 1:
+            delta = P.RoundDelta(plan.round - 1, plan.delta_seeds, plan.delta_coeffs, plan.delta_tensors)
+            self._client.apply_delta(self.model, delta, pparams)
+            self.start_round = plan.round
+            return True
+        # Behind by more than one round (joined late, restarted, missed a plan): ask.
+        self._status("syncing")
+        req_id = self.ids.next()
+        req = P.SyncRequest(job=self.job, device=self.device, from_round=self.start_round, request_id=req_id)
+        self._publish(self.topics.sync_request(self.device), req.encode())
+        deadline = time.time() + self.sync_timeout
+        while time.time() < deadline:
+            try:
+                rep = self._syncs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if rep.request_id != req_id:
+                continue
+            if rep.full:
+                self._client.apply_full_state(self.model, rep.state, pparams)
+                self.stats.full_syncs += 1
+            else:
+                if rep.from_round != self.start_round:
+                    self.log.warning("%s: sync reply starts at %d, we are at %d; asking again",
+                                     self.device, rep.from_round, self.start_round)
+                    return False
+                for d in sorted(rep.rounds, key=lambda d: d.round):
+                    self._client.apply_delta(self.model, d, pparams)
+            self.stats.syncs += 1
+            self.start_round = rep.to_round
+            if self.start_round == plan.round - 1:  # reply stopped one short: the plan has the rest
+                return self._sync_to(plan, pparams)
+            return self.start_round == plan.round
+        self.log.warning("%s: no sync reply in %.0f s; waiting for the next plan", self.device,
+                         self.sync_timeout)
+        return False
+
+    def _send_update(self, data: bytes, upd: P.Update) -> P.Ack | None:
+        topic = self.topics.update(self.device)
+        for attempt in range(1, 1000):
+            self._publish(topic, data)
+            deadline = time.time() + self.ack_timeout
+            while time.time() < deadline:
+                try:
+                    ack = self._acks.get(timeout=0.5)
+                except queue.Empty:
+                    if self._finished.is_set():
+                        return None
+                    continue
+                if ack.msg_id == upd.msg_id:
+                    if ack.status in (P.AckStatus.ACCEPTED, P.AckStatus.DUPLICATE):
+                        self.stats.updates_accepted += 1
+                    return ack
+            if self._finished.is_set() or not self._plans.empty():
+                return None  # the round moved on without us
+            self.log.warning("%s: no ack for round %d after %.0f s (attempt %d); re-sending",
+                             self.device, upd.round, self.ack_timeout, attempt)
+        return None

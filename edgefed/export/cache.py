@@ -1,0 +1,36 @@
+"""Exported artifacts cached by what they were made from, so the demo, the benchmarks and the
+learning check export SmolLM2 once per (model, trainable, task, template, quantize)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ..models import cache_dir
+from .specs import DEFAULT_TEMPLATE
+
+__all__ = ["ensure_artifact", "artifact_key"]
+
+
+def artifact_key(model: str, trainable: str, task: str, template: str, quantize: bool) -> str:
+    blob = json.dumps([model, trainable, task, template, bool(quantize)]).encode()
+    tag = trainable.split(":")[0] + ("-int8" if quantize else "")
+    return f"{Path(model).name}-{tag}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
+def ensure_artifact(model: str = "smollm2-135m", trainable: str = "lora:r=8,targets=q_proj,v_proj",
+                    task: str = "classify:labels=positive,negative", template: str = DEFAULT_TEMPLATE,
+                    quantize: bool = False, progress: bool = True) -> Path:
+    """The artifact directory, exporting it first if this combination was never exported."""
+    out = cache_dir() / "artifacts" / artifact_key(model, trainable, task, template, quantize)
+    if (out / "manifest.json").is_file():
+        return out
+    from .onnx_export import export_artifact
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_artifact(model, tmp, trainable, task, template=template, quantize_frozen=quantize,
+                    progress=progress)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,881 @@
+"""The aggregation server's round engine.
+
+One engine thread owns all job state. Transport callbacks only put (topic, payload) on a
+queue, so they never block the transport's dispatcher (and the in-process transport's
+synchronous mode works too). The engine thread takes what is queued as one batch, handles
+every message inside ONE SQLite transaction (each message in its own savepoint), commits
+(synchronous=FULL) and only then publishes the Acks and plans of that batch: group commit,
+so one fsync covers hundreds of updates while no Ack ever precedes its row.
+
+Round state machine (docs/server.md has the policies in prose):
+
+    open round r: plan published (retained), deadline = now + round_timeout
+      -> collect accepted updates (one per device)
+      -> close when accepted >= target, or at the deadline when accepted >= min_devices;
+         below quorum at the deadline: deadline += round_timeout, same plan re-published
+      -> aggregate (updates ordered by device id), commit state+delta+close+open in one
+         transaction, publish plan r+1 (carrying the delta) and JobState.
+
+The engine knows no method by name: everything method-specific goes through the strategy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from edgefed.methods import JobConfig, MethodState, ServerStrategy, get_method
+from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, ChecksumMismatch, JobState,
+                              Limits, Message, MessageTooLarge, ProtocolError, RoundDelta,
+                              RoundMismatch, RoundPlan, Status, SyncReply, SyncRequest, Tensor,
+                              Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
+                              check_topic, decode, parse_topic, validate_update)
+
+from .store import ResumeInfo, Store, StoreError
+
+__all__ = ["Server", "reason_class", "state_digest", "artifact_id"]
+
+RoundListener = Callable[[dict], None]
+
+_STOP = object()
+_WAKE = object()
+_MAX_REASON = 1000  # bytes; Ack.reason is limited to Limits.max_text (1024)
+
+
+def reason_class(exc: BaseException) -> str:
+    """Label of a rejection for metrics (edgefed_updates_rejected_total{reason=...})."""
+    for cls, name in ((MessageTooLarge, "too_large"), (TruncatedMessage, "truncated"),
+                      (BadMagic, "bad_magic"), (UnsupportedVersion, "version"),
+                      (ChecksumMismatch, "checksum"), (RoundMismatch, "round"),
+                      (InvalidField, "invalid_field"), (ProtocolError, "protocol")):
+        if isinstance(exc, cls):
+            return name
+    return "internal"
+
+
+def state_digest(tensors: Sequence[Tensor]) -> str:
+    """sha256 over (name, shape, float32 bytes) of a strategy's full state."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.name.encode())
+        h.update(repr(tuple(t.data.shape)).encode())
+        h.update(np.ascontiguousarray(t.data, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def artifact_id(path: str) -> str:
+    """The id devices must match: '<dir name>@<sha256 of the ONNX file, 16 hex>' when the
+    artifact's manifest is readable, else the path as given."""
+    if not path:
+        return ""
+    try:
+        import json
+        from pathlib import Path
+        p = Path(path)
+        m = json.loads((p / "manifest.json").read_text())
+        onnx = m.get("files", {}).get("onnx", "model.onnx")
+        digest = m.get("sha256", {}).get(onnx, "")
+        return f"{p.name}@{digest[:16]}" if digest else p.name
+    except (OSError, ValueError):
+        return path[-256:]
+
+
+def _is_status_topic(topic: str) -> bool:
+    parts = topic.split("/")
+    return len(parts) >= 2 and parts[-2] == "status"
+
+
+def _truncate(text: str, limit: int = _MAX_REASON) -> str:
+    b = text.encode("utf-8")
+    return text if len(b) <= limit else b[:limit].decode("utf-8", "ignore")
+
+
+def _is_store_error(e: BaseException) -> bool:
+    return isinstance(e, StoreError) or type(e).__module__.startswith("sqlite3")
+
+
+class _Reject(Exception):
+    """Internal: refuse an update with an Ack status, a metrics label and a reason."""
+
+    def __init__(self, label: str, reason: str, status: AckStatus = AckStatus.REJECTED):
+        super().__init__(reason)
+        self.label, self.reason, self.status = label, reason, status
+
+
+class Server:
+    """The aggregation server of one job over a transport, persisting to a Store.
+
+    Thread model: start() subscribes and starts the engine thread; transport callbacks only
+    enqueue. status()/summary() may be called from any thread.
+    """
+
+    def __init__(self, transport, store: Store, job: JobConfig, *,
+                 strategy: Optional[ServerStrategy] = None, http_port: Optional[int] = None,
+                 late_policy: str = "reject", allow_unknown_devices: bool = False,
+                 clock: Callable[[], float] = time.time, logger: Optional[logging.Logger] = None,
+                 history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
+                 limits: Limits = DEFAULT_LIMITS):
+        if late_policy != "reject":
+            raise ValueError(f"late_policy {late_policy!r} is not supported; 'reject' (ack LATE, "
+                             f"store as late, never aggregate) is the only policy")
+        self.transport = transport
+        self.store = store
+        self.job = job
+        self.strategy = strategy if strategy is not None else get_method(job.method).server()
+        self.http_port = http_port
+        self.late_policy = late_policy
+        self.allow_unknown_devices = allow_unknown_devices
+        self.clock = clock
+        self.log = logger or logging.getLogger("edgefed.server")
+        self.history_limit = history
+        self.settle = settle
+        self.max_batch = max(1, int(max_batch))
+        self.limits = limits
+        self.topics = Topics(job.job)
+        self.model_id = artifact_id(job.artifact)
+
+        self._lock = threading.RLock()
+        self._q: "queue.Queue" = queue.Queue()
+        self._progress = threading.Condition(self._lock)
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._listeners: List[RoundListener] = []
+        self._http = None
+        self._subscribed: List[str] = []
+        self._pending: "deque" = deque()  # publish handles not yet acknowledged (flush())
+        self._pending_lock = threading.Lock()
+
+        # job state (engine thread; read under _lock)
+        self.round = 0
+        self.state: Optional[MethodState] = None
+        self.plan: Optional[RoundPlan] = None
+        self.plan_bytes = b""
+        self.deadline = 0.0
+        self.opened_at = 0.0
+        self.extensions = 0
+        self.done = False
+        self.accepted: Dict[str, Tuple[Update, int]] = {}  # device -> (update, raw size)
+        self.expected: Set[str] = set()
+        self.devices: Dict[str, dict] = {}
+        self.history: List[dict] = []
+        self._deltas: Dict[int, RoundDelta] = {}  # recent deltas by aggregated round (cache)
+        self.digest = ""
+        self.error: Optional[str] = None
+        self.metrics: Dict[str, Any] = {
+            "accepted": 0, "late": 0, "duplicates": 0, "rejected": {}, "bytes_received": 0,
+            "messages": 0, "sync_replies": 0, "sync_full": 0, "extensions": 0,
+            "round_duration_sum": 0.0, "round_duration_count": 0, "last_round_duration": 0.0,
+            "train_loss": float("nan"), "store_errors": 0}
+
+    # ================================================================== public API
+    def add_round_listener(self, fn: RoundListener) -> None:
+        """fn(summary) after each aggregated round (round, n_updates, devices, train_loss,
+        bytes_in, bytes_out, duration_s, strategy, ...). Called on the engine thread."""
+        self._listeners.append(fn)
+
+    def start(self) -> "Server":
+        """Subscribe, resume from the store (or create the job), publish JobState and plan."""
+        with self._lock:
+            if self._started:
+                return self
+            self._started = True
+        if not self.transport.connected:
+            self.transport.connect()
+        resume = self.store.load_resume(self.job.job)
+        if resume is not None:
+            self._resume(resume)
+        # Statuses first: retained ones tell us who is online before the plan's target is set.
+        self._subscribe(self.topics.all_statuses())
+        if self.settle > 0:
+            time.sleep(self.settle)
+        self._drain_now()  # statuses; on resume also the deadline policy (close or extend)
+        now = self.clock()
+        outbox: List[Tuple[str, bytes, bool]] = []
+        with self._lock:
+            if resume is None:
+                self.state = self.strategy.init_state(self.job)
+                self.round = 0
+                self._set_plan(self._build_plan(0, None, now + self.job.round_timeout), now)
+                self.store.start_job(self.job, self.state, self.plan_bytes, self.deadline, now)
+                self.log.info("job %s created: method %s, %d rounds, store %s", self.job.job,
+                              self.job.method, self.job.rounds, self.store.path)
+            if resume is None:
+                self.expected = {d for d, i in self.devices.items() if i["online"]}
+            self._refresh_digest()
+            outbox.append((self.topics.state(), self._job_state(now).encode(self.limits), True))
+            if not self.done:
+                outbox.append((self.topics.plan(), self.plan_bytes, True))
+        self._subscribe(self.topics.all_updates())
+        self._subscribe(self.topics.all_sync_requests())
+        self._publish_all(outbox)
+        if self.http_port is not None:
+            from .http_status import StatusHTTPServer
+            self._http = StatusHTTPServer(self, port=self.http_port)
+            self._http.start()
+            self.http_port = self._http.port
+            self.log.info("status page on http://127.0.0.1:%d/", self.http_port)
+        self._thread = threading.Thread(target=self._loop, name=f"edgefed-server-{self.job.job}",
+                                        daemon=True)
+        self._thread.start()
+        self.log.info("serving job %s: round %d%s", self.job.job, self.round,
+                      " (finished)" if self.done else f", target {self._target()} updates")
+        return self
+
+    def run(self, until_round: Optional[int] = None, stop_event: Optional[threading.Event] = None,
+            timeout: Optional[float] = None) -> dict:
+        """Block until `until_round` rounds (default job.rounds) are aggregated, stop_event is
+        set, timeout seconds passed or the server stopped; return summary()."""
+        if not self._started:
+            self.start()
+        goal = self.job.rounds if until_round is None else int(until_round)
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._progress:
+            while True:
+                if self.done or self.round >= goal or self._stopped:
+                    break
+                if stop_event is not None and stop_event.is_set():
+                    break
+                if self._thread is not None and not self._thread.is_alive():
+                    break
+                wait = 0.1 if end is None else min(0.1, end - time.monotonic())
+                if wait <= 0:
+                    break
+                self._progress.wait(wait)
+        return self.summary()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine (pending messages are handled first), unsubscribe, stop HTTP.
+        The transport and the store stay open: they belong to the caller."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._stopping.set()
+        self._q.put(_STOP)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for flt in self._subscribed:
+            try:
+                self.transport.unsubscribe(flt)
+            except Exception:  # transport may already be closed
+                pass
+        if self._http is not None:
+            self._http.stop()
+        with self._progress:
+            self._progress.notify_all()
+
+    def poke(self) -> None:
+        """Wake the engine (e.g. after advancing a fake clock in tests)."""
+        self._q.put(_WAKE)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Until every queued message has been handled (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._q.unfinished_tasks == 0:
+                return True
+            time.sleep(0.002)
+        return False
+
+    def target(self) -> int:
+        with self._lock:
+            return self._target()
+
+    def status(self) -> dict:
+        """A JSON-able snapshot for /status."""
+        with self._lock:
+            now = self.clock()
+            phase = ("done" if self.done else "stopped" if self._stopped else
+                     "starting" if self.plan is None else
+                     "extended" if self.extensions else "collecting")
+            return {
+                "job": self.job.to_dict(), "model": self.model_id, "round": self.round,
+                "rounds": self.job.rounds, "phase": phase, "done": self.done,
+                "deadline": self.deadline, "deadline_in_s": max(0.0, self.deadline - now) if not self.done else 0.0,
+                "accepted_this_round": len(self.accepted), "target": self._target(),
+                "expected": sorted(self.expected), "extensions": self.extensions,
+                "devices": [{"device": d, **{k: v for k, v in i.items()}}
+                            for d, i in sorted(self.devices.items())],
+                "devices_online": self._online(),
+                "history": list(self.history), "strategy": self._strategy_summary(),
+                "digest": self.digest, "history_from": self._history_from(),
+                "metrics": self._metrics_copy(), "http_port": self.http_port, "error": self.error,
+                "now": now}
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {"job": self.job.job, "method": self.job.method, "round": self.round,
+                    "rounds": self.job.rounds, "rounds_completed": self.round, "done": self.done,
+                    "updates_accepted": self.metrics["accepted"],
+                    "updates_late": self.metrics["late"],
+                    "updates_rejected": sum(self.metrics["rejected"].values()),
+                    "rejected_by_reason": dict(self.metrics["rejected"]),
+                    "history": list(self.history), "strategy": self._strategy_summary(),
+                    "digest": self.digest, "error": self.error}
+
+    def metrics_snapshot(self) -> dict:
+        with self._lock:
+            m = self._metrics_copy()
+            m.update(round=self.round, devices_online=self._online(), job=self.job.job)
+            return m
+
+    # ================================================================== internals: setup
+    def _subscribe(self, flt: str) -> None:
+        self.transport.subscribe(flt, self._on_message)
+        self._subscribed.append(flt)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:  # transport dispatcher thread
+        self._q.put((topic, payload))
+
+    def _resume(self, r: ResumeInfo) -> None:
+        if r.config.to_dict() != self.job.to_dict():
+            diff = {k: (v, self.job.to_dict().get(k)) for k, v in r.config.to_dict().items()
+                    if self.job.to_dict().get(k) != v}
+            self.log.warning("job %s exists in %s: continuing with the stored configuration "
+                             "(stored, given): %s", r.config.job, self.store.path, diff)
+        self.job = r.config
+        self.model_id = artifact_id(self.job.artifact)
+        self.state = r.state
+        self.round = r.round
+        self.history = list(r.history)
+        for d in r.devices:
+            self.devices[d["device"]] = self._device_info(
+                d["state"], d["round"], d["device_class"], d["first_seen"], d["last_seen"],
+                d["status"].get("text", ""))
+        if r.plan is None:
+            self.done = True
+            self.plan = None
+            self.deadline = 0.0
+            self.log.info("job %s is already finished (%d rounds)", self.job.job, self.round)
+            return
+        self.plan = decode(r.plan, limits=self.limits, expect=RoundPlan)  # type: ignore[assignment]
+        self.plan_bytes = r.plan
+        self.deadline = r.deadline
+        self.opened_at = r.opened_at
+        for device, _msg_id, raw in r.accepted:
+            upd = decode(raw, limits=self.limits, expect=Update)
+            self.accepted[device] = (upd, len(raw))  # type: ignore[assignment]
+        self.expected = {d for d, i in self.devices.items() if i["online"]} | set(self.accepted)
+        self.log.info("resuming job %s at round %d with %d accepted updates (%s)", self.job.job,
+                      self.round, len(self.accepted), ", ".join(sorted(self.accepted)) or "none")
+
+    def _drain_now(self) -> None:
+        """Handle what is queued on the calling thread (before the engine thread exists)."""
+        batch = []
+        while True:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            self._process_batch(batch)
+        finally:
+            for _ in batch:
+                self._q.task_done()
+
+    # ================================================================== the engine thread
+    def _loop(self) -> None:
+        while True:
+            try:
+                batch = [self._q.get(timeout=self._wait_time())]
+            except queue.Empty:
+                batch = []  # nothing arrived: still check the deadline
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            try:
+                self._process_batch([b for b in batch if b is not _STOP and b is not _WAKE])
+            except Exception as e:  # never die on one bad batch
+                self.log.exception("engine batch failed: %s", e)
+            finally:
+                for _ in batch:
+                    self._q.task_done()
+            if stop:
+                return
+
+    def _wait_time(self) -> float:
+        with self._lock:
+            if self.done or self.plan is None:
+                return 0.2
+            return min(0.2, max(0.001, self.deadline - self.clock()))
+
+    def _process_batch(self, batch: List[Any]) -> None:
+        if not batch and not self._deadline_due():
+            return
+        outbox: List[Tuple[str, bytes, bool]] = []
+        events: List[dict] = []
+        durable = any(not _is_status_topic(item[0]) for item in batch) or self._deadline_due()
+        try:
+            with self._lock, self.store.transaction(durable=durable):
+                for topic, payload in batch:
+                    self._handle(topic, payload, outbox, events)
+                self._check_deadline(outbox, events)
+        except Exception as e:  # the commit failed: nothing of this batch happened
+            self.metrics["store_errors"] += 1
+            self.error = f"store: {e}"
+            self.log.error("store commit failed (%s); reloading the job from %s, the %d messages "
+                           "of this batch stay unacknowledged and will be re-sent", e,
+                           self.store.path, len(batch))
+            self._reload()
+            return
+        self._publish_all(outbox)
+        for ev in events:  # listeners first, so run() returns after the last one was called
+            for fn in list(self._listeners):
+                try:
+                    fn(dict(ev))
+                except Exception:
+                    self.log.exception("round listener %r failed", fn)
+        if events or batch:
+            with self._progress:
+                self._progress.notify_all()
+
+    def _reload(self) -> None:
+        with self._lock:
+            r = self.store.load_resume(self.job.job)
+            self.accepted.clear()
+            self.devices.clear()
+            self._deltas.clear()
+            self.done = False
+            if r is not None:
+                self._resume(r)
+
+    def _publish_all(self, outbox: List[Tuple[str, bytes, bool]]) -> None:
+        for topic, payload, retain in outbox:
+            try:
+                h = self.transport.publish(topic, payload, qos=1, retain=retain, wait=False)
+            except Exception as e:  # a disconnected transport queues; anything else: log, go on
+                self.log.error("publish to %s failed: %s", topic, e)
+                continue
+            with self._pending_lock:
+                self._pending.append(h)
+                while self._pending and self._pending[0].done:
+                    self._pending.popleft()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the broker acknowledged everything published so far (before closing the
+        transport, whose clean close does not wait for queued messages)."""
+        end = time.monotonic() + timeout
+        with self._pending_lock:
+            handles = list(self._pending)
+        for h in handles:
+            try:
+                h.wait(max(0.0, end - time.monotonic()))
+            except Exception:
+                return False
+        return True
+
+    # ================================================================== message handling
+    def _handle(self, topic: str, payload: bytes, outbox: list, events: list) -> None:
+        self.metrics["messages"] += 1
+        try:
+            info = parse_topic(topic)
+        except ProtocolError as e:
+            self._count_reject("topic")
+            self.log.warning("rejected %s: %s", topic, e)
+            return
+        mark = len(outbox)
+        try:
+            with self.store.transaction():  # a savepoint: one message's writes, all or nothing
+                if info.kind == "update":
+                    self._on_update(topic, info.device, payload, outbox)
+                elif info.kind == "status":
+                    self._on_status(topic, payload)
+                elif info.kind == "sync_request":
+                    self._on_sync(topic, payload, outbox)
+                else:
+                    self.log.debug("ignoring %s (not a server topic)", topic)
+        except Exception as e:
+            if _is_store_error(e):
+                raise  # the batch cannot be committed consistently
+            del outbox[mark:]  # nothing of this message happened
+            self._count_reject("internal")
+            self.log.exception("rejected %s: internal error %s", topic, e)
+            return
+        self._maybe_close(self.clock(), outbox, events)
+
+    def _count_reject(self, label: str) -> None:
+        r = self.metrics["rejected"]
+        r[label] = r.get(label, 0) + 1
+
+    def _ack(self, outbox: list, device: str, rnd: int, msg_id: int, status: AckStatus,
+             reason: str = "") -> None:
+        try:
+            ack = Ack(job=self.job.job, round=max(0, int(rnd)), device=device, msg_id=int(msg_id),
+                      status=status, reason=_truncate(reason))
+            outbox.append((self.topics.ack(device), ack.encode(self.limits), False))
+        except ProtocolError as e:
+            self.log.error("could not build an ack for %s: %s", device, e)
+
+    # ------------------------------------------------------------------ updates
+    def _on_update(self, topic: str, device: str, payload: bytes, outbox: list) -> None:
+        now = self.clock()
+        msg: Optional[Update] = None
+        try:
+            try:
+                m = decode(payload, limits=self.limits)
+            except ProtocolError as e:
+                raise _Reject(reason_class(e), str(e)) from None
+            try:
+                check_topic(topic, m)
+            except ProtocolError as e:
+                raise _Reject("topic", str(e)) from None
+            msg = m  # type: ignore[assignment]
+            assert isinstance(msg, Update)
+            self._on_valid_update(msg, payload, now, outbox)
+        except _Reject as r:
+            self._count_reject(r.label)
+            self.log.warning("rejected %s: %s", topic, r.reason)
+            self._ack(outbox, device, msg.round if msg is not None else self.round,
+                      msg.msg_id if msg is not None else 0, r.status, r.reason)
+
+    def _on_valid_update(self, msg: Update, raw: bytes, now: float, outbox: list) -> None:
+        job, device = self.job.job, msg.device
+        prev = self.store.find_update(job, device, msg.msg_id)
+        if prev is not None:  # QoS-1 redelivery or a device retry: the same answer again
+            self.metrics["duplicates"] += 1
+            self.log.debug("duplicate update %s/%d (round %d): re-sending ack %s", device,
+                           msg.msg_id, prev["round"], AckStatus(prev["status"]).name)
+            self._ack(outbox, device, prev["round"], msg.msg_id, AckStatus(prev["status"]), prev["reason"])
+            return
+        if device not in self.devices and not self.allow_unknown_devices:
+            raise _Reject("unknown_device", f"unknown device {device!r}: it must publish its Status "
+                          f"on {self.topics.status(device)} before sending updates")
+        if self.done or msg.round < self.round:
+            reason = (f"round {msg.round} is closed (the job is finished)" if self.done else
+                      f"round {msg.round} is closed; the current round is {self.round}: sync and "
+                      f"train on the current plan")
+            self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
+                                     AckStatus.LATE, reason, accepted=False, late=True)
+            self.metrics["late"] += 1
+            self.log.info("late update from %s for round %d (current %d): stored, not aggregated",
+                          device, msg.round, self.round)
+            self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.LATE, reason)
+            return
+        if msg.round > self.round:
+            raise _Reject("future_round", f"update from {device} is for round {msg.round}, which has "
+                          f"not started (current round {self.round})")
+        if device in self.accepted:
+            first = self.accepted[device][0]
+            reason = (f"an update from {device} for round {msg.round} was already accepted "
+                      f"(msg_id {first.msg_id}); one update per device and round")
+            self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
+                                     AckStatus.DUPLICATE, reason)
+            self.metrics["duplicates"] += 1
+            self.log.warning("rejected %s: %s", self.topics.update(device), reason)
+            self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.DUPLICATE, reason)
+            return
+        assert self.plan is not None and self.state is not None
+        try:
+            validate_update(msg, self.plan)
+        except ProtocolError as e:
+            raise _Reject(reason_class(e), str(e)) from None
+        try:
+            self.strategy.validate_update(self.job, self.state, self.plan, msg)
+        except ProtocolError as e:
+            raise _Reject("strategy", str(e)) from None
+        except Exception as e:
+            raise _Reject("strategy", f"{self.job.method} refused the update: {e!r}") from None
+        self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
+                                 AckStatus.ACCEPTED, "", accepted=True)
+        # in memory only after the row is written (inside the batch transaction)
+        self.accepted[device] = (msg, len(raw))
+        self.expected.add(device)
+        if device not in self.devices:  # allow_unknown_devices
+            self.devices[device] = self._device_info("unknown", msg.round, "", now, now, "")
+        self.metrics["accepted"] += 1
+        self.metrics["bytes_received"] += len(raw)
+        self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.ACCEPTED)
+
+    # ------------------------------------------------------------------ statuses
+    @staticmethod
+    def _device_info(state: str, rnd: int, device_class: str, first_seen: float, last_seen: float,
+                     text: str) -> dict:
+        return {"state": state, "online": state != "offline", "round": rnd,
+                "device_class": device_class, "first_seen": first_seen, "last_seen": last_seen,
+                "text": text}
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        try:
+            msg = decode(payload, limits=self.limits)
+            check_topic(topic, msg)
+        except ProtocolError as e:
+            self._count_reject("status_" + reason_class(e))
+            self.log.warning("rejected %s: %s", topic, e)
+            return
+        assert isinstance(msg, Status)
+        now = self.clock()
+        prev = self.devices.get(msg.device)
+        status = {"state": msg.state, "round": msg.round, "timestamp": msg.timestamp, "text": msg.text,
+                  "device_class": msg.device_class}
+        self.store.upsert_device(self.job.job, msg.device, now, msg.state, msg.round,
+                                 msg.device_class, status)
+        info = self._device_info(msg.state, msg.round, msg.device_class,
+                                 prev["first_seen"] if prev else now, now, msg.text)
+        self.devices[msg.device] = info
+        if prev is None:
+            self.log.info("device %s announced itself (%s, class %s)", msg.device, msg.state,
+                          msg.device_class or "-")
+        if self.done or self.plan is None:
+            return
+        if info["online"]:
+            self.expected.add(msg.device)
+        elif msg.device not in self.accepted and msg.device in self.expected:
+            self.expected.discard(msg.device)
+            self.log.info("device %s went offline during round %d; target now %d", msg.device,
+                          self.round, self._target())
+
+    # ------------------------------------------------------------------ sync
+    def _on_sync(self, topic: str, payload: bytes, outbox: list) -> None:
+        try:
+            msg = decode(payload, limits=self.limits)
+            check_topic(topic, msg)
+        except ProtocolError as e:
+            self._count_reject("sync_" + reason_class(e))
+            self.log.warning("rejected %s: %s", topic, e)
+            return
+        assert isinstance(msg, SyncRequest) and self.state is not None
+        reply = self._sync_reply(msg)
+        outbox.append((self.topics.sync_reply(msg.device), reply, False))
+        self.metrics["sync_replies"] += 1
+
+    def _sync_reply(self, req: SyncRequest) -> bytes:
+        cur = self.round  # the state at the start of `cur` is the global state
+        s = req.from_round
+        why = ("asked for full" if req.full else
+               f"from_round {s} is older than the history ({self._history_from()})"
+               if s < self._history_from() else
+               f"from_round {s} is ahead of the server (round {cur})" if s > cur else "")
+        if not why:
+            try:
+                rounds = [RoundDelta(round=d.round + 1, seeds=d.seeds, coeffs=d.coeffs, tensors=d.tensors)
+                          for d in self._load_deltas(s, cur - 1)]
+                if len(rounds) <= self.limits.max_sync_rounds:
+                    return SyncReply(job=self.job.job, device=req.device, from_round=s, to_round=cur,
+                                     request_id=req.request_id, full=False,
+                                     rounds=rounds).encode(self.limits)
+                why = f"{len(rounds)} rounds exceed the sync limit"
+            except MessageTooLarge:
+                why = "the deltas exceed the message size limit"
+            except StoreError as e:
+                why = str(e)
+        self.metrics["sync_full"] += 1
+        self.log.info("full-state sync for %s (%s)", req.device, why)
+        return SyncReply(job=self.job.job, device=req.device, from_round=min(s, cur), to_round=cur,
+                         request_id=req.request_id, full=True,
+                         state=self.strategy.full_state(self.job, self.state)).encode(self.limits)
+
+    def _load_deltas(self, first: int, last: int) -> List[RoundDelta]:
+        missing = [r for r in range(first, last + 1) if r not in self._deltas]
+        if missing:
+            for d in self.store.load_deltas(self.job.job, missing[0], missing[-1]):
+                self._deltas[d.round] = d
+            self._trim_cache()
+            if any(r not in self._deltas for r in range(first, last + 1)):
+                return self.store.load_deltas(self.job.job, first, last)
+        return [self._deltas[r] for r in range(first, last + 1)]
+
+    def _trim_cache(self, keep: int = 64) -> None:
+        for r in sorted(self._deltas)[:-keep]:
+            del self._deltas[r]
+
+    # ------------------------------------------------------------------ rounds
+    def _online(self) -> int:
+        return sum(1 for i in self.devices.values() if i["online"])
+
+    def _target(self) -> int:
+        q = max(1, int(self.job.min_devices))
+        if self.job.devices_per_round > 0:
+            return max(int(self.job.devices_per_round), q)
+        return max(len(self.expected), q)
+
+    def _history_from(self) -> int:
+        return max(0, self.round - self.history_limit) if self.history_limit else 0
+
+    def _deadline_due(self) -> bool:
+        with self._lock:
+            return not self.done and self.plan is not None and self.clock() >= self.deadline
+
+    def _maybe_close(self, now: float, outbox: list, events: list) -> None:
+        if not self.done and self.plan is not None and len(self.accepted) >= self._target():
+            self._close_round(now, outbox, events)
+
+    def _close_round(self, now: float, outbox: list, events: list) -> None:
+        """Aggregate in a savepoint; a failing strategy leaves the round open (logged)."""
+        mark = len(outbox)
+        try:
+            self._aggregate_round(now, outbox, events)
+        except Exception as e:
+            if _is_store_error(e):
+                raise
+            del outbox[mark:]
+            self.error = f"aggregation of round {self.round} failed: {e!r}"
+            self.log.exception("aggregation of round %d failed; the round stays open", self.round)
+
+    def _check_deadline(self, outbox: list, events: list) -> None:
+        if self.done or self.plan is None:
+            return
+        now = self.clock()
+        if now < self.deadline:
+            return
+        if len(self.accepted) >= max(1, int(self.job.min_devices)):
+            self.log.info("round %d: deadline reached with %d/%d updates; closing", self.round,
+                          len(self.accepted), self._target())
+            self._close_round(now, outbox, events)
+        else:
+            self._extend(now, outbox, reason=f"only {len(self.accepted)} of min_devices="
+                                              f"{self.job.min_devices} accepted updates at the deadline")
+
+    def _extend(self, now: float, outbox: list, reason: str) -> None:
+        assert self.plan is not None
+        plan = dataclasses.replace(self.plan, deadline=now + self.job.round_timeout)
+        plan_bytes = plan.encode(self.limits)
+        self.store.update_plan(self.job.job, self.round, plan_bytes, plan.deadline)
+        self.plan, self.plan_bytes, self.deadline = plan, plan_bytes, plan.deadline
+        self.extensions += 1
+        self.metrics["extensions"] += 1
+        self.log.warning("round %d: %s; deadline extended by %.1f s and the plan re-published",
+                         self.round, reason, self.job.round_timeout)
+        outbox.append((self.topics.plan(), plan_bytes, True))
+
+    def _build_plan(self, rnd: int, delta: Optional[RoundDelta], deadline: float) -> RoundPlan:
+        assert self.state is not None
+        pf = self.strategy.plan_round(self.job, self.state, rnd)
+        return RoundPlan(
+            job=self.job.job, round=rnd, method=self.job.method, seed_pool_id=pf.seed_pool_id,
+            k=pf.k, lr=pf.lr, eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size,
+            deadline=deadline, min_devices=max(1, int(self.job.min_devices)),
+            seed_probs=pf.seed_probs, params=dict(pf.params),
+            delta_seeds=delta.seeds if delta is not None else np.zeros(0, np.uint32),
+            delta_coeffs=delta.coeffs if delta is not None else np.zeros(0, np.float32),
+            delta_tensors=list(delta.tensors) if delta is not None else [])
+
+    def _set_plan(self, plan: RoundPlan, now: float) -> None:
+        self.plan_bytes = plan.encode(self.limits)
+        self.plan = plan
+        self.deadline = plan.deadline
+        self.opened_at = now
+        self.extensions = 0
+
+    def _aggregate_round(self, now: float, outbox: list, events: list) -> None:
+        assert self.plan is not None and self.state is not None
+        rnd = self.round
+        devices = sorted(self.accepted)
+        updates = [self.accepted[d][0] for d in devices]
+        t0 = time.perf_counter()
+        new_state, delta = self.strategy.aggregate(self.job, self.state, self.plan, updates)
+        agg_s = time.perf_counter() - t0
+        delta = RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
+                           coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
+        weights = np.array([u.num_samples for u in updates], np.float64)
+        losses = np.array([u.train_loss for u in updates], np.float64)
+        loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else float("nan")
+        finished = rnd + 1 >= self.job.rounds
+        next_plan = None if finished else self._build_plan_for(rnd + 1, new_state, delta,
+                                                               now + self.job.round_timeout)
+        next_bytes = next_plan.encode(self.limits) if next_plan is not None else None
+        summary = self.strategy.summary(new_state)
+        metrics = {
+            "round": rnd, "n_updates": len(updates), "devices": devices,
+            "train_loss": loss if np.isfinite(loss) else None,
+            "num_samples": int(weights.sum()),
+            "bytes_in": int(sum(self.accepted[d][1] for d in devices)),
+            "bytes_out": len(self.plan_bytes), "next_plan_bytes": len(next_bytes or b""),
+            "delta_seeds": int(delta.seeds.size),
+            "duration_s": max(0.0, now - self.opened_at), "aggregate_s": agg_s,
+            "target": self._target(), "extensions": self.extensions,
+            "opened_at": self.opened_at, "closed_at": now, "strategy": summary}
+        state_msg = self._job_state_after(now, new_state, rnd + 1, finished)
+        self.store.commit_round(self.job.job, rnd, new_state, delta, now, len(updates), metrics,
+                                next_bytes, next_plan.deadline if next_plan is not None else 0.0,
+                                finished=finished)  # a savepoint of its own inside the batch
+        # -- committed to the transaction: now the in-memory state follows
+        self.state = new_state
+        self._deltas[rnd] = delta
+        self._trim_cache()
+        self.round = rnd + 1
+        self.accepted = {}
+        self.history.append(metrics)
+        self.metrics["round_duration_sum"] += metrics["duration_s"]
+        self.metrics["round_duration_count"] += 1
+        self.metrics["last_round_duration"] = metrics["duration_s"]
+        if metrics["train_loss"] is not None:
+            self.metrics["train_loss"] = metrics["train_loss"]
+        if finished:
+            self.done = True
+            self.plan, self.plan_bytes, self.deadline = None, b"", 0.0
+        else:
+            assert next_plan is not None and next_bytes is not None
+            self.plan, self.plan_bytes = next_plan, next_bytes
+            self.deadline, self.opened_at, self.extensions = next_plan.deadline, now, 0
+            self.expected = {d for d, i in self.devices.items() if i["online"]}
+        self.digest = state_msg.digest
+        if not finished:
+            outbox.append((self.topics.plan(), self.plan_bytes, True))
+        outbox.append((self.topics.state(), state_msg.encode(self.limits), True))
+        self.log.info("round %d aggregated: %d updates (%s), loss %s, %.3f s%s", rnd, len(updates),
+                      ",".join(devices) if len(devices) <= 8 else f"{len(devices)} devices",
+                      "-" if metrics["train_loss"] is None else f"{loss:.4f}", metrics["duration_s"],
+                      "; job finished" if finished else "")
+        events.append(metrics)
+
+    def _build_plan_for(self, rnd: int, state: MethodState, delta: RoundDelta, deadline: float) -> RoundPlan:
+        saved, self.state = self.state, state
+        try:
+            return self._build_plan(rnd, delta, deadline)
+        finally:
+            self.state = saved
+
+    def _job_state_after(self, now: float, state: MethodState, rnd: int, done: bool) -> JobState:
+        """The JobState as it will be once the round is committed (built before the commit,
+        so nothing can fail between the commit and the in-memory switch)."""
+        saved = (self.state, self.round, self.done, self.digest)
+        try:
+            self.state, self.round, self.done = state, rnd, done
+            self._refresh_digest()
+            msg = self._job_state(now)
+            msg.validate(self.limits)
+            return msg
+        finally:
+            self.state, self.round, self.done, self.digest = saved
+
+    def _refresh_digest(self) -> None:
+        try:
+            self.digest = state_digest(self.strategy.full_state(self.job, self.state)) if self.state else ""
+        except Exception as e:  # a digest is informational
+            self.log.debug("no state digest: %s", e)
+            self.digest = ""
+
+    def _job_state(self, now: float) -> JobState:
+        return JobState(job=self.job.job, round=self.round, history_from=self._history_from(),
+                        method=self.job.method, seed_pool_id=int(self.job.seed_pool_id),
+                        k=int(self.job.k), model=_truncate(self.model_id, 1024), digest=self.digest,
+                        updated_at=now,
+                        params={"done": int(self.done), "rounds": int(self.job.rounds),
+                                "min_devices": int(self.job.min_devices),
+                                "devices_per_round": int(self.job.devices_per_round),
+                                "round_timeout": float(self.job.round_timeout)})
+
+    def _strategy_summary(self) -> dict:
+        try:
+            return self.strategy.summary(self.state) if self.state is not None else {}
+        except Exception as e:
+            return {"error": repr(e)}
+
+    def _metrics_copy(self) -> dict:
+        m = dict(self.metrics)
+        m["rejected"] = dict(self.metrics["rejected"])
+        return m

@@ -1,0 +1,231 @@
+"""HTTP status of a running server (stdlib only, loopback only).
+
+    GET /status    JSON: job config, round, phase, deadline, devices, per-round history
+    GET /metrics   Prometheus text exposition format (version 0.0.4)
+    GET /          a self-contained page (inline JS on a <canvas>, no CDN) polling /status
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+__all__ = ["StatusHTTPServer", "render_metrics", "to_json"]
+
+
+def _clean(o: Any) -> Any:
+    """JSON-safe: non-finite floats become null (JSON has no NaN), numpy scalars plain."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        try:
+            o = o.item()
+        except (TypeError, ValueError):
+            return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, (str, int, float, bool)) or o is None:
+        return o
+    return str(o)
+
+
+def to_json(obj: Any) -> bytes:
+    return json.dumps(_clean(obj), allow_nan=False).encode("utf-8")
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "NaN"
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    return repr(int(f)) if f.is_integer() and abs(f) < 2 ** 53 else repr(f)
+
+
+def render_metrics(m: dict) -> str:
+    """Prometheus text format from Server.metrics_snapshot()."""
+    job = _esc(m.get("job", ""))
+    lab = f'job="{job}"'
+    out = []
+
+    def metric(name: str, kind: str, help_: str, samples: list) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
+
+    metric("edgefed_round", "gauge", "Current (open) round; equals the number of aggregated rounds.",
+           [("", lab, m.get("round", 0))])
+    metric("edgefed_updates_accepted_total", "counter", "Updates accepted since the server started.",
+           [("", lab, m.get("accepted", 0))])
+    rejected = m.get("rejected", {}) or {}
+    metric("edgefed_updates_rejected_total", "counter",
+           "Messages rejected since the server started, by reason class.",
+           [("", f'{lab},reason="{_esc(r)}"', n) for r, n in sorted(rejected.items())]
+           or [("", f'{lab},reason="none"', 0)])
+    metric("edgefed_updates_late_total", "counter", "Updates for closed rounds (acked late, not aggregated).",
+           [("", lab, m.get("late", 0))])
+    metric("edgefed_updates_duplicate_total", "counter", "Re-delivered or second updates (acked again).",
+           [("", lab, m.get("duplicates", 0))])
+    metric("edgefed_devices_online", "gauge", "Devices whose last Status is not offline.",
+           [("", lab, m.get("devices_online", 0))])
+    metric("edgefed_bytes_received_total", "counter", "Bytes of accepted updates.",
+           [("", lab, m.get("bytes_received", 0))])
+    metric("edgefed_round_duration_seconds", "summary", "Plan published -> round aggregated.",
+           [("_sum", lab, m.get("round_duration_sum", 0.0)),
+            ("_count", lab, m.get("round_duration_count", 0))])
+    metric("edgefed_last_round_duration_seconds", "gauge", "Duration of the last aggregated round.",
+           [("", lab, m.get("last_round_duration", 0.0))])
+    metric("edgefed_train_loss", "gauge", "Sample-weighted mean train loss of the last aggregated round.",
+           [("", lab, m.get("train_loss", float("nan")))])
+    metric("edgefed_round_extensions_total", "counter", "Deadlines extended for lack of quorum.",
+           [("", lab, m.get("extensions", 0))])
+    metric("edgefed_sync_replies_total", "counter", "Sync replies sent (delta or full).",
+           [("", lab, m.get("sync_replies", 0))])
+    metric("edgefed_store_errors_total", "counter", "Batches whose commit failed (not acked).",
+           [("", lab, m.get("store_errors", 0))])
+    return "\n".join(out) + "\n"
+
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>EdgeFed server</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:0 0 .3em} .muted{color:#777}
+.cards{display:flex;gap:1em;flex-wrap:wrap;margin:.8em 0}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em .9em;min-width:8em}
+.card b{display:block;font-size:1.4em}
+canvas{background:#fff;border:1px solid #ddd;border-radius:6px;margin:.3em .6em .3em 0}
+table{border-collapse:collapse;background:#fff;margin-top:.8em} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+.off{color:#b00}.on{color:#080}
+</style></head><body>
+<h1>EdgeFed &mdash; <span id="job">job</span></h1>
+<div class="muted" id="sub">connecting&hellip;</div>
+<div class="cards">
+ <div class="card">round<b id="round">-</b></div><div class="card">phase<b id="phase">-</b></div>
+ <div class="card">updates this round<b id="acc">-</b></div><div class="card">devices online<b id="online">-</b></div>
+ <div class="card">deadline in<b id="deadline">-</b></div><div class="card">last loss<b id="loss">-</b></div>
+</div>
+<canvas id="c_loss" width="560" height="260"></canvas><canvas id="c_upd" width="560" height="260"></canvas>
+<table id="devs"><thead><tr><th>device</th><th>state</th><th>class</th><th>round</th><th>last seen</th></tr></thead><tbody></tbody></table>
+<script>
+"use strict";
+function chart(id, title, xs, ys, color, bars){
+  const c=document.getElementById(id), g=c.getContext("2d"), W=c.width, H=c.height, L=52, R=12, T=26, B=30;
+  g.clearRect(0,0,W,H); g.fillStyle="#222"; g.font="13px sans-serif"; g.fillText(title, L, 16);
+  const pts=[]; for(let i=0;i<xs.length;i++){ if(ys[i]!==null&&isFinite(ys[i])) pts.push([xs[i],ys[i]]); }
+  g.strokeStyle="#999"; g.beginPath(); g.moveTo(L,T); g.lineTo(L,H-B); g.lineTo(W-R,H-B); g.stroke();
+  if(!pts.length){ g.fillStyle="#999"; g.fillText("no rounds yet", L+10, H/2); return; }
+  let x0=Math.min(...pts.map(p=>p[0])), x1=Math.max(...pts.map(p=>p[0]));
+  let y0=Math.min(...pts.map(p=>p[1])), y1=Math.max(...pts.map(p=>p[1]));
+  if(bars) y0=0; if(x1===x0){x0-=1;x1+=1;} if(y1===y0){y1+=Math.abs(y1)*0.1+1; if(!bars) y0-=Math.abs(y0)*0.1+1;}
+  const sx=x=>L+(x-x0)/(x1-x0)*(W-L-R-10)+5, sy=y=>H-B-(y-y0)/(y1-y0)*(H-T-B);
+  g.fillStyle="#555"; g.font="11px sans-serif";
+  for(let k=0;k<=4;k++){ const y=y0+(y1-y0)*k/4; g.fillText((Math.abs(y)>=1000?y.toExponential(1):+y.toPrecision(3)).toString(),4,sy(y)+4);
+    g.strokeStyle="#eee"; g.beginPath(); g.moveTo(L+1,sy(y)); g.lineTo(W-R,sy(y)); g.stroke(); }
+  g.fillText("round "+x0, L, H-10); g.fillText(""+x1, W-R-20, H-10);
+  g.strokeStyle=color; g.fillStyle=color;
+  if(bars){ const w=Math.max(2,(W-L-R)/(pts.length+1)*0.7); for(const p of pts) g.fillRect(sx(p[0])-w/2, sy(p[1]), w, H-B-sy(p[1])); }
+  else { g.lineWidth=2; g.beginPath(); pts.forEach((p,i)=>i?g.lineTo(sx(p[0]),sy(p[1])):g.moveTo(sx(p[0]),sy(p[1]))); g.stroke();
+    for(const p of pts){ g.beginPath(); g.arc(sx(p[0]),sy(p[1]),2.5,0,7); g.fill(); } g.lineWidth=1; }
+}
+function txt(id,v){ document.getElementById(id).textContent=v; }
+async function tick(){
+  try{
+    const s=await (await fetch("status",{cache:"no-store"})).json();
+    txt("job", s.job.job+" ("+s.job.method+")"); txt("round", s.round+" / "+s.rounds); txt("phase", s.phase);
+    txt("acc", s.accepted_this_round+" / "+s.target); txt("online", s.devices_online);
+    txt("deadline", s.done?"-":(s.deadline_in_s).toFixed(1)+" s");
+    const h=s.history||[]; const last=h.length?h[h.length-1]:null;
+    txt("loss", last&&last.train_loss!==null?last.train_loss.toFixed(4):"-");
+    txt("sub", "model "+(s.model||"-")+" \u00b7 accepted "+s.metrics.accepted+" \u00b7 late "+s.metrics.late+
+        " \u00b7 digest "+(s.digest||"-").slice(0,16)+" \u00b7 updated "+new Date().toLocaleTimeString());
+    chart("c_loss","train loss (sample-weighted mean)",h.map(r=>r.round),h.map(r=>r.train_loss),"#1f6fd0",false);
+    chart("c_upd","accepted updates per round",h.map(r=>r.round),h.map(r=>r.n_updates),"#2a9d55",true);
+    const tb=document.querySelector("#devs tbody"); tb.innerHTML="";
+    for(const d of s.devices){ const tr=document.createElement("tr");
+      for(const v of [d.device,d.state,d.device_class||"-",d.round,new Date(d.last_seen*1000).toLocaleTimeString()]){
+        const td=document.createElement("td"); td.textContent=v; tr.appendChild(td); }
+      tr.children[1].className=d.online?"on":"off"; tb.appendChild(tr); }
+  }catch(e){ txt("sub","status unavailable: "+e); }
+}
+tick(); setInterval(tick, 2000);
+</script></body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "EdgeFed"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet; the engine logs what matters
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        engine = self.server.engine  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if path == "/status":
+                self._send(200, to_json(engine.status()), "application/json")
+            elif path == "/metrics":
+                self._send(200, render_metrics(engine.metrics_snapshot()).encode(),
+                           "text/plain; version=0.0.4; charset=utf-8")
+            elif path in ("/", "/index.html"):
+                self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+            else:
+                self._send(404, b"not found: try /, /status or /metrics\n", "text/plain")
+        except Exception as e:  # never take the server down for a status page
+            self._send(500, f"error: {e!r}\n".encode(), "text/plain")
+
+    do_HEAD = do_GET
+
+
+class StatusHTTPServer:
+    """ThreadingHTTPServer on host:port (port 0 picks a free one; see .port) in a daemon thread."""
+
+    def __init__(self, engine: Any, port: int = 0, host: str = "127.0.0.1"):
+        self.engine = engine
+        self.host = host
+        self._httpd = ThreadingHTTPServer((host, int(port)), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.engine = engine  # type: ignore[attr-defined]
+        self.port: int = self._httpd.server_address[1]
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def start(self) -> "StatusHTTPServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="edgefed-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._httpd.server_close()

@@ -3,7 +3,7 @@
     python benchmarks/learning_check.py [--modes lora,full] [--heldout 400] [--json FILE]
 
 Trains with two-point ZO (MeZO) on the device runtime (ONNX Runtime + the C++ kernels, no
-torch in the loop), label words " positive" / " negative", template "Review: <text>\\nSentiment:".
+torch in the loop), label words " positive" / " negative", template edgefed.data.SENTIMENT_TEMPLATE.
 Prints zero-shot and trained accuracy on a balanced held-out split, the paired gain with its
 95% interval, and held-out loss (the clearer signal for small ZO gains).
 """
@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edgefed import kernels  # noqa: E402
-from edgefed.data import label_targets, load_rotten_tomatoes, train_heldout_split  # noqa: E402
+from edgefed.data import SENTIMENT_TEMPLATE, label_targets, load_rotten_tomatoes, train_heldout_split  # noqa: E402
 from edgefed.metrics import paired_gain  # noqa: E402
 from edgefed.zo import SeedPool, ZOConfig  # noqa: E402
 
@@ -36,7 +36,7 @@ def run(mode: str, steps: int | None, heldout: int, batch: int, threads: int, se
 
     spec, lr, eps, default_steps = DEFAULTS[mode]
     steps = steps or default_steps
-    art = ensure_artifact(trainable=spec)
+    art = ensure_artifact(trainable=spec, template=SENTIMENT_TEMPLATE)
     kernels.set_num_threads(threads)
     m = DeviceModel(art, threads=threads, batch_size=batch, seq_len=64, check_memory=False)
     train, held = train_heldout_split(load_rotten_tomatoes(), heldout=heldout, seed=seed)

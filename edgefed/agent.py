@@ -83,7 +83,7 @@ class DeviceAgent:
             self._acks.put(msg)
         elif isinstance(msg, P.SyncReply):
             self._syncs.put(msg)
-        elif isinstance(msg, P.JobState) and msg.params.get("finished"):
+        elif isinstance(msg, P.JobState) and msg.params.get("done"):
             self._finished.set()
 
     def _status(self, state: str, text: str = "") -> None:

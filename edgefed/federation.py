@@ -1,0 +1,148 @@
+"""One federated job end to end, host side: the aggregation server, the devices (started by
+the caller: threads in simulation, processes in the demo), and evaluation of the global
+model on held-out data before, during and after training."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .data import Example
+from .global_model import GlobalModel, plot_rounds
+from .methods import JobConfig
+from .metrics import paired_gain
+from .runtime import DeviceModel
+from .transport import make_transport
+
+__all__ = ["FederationResult", "run_federation", "print_report"]
+
+log = logging.getLogger("edgefed.federation")
+
+StartDevices = Callable[[str], Callable[[], None]]  # broker url -> stop function
+
+
+@dataclass
+class FederationResult:
+    job: dict
+    before: dict
+    after: dict
+    gain: dict
+    history: list
+    rounds_completed: int
+    seconds: float
+    bytes_up_per_device_round: float
+    bytes_down_per_device_round: float
+    plot: str
+    server_summary: dict
+
+    def to_json(self) -> dict:
+        return self.__dict__
+
+
+def _progress(enabled: bool, total: int):
+    from .trainer import progress_bar
+    return progress_bar(total, "rounds", enabled)
+
+
+def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Example], *,
+                   broker_url: str, start_devices: StartDevices, out_dir: str | Path,
+                   eval_every: int = 1, eval_n: int = 128, eval_threads: int = 2,
+                   http_port: int | None = None, timeout: float = 3600.0, progress: bool = True,
+                   title: str = "") -> FederationResult:
+    from edgefed_server.engine import Server
+    from edgefed_server.store import Store
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    model = DeviceModel(artifact, threads=eval_threads, check_memory=False)
+    glob = GlobalModel(model, job)
+    subset = list(heldout[:eval_n])
+    print(f"evaluating the starting model on {len(heldout)} held-out snippets ...", file=sys.stderr)
+    before = glob.evaluate(heldout)
+    history = [{"round": 0, "train_loss": None, "eval_accuracy": float(before["correct"][:len(subset)].mean()),
+                "eval_loss": None}]
+    history[0]["eval_loss"] = glob.evaluate(subset)["loss"] if len(subset) < len(heldout) else before["loss"]
+    print(f"  before: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", file=sys.stderr)
+
+    store = Store(out / "server.sqlite")
+    transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}")
+    server = Server(transport, store, job, http_port=http_port)
+    done_rounds: "queue.Queue[dict]" = queue.Queue()
+    server.add_round_listener(done_rounds.put)
+    stop_devices = start_devices(broker_url)
+    bar = _progress(progress, job.rounds)
+    try:
+        server.start()
+        if server.http_port:
+            print(f"server status: http://127.0.0.1:{server.http_port}/", file=sys.stderr)
+        end = time.time() + timeout
+        while glob.rounds_applied < job.rounds:
+            if time.time() > end:
+                raise TimeoutError(f"job {job.job} did not finish in {timeout:.0f} s "
+                                   f"({glob.rounds_applied}/{job.rounds} rounds)")
+            try:
+                m = done_rounds.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            r = int(m["round"])
+            glob.apply(store.load_delta(job.job, r))
+            h = {"round": r + 1, "train_loss": m.get("train_loss"), "n_updates": m["n_updates"],
+                 "bytes_in": m["bytes_in"], "bytes_out": m["bytes_out"], "duration_s": m["duration_s"],
+                 "eval_accuracy": None, "eval_loss": None}
+            if (r + 1) % eval_every == 0 or r + 1 == job.rounds:
+                ev = glob.evaluate(subset)
+                h["eval_accuracy"], h["eval_loss"] = ev["accuracy"], ev["loss"]
+            history.append(h)
+            bar.update(1)
+            line = (f"round {r + 1:>3}/{job.rounds}: {m['n_updates']} updates, train loss "
+                    f"{m.get('train_loss') or float('nan'):.4f}, {m['duration_s']:.0f} s")
+            if h["eval_accuracy"] is not None:
+                line += f", held-out[{len(subset)}] acc {h['eval_accuracy']:.3f} loss {h['eval_loss']:.4f}"
+            print(line, file=sys.stderr)
+        server_summary = server.summary()
+    finally:
+        bar.close()
+        stop_devices()
+        server.stop()
+        transport.close()
+    print(f"evaluating the trained model on {len(heldout)} held-out snippets ...", file=sys.stderr)
+    after = glob.evaluate(heldout)
+    store.close()
+    gain = paired_gain(before["correct"], after["correct"])
+    rounds = [h for h in history if h["round"] > 0]
+    up = float(np.mean([h["bytes_in"] / max(1, h["n_updates"]) for h in rounds])) if rounds else 0.0
+    down = float(np.mean([h["bytes_out"] for h in rounds])) if rounds else 0.0
+    plot = plot_rounds(history, out / "rounds.png", title or f"{job.job}: {job.method}")
+    strip = lambda r: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()  # noqa: E731
+                       if k not in ("predictions", "correct")}
+    result = FederationResult(job=job.to_dict(), before=strip(before), after=strip(after), gain=gain,
+                              history=history, rounds_completed=glob.rounds_applied,
+                              seconds=time.time() - t_start, bytes_up_per_device_round=up,
+                              bytes_down_per_device_round=down, plot=str(plot),
+                              server_summary=server_summary)
+    (out / "results.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+    return result
+
+
+def print_report(res: FederationResult, file=sys.stdout) -> None:
+    g = res.gain
+    p = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    print("", file=file)
+    print(f"job {res.job['job']}: {res.job['method']}, {res.rounds_completed} rounds in {res.seconds / 60:.1f} min",
+          file=file)
+    print(f"held-out accuracy ({g['n']} snippets, same template before and after):", file=file)
+    print(f"  before  {p(g['before'])}   (loss {res.before['loss']:.4f})", file=file)
+    print(f"  after   {p(g['after'])}   (loss {res.after['loss']:.4f})", file=file)
+    print(f"  gain    {100 * g['gain']:+.1f} points, 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] "
+          f"(paired; {g['fixed']} fixed, {g['broken']} broken)", file=file)
+    print(f"bytes on the wire per device per round: {res.bytes_up_per_device_round:,.0f} B up (update), "
+          f"{res.bytes_down_per_device_round:,.0f} B down (plan)", file=file)
+    print(f"plot: {res.plot}", file=file)

@@ -1,0 +1,76 @@
+"""The global model seen from the server's side: a DeviceModel that applies each aggregated
+round's delta exactly as devices do, for held-out evaluation, plus the round plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data import Example, label_targets
+from .methods import JobConfig, get_method
+from .protocol import RoundDelta
+
+__all__ = ["GlobalModel", "plot_rounds"]
+
+
+class GlobalModel:
+    def __init__(self, model, job: JobConfig):
+        self.model = model
+        self.job = job
+        self.client = get_method(job.method).client()
+        self.params = {**job.params, "k": job.k, "seed_pool_id": job.seed_pool_id,
+                       "dist": job.params.get("dist", "normal")}
+        self.rounds_applied = 0
+
+    def apply(self, delta: RoundDelta) -> None:
+        """The delta of the next aggregated round (in order)."""
+        if delta.round != self.rounds_applied:
+            raise ValueError(f"delta of round {delta.round} but the model is at round {self.rounds_applied}")
+        self.client.apply_delta(self.model, delta, self.params)
+        self.rounds_applied += 1
+
+    def evaluate(self, examples: Sequence[Example], batch_size: int = 32) -> dict:
+        r = self.model.evaluate(examples, batch_size=batch_size)
+        if "predictions" in r:
+            y = label_targets(examples, self.model.labels)
+            r["correct"] = (r["predictions"] == y)
+            r["positive_rate"] = float(np.mean(r["predictions"] == self.model.labels.index("positive"))) \
+                if "positive" in self.model.labels else float("nan")
+        return r
+
+
+def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
+    """Held-out accuracy and loss, and devices' training loss, over rounds. Each history entry
+    describes the global state after `round` aggregated rounds (0 = before training)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ev = [h for h in history if h.get("eval_accuracy") is not None]
+    if ev:
+        ax1.plot([h["round"] for h in ev], [100 * h["eval_accuracy"] for h in ev], "o-", color="tab:blue")
+    ax1.set_xlabel("rounds aggregated (0 = before training)")
+    ax1.set_ylabel("held-out accuracy (%)")
+    ax1.set_title("accuracy")
+    ax1.grid(alpha=0.3)
+    tr = [h for h in history if h.get("train_loss") is not None]
+    if tr:
+        ax2.plot([h["round"] for h in tr], [h["train_loss"] for h in tr], "s-", color="tab:orange",
+                 label="devices' train loss (round mean)")
+    if ev:
+        ax2.plot([h["round"] for h in ev], [h["eval_loss"] for h in ev], "o-", color="tab:blue",
+                 label="held-out loss")
+    ax2.set_xlabel("rounds aggregated")
+    ax2.set_ylabel("cross-entropy")
+    ax2.set_title("loss")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

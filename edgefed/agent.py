@@ -65,6 +65,8 @@ class DeviceAgent:
         self._finished = threading.Event()
         self._done_rounds: set[int] = set()
         self._client = None
+        self._last_pparams: dict | None = None
+        self.final_round: int | None = None  # set when the job finished: our parameters are its result
 
     # -- messages in ------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -144,9 +146,20 @@ class DeviceAgent:
                     continue  # redelivered or re-published plan of a round we answered
                 last_activity = time.time()
                 self._serve(plan)
+            if self._finished.is_set():
+                self._final_sync()
         finally:
             self.stop("finished" if self._finished.is_set() else "offline")
         return self.stats
+
+    def _final_sync(self) -> None:
+        """The job is done: pull the last round(s) so this device holds the trained model."""
+        if self._client is None or self._last_pparams is None:
+            return
+        if self._request_sync(self._last_pparams):
+            self.final_round = self.start_round
+            self.log.info("%s: job finished; parameters at the final global state (round %d)",
+                          self.device, self.start_round)
 
     def _latest(self, plan: P.RoundPlan) -> P.RoundPlan:
         """Skip plans superseded while we were busy."""
@@ -164,6 +177,7 @@ class DeviceAgent:
         if self._client is None or type(self._client) is not method.client:
             self._client = method.client()
         pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
+        self._last_pparams = pparams
         if not self._sync_to(plan, pparams):
             return
         self._status("training")
@@ -193,12 +207,26 @@ class DeviceAgent:
             self.start_round = plan.round
             return True
         # Behind by more than one round (joined late, restarted, missed a plan): ask.
+        if not self._request_sync(pparams):
+            return False
+        if self.start_round == plan.round - 1:  # reply stopped one short: the plan has the rest
+            return self._sync_to(plan, pparams)
+        return self.start_round == plan.round
+
+    def _request_sync(self, pparams: dict) -> bool:
+        """SyncRequest from our start_round; apply the reply (deltas or full state)."""
         self._status("syncing")
         req_id = self.ids.next()
-        req = P.SyncRequest(job=self.job, device=self.device, from_round=self.start_round, request_id=req_id)
-        self._publish(self.topics.sync_request(self.device), req.encode())
+        req = P.SyncRequest(job=self.job, device=self.device, from_round=self.start_round,
+                            request_id=req_id).encode()
         deadline = time.time() + self.sync_timeout
+        next_send = 0.0
         while time.time() < deadline:
+            if time.time() >= next_send:
+                # Re-sent until answered: a request published while the broker restarted can
+                # reach it before the server has re-subscribed, and is then dropped.
+                self._publish(self.topics.sync_request(self.device), req)
+                next_send = time.time() + 5.0
             try:
                 rep = self._syncs.get(timeout=0.5)
             except queue.Empty:
@@ -210,18 +238,15 @@ class DeviceAgent:
                 self.stats.full_syncs += 1
             else:
                 if rep.from_round != self.start_round:
-                    self.log.warning("%s: sync reply starts at %d, we are at %d; asking again",
+                    self.log.warning("%s: sync reply starts at %d, we are at %d; asking again later",
                                      self.device, rep.from_round, self.start_round)
                     return False
                 for d in sorted(rep.rounds, key=lambda d: d.round):
                     self._client.apply_delta(self.model, d, pparams)
             self.stats.syncs += 1
             self.start_round = rep.to_round
-            if self.start_round == plan.round - 1:  # reply stopped one short: the plan has the rest
-                return self._sync_to(plan, pparams)
-            return self.start_round == plan.round
-        self.log.warning("%s: no sync reply in %.0f s; waiting for the next plan", self.device,
-                         self.sync_timeout)
+            return True
+        self.log.warning("%s: no sync reply in %.0f s", self.device, self.sync_timeout)
         return False
 
     def _send_update(self, data: bytes, upd: P.Update) -> P.Ack | None:

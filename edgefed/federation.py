@@ -41,9 +41,10 @@ class FederationResult:
     bytes_down_per_device_round: float
     plot: str
     server_summary: dict
+    final_params: np.ndarray | None = None  # the global model's trainables (not serialised)
 
     def to_json(self) -> dict:
-        return self.__dict__
+        return {k: v for k, v in self.__dict__.items() if k != "final_params"}
 
 
 def _progress(enabled: bool, total: int):
@@ -127,7 +128,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
                               history=history, rounds_completed=glob.rounds_applied,
                               seconds=time.time() - t_start, bytes_up_per_device_round=up,
                               bytes_down_per_device_round=down, plot=str(plot),
-                              server_summary=server_summary)
+                              server_summary=server_summary, final_params=model.params.copy())
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
     return result
 

@@ -61,7 +61,8 @@ def split_data(args, n: int):
 
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1):
-    """Virtual devices as threads sharing one loaded graph (DeviceModel.fork)."""
+    """Virtual devices as threads sharing one loaded graph (DeviceModel.fork). The returned
+    starter keeps its agents in `.agents` (tests compare their parameters)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -70,15 +71,20 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
             model = base.fork()
             agent = DeviceAgent(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
                                 shard, device_class="x86-sim")
+            start.agents.append(agent)
             th = threading.Thread(target=agent.run, kwargs={"stop": stop}, name=dev, daemon=True)
             th.start()
             workers.append(th)
 
         def halt():
+            end = time.time() + 30  # agents leave by themselves once the job is done
+            for th in workers:
+                th.join(timeout=max(0.1, end - time.time()))
             stop.set()
             for th in workers:
-                th.join(timeout=30)
+                th.join(timeout=10)
         return halt
+    start.agents = []
     return start
 
 

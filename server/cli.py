@@ -93,7 +93,7 @@ def _progress_line(s: dict, total: int) -> str:
     strat = s.get("strategy") or {}
     extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in list(strat.items())[:3])
-    return (f"round {s['round'] + 1}/{total}: {s['n_updates']} updates, loss {loss}, "
+    return (f"round {s['round']} done ({s['round'] + 1}/{total}): {s['n_updates']} updates, loss {loss}, "
             f"{s['duration_s']:.2f} s, in {s['bytes_in'] / 1024:.1f} KB, plan {s['bytes_out'] / 1024:.1f} KB"
             + (f", {extra}" if extra else ""))
 

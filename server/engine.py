@@ -128,6 +128,7 @@ class Server:
         self.transport = transport
         self.store = store
         self.job = job
+        self._strategy_given = strategy is not None
         self.strategy = strategy if strategy is not None else get_method(job.method).server()
         self.http_port = http_port
         self.late_policy = late_policy
@@ -342,6 +343,11 @@ class Server:
                     if self.job.to_dict().get(k) != v}
             self.log.warning("job %s exists in %s: continuing with the stored configuration "
                              "(stored, given): %s", r.config.job, self.store.path, diff)
+        if r.config.method != self.job.method:
+            if self._strategy_given:
+                raise ValueError(f"job {r.config.job!r} is stored with method {r.config.method!r} "
+                                 f"but a {self.job.method!r} strategy was given")
+            self.strategy = get_method(r.config.method).server()
         self.job = r.config
         self.model_id = artifact_id(self.job.artifact)
         self.state = r.state

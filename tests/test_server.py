@@ -248,7 +248,6 @@ def test_quorum_deadline_and_extension(env):
     clock = FakeClock()
     srv, fleet, store, _ = env(auto=False, clock=clock, rounds=1, min_devices=2, round_timeout=10.0)
     assert srv.target() == 3  # three devices were online when the plan went out
-    plan0 = fleet.plans[-1] if fleet.plans else None
     wait_for(lambda: fleet.plans, what="plan")
     plan0 = fleet.plans[-1]
     assert plan0.round == 0 and plan0.deadline == pytest.approx(clock.t + 10.0)
@@ -317,7 +316,6 @@ def test_duplicates_are_idempotent(env):
 def test_late_updates_acked_late_not_aggregated(env):
     srv, fleet, store, _ = env(auto=True, rounds=3, names=("a", "b"))
     wait_for(lambda: srv.round >= 1, what="round 0 closed")
-    state_before = None
     late = fleet.make_update("a", 0)  # a fresh msg_id for the closed round 0
     srv.run(until_round=2, timeout=5)
     fleet.update("a", 0, upd=late)
@@ -334,7 +332,7 @@ def test_late_updates_acked_late_not_aggregated(env):
         by_round[u.round].append(u)
     cum, _ = fedkseed_reference(srv.job, [by_round[r] for r in range(3)])
     np.testing.assert_allclose(store.load_state("j")[1].arrays["cum_coeffs"], cum, rtol=1e-6)
-    assert srv.metrics["late"] >= 1 and state_before is None
+    assert srv.metrics["late"] >= 1
 
 
 # ----------------------------------------------------------------------------- rejections
@@ -388,6 +386,7 @@ def test_unknown_devices_allowed_when_configured(env):
     wait_for(lambda: fleet.plans, what="plan")
     fleet.update("a", 0)
     assert srv.run(timeout=5)["done"]
+    wait_for(lambda: fleet.acks_of("a"), what="ack")
     assert fleet.acks_of("a")[0].status == AckStatus.ACCEPTED
 
 
@@ -441,10 +440,9 @@ def test_sync_replies_delta_and_full(env):
     r = ask(9)  # ahead of the server
     assert r.full
     # a device replaying all deltas from 0 reaches the full state
-    srv2_hist = srv.history_limit
     srv.history_limit = None
     r = ask(0)
-    srv.history_limit = srv2_hist
+    assert [d.round for d in r.rounds] == [1, 2, 3, 4]
     acc = np.zeros_like(cum)
     for d in r.rounds:
         acc[d.seeds.astype(np.int64)] += d.coeffs.astype(np.float64)

@@ -1,0 +1,195 @@
+"""Federation end to end: server + device agents over the in-process transport, Mosquitto and
+the embedded broker; devices killed mid-round; the broker restarted mid-job; the demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefed.data import iid_split, load_rotten_tomatoes, train_heldout_split, write_jsonl
+from edgefed.federation import run_federation
+from edgefed.methods import JobConfig
+from edgefed.runtime import DeviceModel
+from edgefed.simulate import thread_devices
+from edgefed.transport.broker import find_mosquitto, start_broker
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=60, seed=0)
+    return train[:400], held
+
+
+def _job(name, method, artifact, *, rounds=3, steps=6, lr=1e-2, n=3, timeout=60.0, min_devices=None):
+    return JobConfig(job=name, method=method, artifact=str(artifact), rounds=rounds, devices_per_round=n,
+                     min_devices=min_devices or n, round_timeout=timeout, lr=lr, eps=1e-3,
+                     local_steps=steps, batch_size=8, k=1024, seed_pool_id=7)
+
+
+@pytest.mark.parametrize("method", ["fedkseed", "fedmezo"])
+def test_simulation_devices_end_on_the_global_model(tiny_artifacts, data, tmp_path, method):
+    train, held = data
+    art = tiny_artifacts["lora"]
+    job = _job(f"sim-{method}", method, art)
+    base = DeviceModel(art, threads=1, batch_size=8, seq_len=32, check_memory=False)
+    starter = thread_devices(base, job.job, iid_split(train, 3))
+    res = run_federation(job, art, held, broker_url=f"inproc://{job.job}", start_devices=starter,
+                         out_dir=tmp_path, eval_n=30, progress=False)
+    assert res.rounds_completed == 3 and len(res.history) == 4
+    assert not np.array_equal(res.final_params, base.params), "training changed nothing"
+    for agent in starter.agents:
+        assert agent.stats.rounds_trained == 3 and agent.final_round == 3
+        # Same deltas, same order, same kernels: bit-identical to the server-side global model.
+        np.testing.assert_array_equal(agent.model.params, res.final_params)
+    assert (tmp_path / "rounds.png").stat().st_size > 5000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rounds_completed"] == 3 and saved["bytes_up_per_device_round"] > 0
+    if method == "fedkseed":  # seeds and scalars only: 6 steps -> a few dozen bytes of payload
+        assert res.bytes_up_per_device_round < 200
+    else:  # the whole adapter each way
+        assert res.bytes_up_per_device_round > 4 * base.n_trainable
+
+
+def test_fedkseed_bytes_do_not_grow_with_the_model(tiny_artifacts, data, tmp_path):
+    """FedKSeed's uplink is independent of the trainable size: 8 bytes a step plus the header,
+    for 200k full parameters as for 1k LoRA ones."""
+    train, held = data
+    sizes, n = {}, {}
+    for mode in ("full", "lora"):
+        art = tiny_artifacts[mode]
+        job = _job(f"bytes-{mode}", "fedkseed", art, rounds=1, steps=4, lr=1e-3, n=2)
+        base = DeviceModel(art, threads=1, batch_size=8, seq_len=32, check_memory=False)
+        res = run_federation(job, art, held[:20], broker_url=f"inproc://{job.job}", out_dir=tmp_path / mode,
+                             start_devices=thread_devices(base, job.job, iid_split(train, 2)),
+                             eval_n=10, progress=False)
+        sizes[mode] = res.bytes_up_per_device_round
+        n[mode] = base.n_trainable
+    assert n["full"] > 50 * n["lora"]
+    for mode in sizes:  # <= 4 (seed, scalar) pairs + the fixed fields
+        assert 60 < sizes[mode] <= 80 + 4 * 8, sizes
+
+
+def _device_cmd(url, job, dev, data, artifact):
+    return [sys.executable, "-m", "edgefed.cli", "device", "--config", "x86-sim", "--broker", url,
+            "--data", str(data), "--artifact", str(artifact), "--job", job, "--device-id", dev,
+            "--threads", "1", "--batch-size", "8", "--idle-timeout", "120"]
+
+
+def _process_devices(artifact, job, shards, tmp_path, procs, url_holder=None):
+    def start(url):
+        for i, shard in enumerate(shards):
+            data = write_jsonl(tmp_path / f"d{i}.jsonl", shard)
+            log = open(tmp_path / f"dev{i}.log", "w")
+            procs.append(subprocess.Popen(_device_cmd(url, job, f"dev{i}", data, artifact), stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=ROOT))
+
+        def stop():
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        return stop
+    return start
+
+
+@needs_mosquitto
+@pytest.mark.mosquitto
+def test_device_killed_mid_job_the_others_finish(tiny_artifacts, data, tmp_path):
+    """SIGKILL one of three device processes after round 1: its last will marks it offline, the
+    following rounds close with the two left (quorum 2), and the job completes."""
+    train, held = data
+    art = tiny_artifacts["lora"]
+    job = _job("killdev", "fedkseed", art, rounds=4, steps=8, n=0, min_devices=2, timeout=40)
+    procs: list = []
+    broker = start_broker(prefer="mosquitto")
+    killer_done = threading.Event()
+
+    def killer():
+        # Wait for round 1 to be aggregated, then kill dev2 in the middle of round 1's training.
+        db = tmp_path / "server.sqlite"
+        while not killer_done.is_set():
+            if (tmp_path / "dev0.log").exists() and "round 0 accepted" in (tmp_path / "dev0.log").read_text():
+                break
+            time.sleep(0.2)
+        if procs:
+            procs[2].send_signal(signal.SIGKILL)
+        killer_done.set()
+        del db
+
+    try:
+        th = threading.Thread(target=killer, daemon=True)
+        th.start()
+        res = run_federation(job, art, held[:20], broker_url=broker.url, out_dir=tmp_path, eval_n=10,
+                             start_devices=_process_devices(art, job.job, iid_split(train, 3), tmp_path, procs),
+                             progress=False, timeout=300)
+    finally:
+        killer_done.set()
+        broker.stop()
+    assert res.rounds_completed == 4
+    assert procs[2].returncode == -signal.SIGKILL
+    per_round = [h["n_updates"] for h in res.history[1:]]
+    assert per_round[0] == 3 and per_round[-1] == 2, per_round
+    assert procs[0].returncode == 0 and procs[1].returncode == 0
+
+
+@pytest.mark.parametrize("kind", [pytest.param("mosquitto", marks=[needs_mosquitto, pytest.mark.mosquitto]),
+                                  "embedded"])
+def test_broker_restarted_mid_job(tiny_artifacts, data, tmp_path, kind):
+    """The broker goes down for a moment during round 1; server and devices reconnect and the
+    job completes with every round aggregated from all devices."""
+    train, held = data
+    art = tiny_artifacts["lora"]
+    job = _job(f"restart-{kind}", "fedkseed", art, rounds=4, steps=60, n=2, timeout=60)
+    procs: list = []
+    broker = start_broker(prefer=kind, persistence=True)
+    stop = threading.Event()
+
+    def restarter():
+        while not stop.is_set():
+            logs = [tmp_path / f"dev{i}.log" for i in range(2)]
+            if all(p.exists() and "round 0 accepted" in p.read_text() for p in logs):
+                broker.restart()
+                return
+            time.sleep(0.1)
+
+    try:
+        th = threading.Thread(target=restarter, daemon=True)
+        th.start()
+        res = run_federation(job, art, held[:20], broker_url=broker.url, out_dir=tmp_path, eval_n=10,
+                             start_devices=_process_devices(art, job.job, iid_split(train, 2), tmp_path, procs),
+                             progress=False, timeout=300)
+    finally:
+        stop.set()
+        broker.stop()
+    assert res.rounds_completed == 4
+    assert [h["n_updates"] for h in res.history[1:]] == [2, 2, 2, 2]
+    assert all(p.returncode == 0 for p in procs)
+
+
+@pytest.mark.parametrize("flags", [[], ["--embedded-broker"]], ids=["auto-broker", "embedded-broker"])
+def test_quick_demo_runs_the_real_path(tmp_path, flags):
+    env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--out", str(tmp_path / "run"),
+                        "--no-progress", *flags], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 120
+    out = r.stdout
+    assert "before" in out and "after" in out and "95% CI" in out and "bytes on the wire" in out
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["rounds_completed"] == 3 and res["gain"]["n"] == 100
+    assert (tmp_path / "run" / "rounds.png").exists()
+    for i in range(1, 5):
+        log = (tmp_path / "run" / f"device-{i}.log").read_text()
+        assert "3 rounds, 3 accepted" in log

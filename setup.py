@@ -48,7 +48,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["edgefed", "edgefed.*"]) + ["edgefed_server"],
     package_dir={"edgefed_server": "server"},
-    package_data={"edgefed": ["device_configs/*.yaml"]},
+    # Device classes land in <prefix>/share/edgefed/device_configs (edgefed.device_config looks there).
+    data_files=[("share/edgefed/device_configs", sorted(str(p.relative_to(ROOT)) for p in
+                                                        (ROOT / "device_configs").glob("*.yaml")))],
     ext_modules=[CMakeExtension("edgefed._kernels")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["numpy>=1.22", "onnxruntime>=1.16", "paho-mqtt>=2.0"],

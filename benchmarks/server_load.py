@@ -53,6 +53,9 @@ def run_worker(a: argparse.Namespace) -> int:
     ids = MessageIds()
     t = MqttTransport(a.url, f"bench-w{a.first}-{uuid.uuid4().hex[:6]}", clean_start=True)
     t.connect()
+    if a.nodelay:
+        from edgefed_server.engine import tcp_nodelay
+        tcp_nodelay(t)
     done = threading.Event()
     acks = [0]
     lock = threading.Lock()
@@ -103,7 +106,8 @@ def run_worker(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- throughput
 
-def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, timeout: float) -> dict:
+def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, timeout: float,
+             nodelay: bool = True) -> dict:
     from edgefed.methods import JobConfig
     from edgefed.transport.mqtt import MqttTransport
     from edgefed_server.engine import Server
@@ -118,7 +122,8 @@ def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, tim
             continue
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", "--url", url, "--job", job, "--first", str(first),
-             "--count", str(cnt), "--k", str(K), "--scalars", str(SCALARS), "--timeout", str(timeout)],
+             "--count", str(cnt), "--k", str(K), "--scalars", str(SCALARS), "--timeout", str(timeout)]
+            + (["--nodelay"] if nodelay else []),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
         first += cnt
     try:
@@ -130,7 +135,7 @@ def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, tim
         transport = MqttTransport(url, f"edgefed-server-{job}")
         cfg = JobConfig(job=job, method="fedkseed", rounds=rounds, k=K, local_steps=SCALARS, lr=1e-3,
                         devices_per_round=n_devices, min_devices=n_devices, round_timeout=timeout)
-        srv = Server(transport, store, cfg, settle=0.5)
+        srv = Server(transport, store, cfg, settle=0.5, nodelay=nodelay)
         t0 = time.perf_counter()
         srv.start()
         cpu0 = time.process_time()  # this process runs only the server (devices are elsewhere)
@@ -155,7 +160,7 @@ def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, tim
     steady = hist[1:] or hist  # round 0 includes connection warm-up of the workers
     rates = [h["n_updates"] / h["duration_s"] for h in steady]
     lat = [h["duration_s"] for h in steady]
-    return {"devices": n_devices, "rounds": rounds, "workers": len(procs),
+    return {"devices": n_devices, "rounds": rounds, "workers": len(procs), "client_nodelay": nodelay,
             "updates_per_s_median": statistics.median(rates),
             "updates_per_s_overall": sum(h["n_updates"] for h in steady) / sum(lat),
             "round_latency_s_median": statistics.median(lat), "round_latency_s_max": max(lat),
@@ -271,6 +276,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=4, help="device worker processes")
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--client-nodelay", default="both", choices=["on", "off", "both"],
+                    help="TCP_NODELAY on the paho client sockets (server and devices): 'off' is the "
+                         "transport as shipped, 'on' the workaround edgefed_server.engine.tcp_nodelay")
+    ap.add_argument("--nodelay", action="store_true", help=argparse.SUPPRESS)
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
@@ -292,10 +301,13 @@ def main(argv=None) -> int:
     results = {"broker": broker.kind, "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "load": [], "bytes": None}
     try:
-        for n in [int(x) for x in a.devices.split(",") if x.strip()]:
-            rounds = a.rounds or (6 if n <= 100 else 4)
-            print(f"load: {n} devices, {rounds} rounds, {a.workers} worker processes ...", flush=True)
-            results["load"].append(load_run(broker.url, n, rounds, a.workers, tmp, a.timeout))
+        modes = {"on": [True], "off": [False], "both": [False, True]}[a.client_nodelay]
+        for nd in modes:
+            for n in [int(x) for x in a.devices.split(",") if x.strip()]:
+                rounds = a.rounds or (6 if n <= 100 else 4)
+                print(f"load: {n} devices, {rounds} rounds, {a.workers} worker processes, client "
+                      f"TCP_NODELAY {'on' if nd else 'off'} ...", flush=True)
+                results["load"].append(load_run(broker.url, n, rounds, a.workers, tmp, a.timeout, nd))
         results["engine"] = engine_run(tmp)
         results["bytes"] = bytes_run(tmp)
     finally:
@@ -304,10 +316,10 @@ def main(argv=None) -> int:
     print()
     print(f"Server load through {results['broker']} on loopback ({results['cpus']} CPUs; broker, server "
           f"and {a.workers} device processes share them); fedkseed updates of {SCALARS} scalars, K={K}")
-    print(f"{'devices':>8} {'rounds':>6} {'updates/s (median)':>19} {'updates/s (all)':>16} "
+    print(f"{'nodelay':>7} {'devices':>8} {'rounds':>6} {'updates/s (median)':>19} {'updates/s (all)':>16} "
           f"{'latency median s':>17} {'latency max s':>14} {'vs 2000/s':>10} {'server CPU/update':>18}")
     for r in results["load"]:
-        print(f"{r['devices']:>8} {r['rounds']:>6} {r['updates_per_s_median']:>19,.0f} "
+        print(f"{'on' if r['client_nodelay'] else 'off':>7} {r['devices']:>8} {r['rounds']:>6} {r['updates_per_s_median']:>19,.0f} "
               f"{r['updates_per_s_overall']:>16,.0f} {r['round_latency_s_median']:>17.3f} "
               f"{r['round_latency_s_max']:>14.3f} {r['updates_per_s_overall'] / 2000:>9.2f}x "
               f"{r['server_cpu_us_per_update']:>15.0f} us")
@@ -325,6 +337,9 @@ def main(argv=None) -> int:
           f"= {b['ratio_vs_fedkseed_paper']:.2f}x the FedKSeed paper's 18 KB")
     print(f"  LoRA FedAvg (SmolLM2 r=8 q,v) {b['lora_fedavg_bytes_per_device_per_round']:>10,} B   "
           f"= {b['lora_over_ours']:.0f}x ours")
+    print("\n'nodelay' = TCP_NODELAY on the paho client sockets of the server and the devices; the "
+          "broker always has set_tcp_nodelay.\nWith it off (edgefed.transport.mqtt as shipped), bursts of "
+          "small QoS-1 messages wait for delayed ACKs (~40 ms a round on loopback).")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {a.json}")

@@ -37,7 +37,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-config", default="x86-sim")
     p.add_argument("--device-threads", type=int, default=1)
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
-    add_job_args(p, rounds=12, local_steps=12, lr=2e-3, batch=8)
+    add_job_args(p, rounds=20, local_steps=16, lr=2e-3, batch=8)
 
 
 def _device_processes(args, job_id: str, artifact: Path, data_files: list[Path], logs: Path):

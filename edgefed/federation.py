@@ -68,9 +68,8 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
     subset = list(heldout[:eval_n])
     print(f"evaluating the starting model on {len(heldout)} held-out snippets ...", file=sys.stderr)
     before = glob.evaluate(heldout)
-    history = [{"round": 0, "train_loss": None, "eval_accuracy": float(before["correct"][:len(subset)].mean()),
-                "eval_loss": None}]
-    history[0]["eval_loss"] = glob.evaluate(subset)["loss"] if len(subset) < len(heldout) else before["loss"]
+    ev0 = glob.evaluate(subset) if len(subset) < len(heldout) else before
+    history = [{"round": 0, "train_loss": None, "eval_accuracy": ev0["accuracy"], "eval_loss": ev0["loss"]}]
     print(f"  before: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", file=sys.stderr)
 
     store = Store(out / "server.sqlite")

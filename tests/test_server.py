@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from edgefed.methods import JobConfig, MethodState
-from edgefed.protocol import (Ack, AckStatus, JobState, MessageIds, RoundDelta, RoundPlan, Status,
-                              SyncReply, SyncRequest, Tensor, Topics, Update, decode)
+from edgefed.protocol import (AckStatus, MessageIds, RoundDelta, Status, SyncRequest, Tensor,
+                              Topics, Update, decode)
 from edgefed.transport import InProcBroker
 from edgefed_server.engine import Server, reason_class
 from edgefed_server.http_status import render_metrics
@@ -363,6 +363,7 @@ def test_bad_input_rejected_with_reason_and_server_keeps_going(env, caplog):
     fleet.raw("a", fleet.make_update("b", 0).encode())  # b's update on a's topic
     fleet.t.publish(fleet.topics.status("a"), b"not a status")
     wait_for(lambda: len(fleet.acks_of("a")) == 5 and len(fleet.acks_of("ghost")) == 1, what="rejected acks")
+    wait_for(lambda: srv.metrics["rejected"].get("status_truncated") == 1, what="status rejected")
     assert all(a.status == AckStatus.REJECTED for a in fleet.acks_of("a") + fleet.acks_of("ghost"))
     rej = srv.metrics["rejected"]
     for label in ("bad_magic", "too_large", "invalid_field", "version", "unknown_device", "topic",
@@ -447,6 +448,7 @@ def test_sync_replies_delta_and_full(env):
     for d in r.rounds:
         acc[d.seeds.astype(np.int64)] += d.coeffs.astype(np.float64)
     np.testing.assert_allclose(acc, cum, rtol=1e-6, atol=1e-12)
+    wait_for(lambda: fleet.states and fleet.states[-1].params.get("done") == 1, what="final JobState")
     assert fleet.states[-1].history_from == 2
 
 
@@ -542,7 +544,7 @@ def test_http_status_metrics_and_page(env):
     srv, fleet, store, _ = env(rounds=2, server_kwargs={"http_port": 0})
     assert srv.run(timeout=10)["done"]
     fleet.raw("a", b"junk")
-    srv.wait_idle()
+    wait_for(lambda: srv.metrics["rejected"].get("truncated") == 1, what="junk rejected")
     base = f"http://127.0.0.1:{srv.http_port}"
     st = json.loads(urllib.request.urlopen(base + "/status", timeout=5).read())
     assert st["job"]["job"] == "j" and st["round"] == 2 and st["phase"] == "done"
@@ -572,3 +574,25 @@ def test_http_status_metrics_and_page(env):
     assert page.startswith("<!doctype html>") and "<canvas" in page and "fetch(\"status\"" in page
     assert "http" not in page.split("<script>")[1].split("fetch")[0]  # no CDN, inline only
     assert "NaN" in render_metrics({"job": "x", "train_loss": float("nan")})
+
+
+def test_resume_after_deadline_closes_with_quorum_else_extends(env):
+    clock = FakeClock()
+    srv, fleet, store, broker = env(auto=False, clock=clock, rounds=3, min_devices=1, round_timeout=10.0)
+    wait_for(lambda: fleet.plans, what="plan")
+    fleet.update("a", 0)
+    wait_for(lambda: fleet.acks_of("a"), what="ack a")
+    srv.stop()
+    clock.t += 60  # the server was down past the deadline; a's update gives quorum
+    srv2 = Server(broker.client("server2"), store, srv.job, clock=clock, settle=0.0).start()
+    try:
+        assert srv2.round == 1 and srv2.history[-1]["devices"] == ["a"]
+    finally:
+        srv2.stop()
+    clock.t += 60  # round 1 has nothing: below quorum, so it is extended, not closed
+    srv3 = Server(broker.client("server3"), store, srv.job, clock=clock, settle=0.0).start()
+    try:
+        assert srv3.round == 1 and srv3.deadline == pytest.approx(clock.t + 10.0)
+        assert srv3.extensions == 1
+    finally:
+        srv3.stop()

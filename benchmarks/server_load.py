@@ -51,11 +51,9 @@ def run_worker(a: argparse.Namespace) -> int:
     seeds = [np.sort(rng.choice(a.k, a.scalars, replace=False)).astype(np.uint32) for _ in names]
     scalars = [rng.normal(size=a.scalars).astype(np.float32) for _ in names]
     ids = MessageIds()
-    t = MqttTransport(a.url, f"bench-w{a.first}-{uuid.uuid4().hex[:6]}", clean_start=True)
+    t = MqttTransport(a.url, f"bench-w{a.first}-{uuid.uuid4().hex[:6]}", clean_start=True,
+                      tcp_nodelay=a.nodelay)
     t.connect()
-    if a.nodelay:
-        from edgefed_server.engine import tcp_nodelay
-        tcp_nodelay(t)
     done = threading.Event()
     acks = [0]
     lock = threading.Lock()
@@ -132,10 +130,10 @@ def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, tim
             if line.strip() != "READY":
                 raise RuntimeError(f"worker failed to start: {line!r} {p.stderr.read()[-2000:]}")
         store = Store(tmp / f"{job}.db")
-        transport = MqttTransport(url, f"edgefed-server-{job}")
+        transport = MqttTransport(url, f"edgefed-server-{job}", tcp_nodelay=nodelay)
         cfg = JobConfig(job=job, method="fedkseed", rounds=rounds, k=K, local_steps=SCALARS, lr=1e-3,
                         devices_per_round=n_devices, min_devices=n_devices, round_timeout=timeout)
-        srv = Server(transport, store, cfg, settle=0.5, nodelay=nodelay)
+        srv = Server(transport, store, cfg, settle=0.5)
         t0 = time.perf_counter()
         srv.start()
         cpu0 = time.process_time()  # this process runs only the server (devices are elsewhere)
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--client-nodelay", default="both", choices=["on", "off", "both"],
                     help="TCP_NODELAY on the paho client sockets (server and devices): 'off' is the "
-                         "transport as shipped, 'on' the workaround edgefed_server.engine.tcp_nodelay")
+                         "transport with tcp_nodelay=False, 'on' as shipped (TCP_NODELAY)")
     ap.add_argument("--nodelay", action="store_true", help=argparse.SUPPRESS)
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -249,6 +249,12 @@ class DeviceAgent:
         self.log.warning("%s: no sync reply in %.0f s", self.device, self.sync_timeout)
         return False
 
+    def _newer_plan_queued(self, rnd: int) -> bool:
+        """A plan for a later round is waiting (a re-published plan of the same round, after a
+        deadline extension or a server restart, is not a reason to stop re-sending)."""
+        with self._plans.mutex:
+            return any(p.round > rnd for p in self._plans.queue)
+
     def _send_update(self, data: bytes, upd: P.Update) -> P.Ack | None:
         topic = self.topics.update(self.device)
         for attempt in range(1, 1000):
@@ -265,7 +271,7 @@ class DeviceAgent:
                     if ack.status in (P.AckStatus.ACCEPTED, P.AckStatus.DUPLICATE):
                         self.stats.updates_accepted += 1
                     return ack
-            if self._finished.is_set() or not self._plans.empty():
+            if self._finished.is_set() or self._newer_plan_queued(upd.round):
                 return None  # the round moved on without us
             self.log.warning("%s: no ack for round %d after %.0f s (attempt %d); re-sending",
                              self.device, upd.round, self.ack_timeout, attempt)

@@ -40,7 +40,7 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, Checksum
 
 from .store import ResumeInfo, Store, StoreError
 
-__all__ = ["Server", "reason_class", "state_digest", "artifact_id", "tcp_nodelay"]
+__all__ = ["Server", "reason_class", "state_digest", "artifact_id"]
 
 RoundListener = Callable[[dict], None]
 
@@ -87,39 +87,6 @@ def artifact_id(path: str) -> str:
         return path[-256:]
 
 
-def tcp_nodelay(transport: Any) -> bool:
-    """Turn Nagle off on an MqttTransport's socket, now and after every reconnect.
-
-    paho-mqtt does not set TCP_NODELAY on its client socket; with Nagle on, a burst of small
-    QoS-1 messages (acks, then the next plan) waits for the peer's delayed ACK (~40 ms on
-    Linux loopback), which measured as 35 -> 86 ms per 100-device round. The proper place for
-    this is edgefed/transport/mqtt.py; until it is there, this workaround reaches into the
-    transport's paho client (a no-op for transports without one, e.g. in-process)."""
-    import socket as _socket
-
-    client = getattr(transport, "_client", None)
-    if client is None or not hasattr(client, "socket"):
-        return False
-
-    def _set(sock: Any) -> bool:
-        try:
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            return True
-        except (OSError, AttributeError, ValueError):
-            return False
-
-    prev = getattr(client, "on_socket_open", None)
-    if not getattr(prev, "_edgefed_nodelay", False):
-        def on_open(c: Any, userdata: Any, sock: Any) -> None:
-            _set(sock)
-            if prev is not None:
-                prev(c, userdata, sock)
-        on_open._edgefed_nodelay = True  # type: ignore[attr-defined]
-        client.on_socket_open = on_open
-    sock = client.socket()
-    return _set(sock) if sock is not None else False
-
-
 def _is_status_topic(topic: str) -> bool:
     parts = topic.split("/")
     return len(parts) >= 2 and parts[-2] == "status"
@@ -154,7 +121,7 @@ class Server:
                  late_policy: str = "reject", allow_unknown_devices: bool = False,
                  clock: Callable[[], float] = time.time, logger: Optional[logging.Logger] = None,
                  history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
-                 limits: Limits = DEFAULT_LIMITS, nodelay: bool = True):
+                 limits: Limits = DEFAULT_LIMITS):
         if int(job.rounds) < 1 or not float(job.round_timeout) > 0:
             raise ValueError(f"job {job.job!r}: rounds must be >= 1 and round_timeout > 0 "
                              f"(got {job.rounds}, {job.round_timeout})")
@@ -175,7 +142,6 @@ class Server:
         self.settle = settle
         self.max_batch = max(1, int(max_batch))
         self.limits = limits
-        self.nodelay = nodelay
         self.topics = Topics(job.job)
         self.model_id = artifact_id(job.artifact)
 
@@ -228,8 +194,6 @@ class Server:
             self._started = True
         if not self.transport.connected:
             self.transport.connect()
-        if self.nodelay:
-            tcp_nodelay(self.transport)
         resume = self.store.load_resume(self.job.job)
         if resume is not None:
             self._resume(resume)

@@ -114,6 +114,8 @@ class FedKSeedServer(ServerStrategy):
             raise InvalidField("fedkseed updates carry scalars only, no tensors")
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
+        if not updates:
+            raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
         state = state.copy()
         k = int(job.k)
         total = float(sum(u.num_samples for u in updates))

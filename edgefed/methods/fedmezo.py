@@ -68,6 +68,8 @@ class FedMeZOServer(ServerStrategy):
             raise InvalidField(f"update from {update.device} has non-finite parameter deltas")
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
+        if not updates:
+            raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
         state = state.copy()
         total = float(sum(u.num_samples for u in updates))
         avg = None

@@ -91,6 +91,11 @@ def _process_devices(artifact, job, shards, tmp_path, procs, url_holder=None):
             log = open(tmp_path / f"dev{i}.log", "w")
             procs.append(subprocess.Popen(_device_cmd(url, job, f"dev{i}", data, artifact), stdout=log,
                                           stderr=subprocess.STDOUT, cwd=ROOT))
+        # All devices online before the server opens round 0, so its target counts them all.
+        logs = [tmp_path / f"dev{i}.log" for i in range(len(shards))]
+        end = time.time() + 60
+        while time.time() < end and not all(p.exists() and "connected to" in p.read_text() for p in logs):
+            time.sleep(0.1)
 
         def stop():
             for p in procs:
@@ -109,14 +114,13 @@ def test_device_killed_mid_job_the_others_finish(tiny_artifacts, data, tmp_path)
     following rounds close with the two left (quorum 2), and the job completes."""
     train, held = data
     art = tiny_artifacts["lora"]
-    job = _job("killdev", "fedkseed", art, rounds=4, steps=8, n=0, min_devices=2, timeout=40)
+    job = _job("killdev", "fedkseed", art, rounds=4, steps=60, n=0, min_devices=2, timeout=40)
     procs: list = []
     broker = start_broker(prefer="mosquitto")
     killer_done = threading.Event()
 
     def killer():
-        # Wait for round 1 to be aggregated, then kill dev2 in the middle of round 1's training.
-        db = tmp_path / "server.sqlite"
+        # Once round 0 is acknowledged, kill dev2 while it trains round 1.
         while not killer_done.is_set():
             if (tmp_path / "dev0.log").exists() and "round 0 accepted" in (tmp_path / "dev0.log").read_text():
                 break
@@ -124,7 +128,6 @@ def test_device_killed_mid_job_the_others_finish(tiny_artifacts, data, tmp_path)
         if procs:
             procs[2].send_signal(signal.SIGKILL)
         killer_done.set()
-        del db
 
     try:
         th = threading.Thread(target=killer, daemon=True)

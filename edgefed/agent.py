@@ -117,6 +117,8 @@ class DeviceAgent:
                     self.topics.sync_reply(self.device)):
             self.t.subscribe(flt, self._on_message)
         self._status("online")
+        self.log.info("%s: joined job %s (%d examples, %d trainable parameters)", self.device, self.job,
+                      len(self.examples), self.model.n_trainable)
 
     def stop(self, state: str = "offline") -> None:
         try:

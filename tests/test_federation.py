@@ -94,7 +94,7 @@ def _process_devices(artifact, job, shards, tmp_path, procs, url_holder=None):
         # All devices online before the server opens round 0, so its target counts them all.
         logs = [tmp_path / f"dev{i}.log" for i in range(len(shards))]
         end = time.time() + 60
-        while time.time() < end and not all(p.exists() and "connected to" in p.read_text() for p in logs):
+        while time.time() < end and not all(p.exists() and "joined job" in p.read_text() for p in logs):
             time.sleep(0.1)
 
         def stop():

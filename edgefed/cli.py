@@ -33,6 +33,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--idle-timeout", type=float, default=None, help="leave after this long with no plan")
     p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
+    p.add_argument("--checkpoint", default=None, help="save the final trained parameters here "
+                   "(raw float32 + JSON sidecar) when the job finishes")
 
 
 def _device(args: argparse.Namespace) -> int:
@@ -40,7 +42,7 @@ def _device(args: argparse.Namespace) -> int:
     from .agent import DeviceAgent
     from .data import read_jsonl
     from .device_config import load_device_config
-    from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes
+    from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes, save_checkpoint
     from .transport import make_transport
 
     cfg = load_device_config(args.config)
@@ -56,6 +58,9 @@ def _device(args: argparse.Namespace) -> int:
     agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
                         progress=args.progress)
     stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)
+    if args.checkpoint and agent.final_round is not None:
+        path = save_checkpoint(model, args.checkpoint, {"job": args.job, "round": agent.final_round})
+        print(f"device {device_id}: final model (round {agent.final_round}) saved to {path}", file=sys.stderr)
     print(f"device {device_id}: {stats.rounds_trained} rounds, {stats.updates_accepted} accepted, "
           f"{stats.bytes_sent} B sent, {stats.bytes_received} B received, peak RSS "
           f"{peak_rss_bytes() / 2**20:.0f} MB", file=sys.stderr)

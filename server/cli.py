@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from typing import Any, List, Optional
 
 __all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args", "main"]
@@ -76,6 +77,9 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-server-<job>)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    s.add_argument("--linger", type=float, default=60.0,
+                   help="after the last round, keep answering sync requests (devices fetch the "
+                        "final model) until every device has left, at most this many seconds")
     return p
 
 
@@ -96,6 +100,17 @@ def _progress_line(s: dict, total: int) -> str:
     return (f"round {s['round']} done ({s['round'] + 1}/{total}): {s['n_updates']} updates, loss {loss}, "
             f"{s['duration_s']:.2f} s, in {s['bytes_in'] / 1024:.1f} KB, plan {s['bytes_out'] / 1024:.1f} KB"
             + (f", {extra}" if extra else ""))
+
+
+def _linger(server, seconds: float, stop: threading.Event) -> None:
+    """Devices pull the last round's delta with a SyncRequest once the job is done; stay until
+    every device that announced itself reports finished or offline."""
+    end = time.monotonic() + max(0.0, seconds)
+    while time.monotonic() < end and not stop.is_set():
+        states = [d.get("state") for d in server.status()["devices"]]
+        if all(s in ("finished", "offline") for s in states):
+            return
+        time.sleep(0.2)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -166,6 +181,7 @@ def run_server(args: argparse.Namespace) -> int:
               flush=True)
         summary = server.run(stop_event=stop)
         if summary["done"]:
+            _linger(server, args.linger, stop)
             print(f"job {summary['job']} finished: {summary['rounds_completed']} rounds, "
                   f"{summary['updates_accepted']} updates accepted this run, digest "
                   f"{summary['digest'][:16]}", flush=True)

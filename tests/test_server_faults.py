@@ -56,7 +56,7 @@ class ServerProc:
         env["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-m", "edgefed_server.cli", "--job", job, "--broker", url,
                 "--db", str(tmp / "server.db"), "--method", "fedkseed", "--k", "256",
-                "--local-steps", "8", "--lr", "0.01", *extra]
+                "--local-steps", "8", "--lr", "0.01", "--linger", "0", *extra]
         with open(self.out, "wb") as o, open(self.err, "wb") as e:
             self.proc = subprocess.Popen(argv, stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env)
 

@@ -69,7 +69,8 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
     print(f"evaluating the starting model on {len(heldout)} held-out snippets ...", file=sys.stderr)
     before = glob.evaluate(heldout)
     ev0 = glob.evaluate(subset) if len(subset) < len(heldout) else before
-    history = [{"round": 0, "train_loss": None, "eval_accuracy": ev0["accuracy"], "eval_loss": ev0["loss"]}]
+    history = [{"round": 0, "train_loss": None, "eval_accuracy": ev0["accuracy"], "eval_loss": ev0["loss"],
+                "eval_n": len(subset)}]
     print(f"  before: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", file=sys.stderr)
 
     store = Store(out / "server.sqlite")
@@ -96,7 +97,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
             glob.apply(store.load_delta(job.job, r))
             h = {"round": r + 1, "train_loss": m.get("train_loss"), "n_updates": m["n_updates"],
                  "bytes_in": m["bytes_in"], "bytes_out": m["bytes_out"], "duration_s": m["duration_s"],
-                 "eval_accuracy": None, "eval_loss": None}
+                 "eval_accuracy": None, "eval_loss": None, "eval_n": len(subset)}
             if (r + 1) % eval_every == 0 or r + 1 == job.rounds:
                 ev = glob.evaluate(subset)
                 h["eval_accuracy"], h["eval_loss"] = ev["accuracy"], ev["loss"]

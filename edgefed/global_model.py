@@ -53,7 +53,8 @@ def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
     if ev:
         ax1.plot([h["round"] for h in ev], [100 * h["eval_accuracy"] for h in ev], "o-", color="tab:blue")
     ax1.set_xlabel("rounds aggregated (0 = before training)")
-    ax1.set_ylabel("held-out accuracy (%)")
+    n = next((h.get("eval_n") for h in ev if h.get("eval_n")), None)
+    ax1.set_ylabel(f"held-out accuracy (%){f', {n} snippets' if n else ''}")
     ax1.set_title("accuracy")
     ax1.grid(alpha=0.3)
     tr = [h for h in history if h.get("train_loss") is not None]

@@ -614,15 +614,22 @@ class Server:
                 "device_class": device_class, "first_seen": first_seen, "last_seen": last_seen,
                 "text": text}
 
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained status
+    def _decode_or_reject(self, topic: str, payload: bytes, label: str):
+        """The message, or None after counting and logging why it was refused."""
         try:
             msg = decode(payload, limits=self.limits)
             check_topic(topic, msg)
+            return msg
         except ProtocolError as e:
-            self._count_reject("status_" + reason_class(e))
+            self._count_reject(label + reason_class(e))
             self.log.warning("rejected %s: %s", topic, e)
+            return None
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        msg = self._decode_or_reject(topic, payload, "status_")
+        if msg is None:
             return
         assert isinstance(msg, Status)
         now = self.clock()
@@ -648,12 +655,8 @@ class Server:
 
     # ------------------------------------------------------------------ sync
     def _on_sync(self, topic: str, payload: bytes, outbox: list) -> None:
-        try:
-            msg = decode(payload, limits=self.limits)
-            check_topic(topic, msg)
-        except ProtocolError as e:
-            self._count_reject("sync_" + reason_class(e))
-            self.log.warning("rejected %s: %s", topic, e)
+        msg = self._decode_or_reject(topic, payload, "sync_")
+        if msg is None:
             return
         assert isinstance(msg, SyncRequest) and self.state is not None
         reply = self._sync_reply(msg)

@@ -107,37 +107,42 @@ def _process_devices(artifact, job, shards, tmp_path, procs, url_holder=None):
     return start
 
 
+def _logs_say(tmp_path, n, text):
+    logs = [tmp_path / f"dev{i}.log" for i in range(n)]
+    return all(p.exists() and text in p.read_text() for p in logs)
+
+
+def _run_with_fault(fault, job, art, held, broker, shards, tmp_path, procs):
+    """run_federation with device processes while `fault(stop)` runs beside it."""
+    stop = threading.Event()
+    threading.Thread(target=fault, args=(stop,), daemon=True).start()
+    try:
+        return run_federation(job, art, held[:20], broker_url=broker.url, out_dir=tmp_path, eval_n=10,
+                              start_devices=_process_devices(art, job.job, shards, tmp_path, procs),
+                              progress=False, timeout=300)
+    finally:
+        stop.set()
+        broker.stop()
+
+
 @needs_mosquitto
 @pytest.mark.mosquitto
 def test_device_killed_mid_job_the_others_finish(tiny_artifacts, data, tmp_path):
-    """SIGKILL one of three device processes after round 1: its last will marks it offline, the
-    following rounds close with the two left (quorum 2), and the job completes."""
+    """SIGKILL one of three device processes while it trains round 1: its last will marks it
+    offline, the following rounds close with the two left (quorum 2), and the job completes."""
     train, held = data
     art = tiny_artifacts["lora"]
     job = _job("killdev", "fedkseed", art, rounds=4, steps=60, n=0, min_devices=2, timeout=40)
     procs: list = []
-    broker = start_broker(prefer="mosquitto")
-    killer_done = threading.Event()
 
-    def killer():
-        # Once round 0 is acknowledged, kill dev2 while it trains round 1.
-        while not killer_done.is_set():
-            if (tmp_path / "dev0.log").exists() and "round 0 accepted" in (tmp_path / "dev0.log").read_text():
-                break
+    def kill_dev2(stop):
+        while not stop.is_set() and not _logs_say(tmp_path, 1, "round 0 accepted"):
             time.sleep(0.2)
         if procs:
             procs[2].send_signal(signal.SIGKILL)
-        killer_done.set()
 
-    try:
-        th = threading.Thread(target=killer, daemon=True)
-        th.start()
-        res = run_federation(job, art, held[:20], broker_url=broker.url, out_dir=tmp_path, eval_n=10,
-                             start_devices=_process_devices(art, job.job, iid_split(train, 3), tmp_path, procs),
-                             progress=False, timeout=300)
-    finally:
-        killer_done.set()
-        broker.stop()
+    res = _run_with_fault(kill_dev2, job, art, held, start_broker(prefer="mosquitto"),
+                          iid_split(train, 3), tmp_path, procs)
     assert res.rounds_completed == 4
     assert procs[2].returncode == -signal.SIGKILL
     per_round = [h["n_updates"] for h in res.history[1:]]
@@ -155,25 +160,15 @@ def test_broker_restarted_mid_job(tiny_artifacts, data, tmp_path, kind):
     job = _job(f"restart-{kind}", "fedkseed", art, rounds=4, steps=60, n=2, timeout=60)
     procs: list = []
     broker = start_broker(prefer=kind, persistence=True)
-    stop = threading.Event()
 
-    def restarter():
+    def restart_broker(stop):
         while not stop.is_set():
-            logs = [tmp_path / f"dev{i}.log" for i in range(2)]
-            if all(p.exists() and "round 0 accepted" in p.read_text() for p in logs):
+            if _logs_say(tmp_path, 2, "round 0 accepted"):
                 broker.restart()
                 return
             time.sleep(0.1)
 
-    try:
-        th = threading.Thread(target=restarter, daemon=True)
-        th.start()
-        res = run_federation(job, art, held[:20], broker_url=broker.url, out_dir=tmp_path, eval_n=10,
-                             start_devices=_process_devices(art, job.job, iid_split(train, 2), tmp_path, procs),
-                             progress=False, timeout=300)
-    finally:
-        stop.set()
-        broker.stop()
+    res = _run_with_fault(restart_broker, job, art, held, broker, iid_split(train, 2), tmp_path, procs)
     assert res.rounds_completed == 4
     assert [h["n_updates"] for h in res.history[1:]] == [2, 2, 2, 2]
     assert all(p.returncode == 0 for p in procs)

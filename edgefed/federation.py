@@ -56,7 +56,9 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
                    broker_url: str, start_devices: StartDevices, out_dir: str | Path,
                    eval_every: int = 1, eval_n: int = 128, eval_threads: int = 2,
                    http_port: int | None = None, timeout: float = 3600.0, progress: bool = True,
-                   title: str = "") -> FederationResult:
+                   title: str = "", server_options: dict | None = None) -> FederationResult:
+    """server_options go to edgefed_server.engine.Server (e.g. history=2: rounds of deltas kept
+    for sync before devices further behind get the full state)."""
     from edgefed_server.engine import Server
     from edgefed_server.store import Store
 
@@ -75,7 +77,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
 
     store = Store(out / "server.sqlite")
     transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}")
-    server = Server(transport, store, job, http_port=http_port)
+    server = Server(transport, store, job, http_port=http_port, **(server_options or {}))
     done_rounds: "queue.Queue[dict]" = queue.Queue()
     server.add_round_listener(done_rounds.put)
     stop_devices = start_devices(broker_url)

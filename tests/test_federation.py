@@ -59,6 +59,52 @@ def test_simulation_devices_end_on_the_global_model(tiny_artifacts, data, tmp_pa
         assert res.bytes_up_per_device_round > 4 * base.n_trainable
 
 
+@pytest.mark.parametrize("history,full", [(None, False), (1, True)], ids=["delta-sync", "full-sync"])
+def test_late_device_catches_up(tiny_artifacts, data, tmp_path, history, full):
+    """A device that joins after round 2 syncs (deltas, or the full state when the server keeps
+    only one round of history), trains the remaining rounds and ends on the global model."""
+    from edgefed.agent import DeviceAgent
+    from edgefed.transport import make_transport
+
+    train, held = data
+    art = tiny_artifacts["lora"]
+    job = _job(f"late-{history}", "fedkseed", art, rounds=5, steps=30, n=0, min_devices=2)
+    base = DeviceModel(art, threads=1, batch_size=8, seq_len=32, check_memory=False)
+    shards = iid_split(train, 3)
+    early = thread_devices(base, job.job, shards[:2])
+    agents = []
+
+    def start(url):
+        stop_early = early(url)
+
+        def join_late():
+            while not any(a.stats.last_round >= 2 for a in early.agents):
+                time.sleep(0.05)
+            agent = DeviceAgent(make_transport(url, client_id="late"), "late", job.job, base.fork(), shards[2])
+            agents.append(agent)
+            agent.run()
+        th = threading.Thread(target=join_late, daemon=True)
+        th.start()
+
+        def stop():
+            th.join(timeout=60)
+            stop_early()
+        return stop
+
+    res = run_federation(job, art, held, broker_url=f"inproc://{job.job}", start_devices=start,
+                         out_dir=tmp_path, eval_n=20, progress=False, server_options={"history": history})
+    assert res.rounds_completed == 5
+    late = agents[0]
+    assert 1 <= late.stats.rounds_trained <= 3 and late.final_round == 5
+    assert late.stats.full_syncs == (1 if full else 0)
+    if full:  # rebuilt from the cumulative coefficients: equal up to float32 rounding
+        np.testing.assert_allclose(late.model.params, res.final_params, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(late.model.params, res.final_params)
+    for a in early.agents:
+        np.testing.assert_array_equal(a.model.params, res.final_params)
+
+
 def test_fedkseed_bytes_do_not_grow_with_the_model(tiny_artifacts, data, tmp_path):
     """FedKSeed's uplink is independent of the trainable size: 8 bytes a step plus the header,
     for 200k full parameters as for 1k LoRA ones."""

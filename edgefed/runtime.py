@@ -78,8 +78,9 @@ def estimate_memory(art_dir: str | os.PathLike, batch_size: int, seq_len: int,
     act = 4 * tokens * (8 * hidden + 2 * inter) * 2 + 4 * batch_size * heads * seq_len * seq_len * 2
     vocab = int(cfg.get("vocab_size", 49152))
     act += 4 * tokens * vocab if m["task"]["kind"] == "lm" else 4 * batch_size * vocab
-    # ORT holds the graph's initializers once (mapped from the file) plus its arena.
-    total = _BASE_BYTES + int(onnx_bytes * 1.05) + trainable_bytes * 2 + act * 2
+    # ORT holds the graph's initializers plus pre-packed copies of some and its arena: measured
+    # peak RSS of SmolLM2 LoRA inference (539 MB graph) was 953 MB, so count the graph 1.4x.
+    total = _BASE_BYTES + int(onnx_bytes * 1.4) + trainable_bytes * 2 + act * 2
     return {"total": total, "base": _BASE_BYTES, "weights": onnx_bytes,
             "trainable": trainable_bytes, "activations": act * 2, "layers": layers}
 

@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     print(f"  LoRA FedAvg (SmolLM2 r=8 q,v) {b['lora_fedavg_bytes_per_device_per_round']:>10,} B   "
           f"= {b['lora_over_ours']:.0f}x ours")
     print("\n'nodelay' = TCP_NODELAY on the paho client sockets of the server and the devices; the "
-          "broker always has set_tcp_nodelay.\nWith it off (edgefed.transport.mqtt as shipped), bursts of "
+          "broker always has set_tcp_nodelay.\nWith it off (MqttTransport(tcp_nodelay=False); on is the default), bursts of "
           "small QoS-1 messages wait for delayed ACKs (~40 ms a round on loopback).")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -153,7 +153,8 @@ def test_schedules_are_pure_functions_of_the_step():
 
 DEVICE_MODULES = ["edgefed.kernels", "edgefed.rng", "edgefed.zo", "edgefed.runtime", "edgefed.trainer",
                   "edgefed.data", "edgefed.device_config", "edgefed.protocol", "edgefed.transport",
-                  "edgefed.transport.mqtt", "edgefed.transport.inproc", "edgefed.export.artifact"]
+                  "edgefed.transport.mqtt", "edgefed.transport.inproc", "edgefed.export.artifact",
+                  "edgefed.agent", "edgefed.methods", "edgefed.metrics", "edgefed.cli"]
 
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)

@@ -19,6 +19,7 @@ from .global_model import GlobalModel, plot_rounds
 from .methods import JobConfig
 from .metrics import paired_gain
 from .runtime import DeviceModel
+from .trainer import progress_bar
 from .transport import make_transport
 
 __all__ = ["FederationResult", "run_federation", "print_report"]
@@ -45,11 +46,6 @@ class FederationResult:
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "final_params"}
-
-
-def _progress(enabled: bool, total: int):
-    from .trainer import progress_bar
-    return progress_bar(total, "rounds", enabled)
 
 
 def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Example], *,
@@ -81,7 +77,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
     done_rounds: "queue.Queue[dict]" = queue.Queue()
     server.add_round_listener(done_rounds.put)
     stop_devices = start_devices(broker_url)
-    bar = _progress(progress, job.rounds)
+    bar = progress_bar(job.rounds, "rounds", progress)
     try:
         server.start()
         if server.http_port:

@@ -10,7 +10,7 @@ import numpy as np
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..trainer import LocalTrainer
 from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy
-from .fedkseed import seed_pool, zo_config
+from .fedkseed import seed_pool, zo_config, zo_plan_params
 
 __all__ = ["FedMeZOClient", "FedMeZOServer"]
 
@@ -50,11 +50,8 @@ class FedMeZOServer(ServerStrategy):
         return MethodState(scalars={"rounds_aggregated": 0, "n": 0}, arrays={})
 
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
-        p = job.params
         return PlanFields(lr=job.lr, eps=job.eps, local_steps=job.local_steps, batch_size=job.batch_size,
-                          seed_pool_id=job.seed_pool_id + round_id, k=job.k,
-                          params={"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
-                                  "clip": float(p.get("clip", 0.0))})
+                          seed_pool_id=job.seed_pool_id + round_id, k=job.k, params=zo_plan_params(job.params))
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
         ts = {t.name: t for t in update.tensors}

@@ -43,11 +43,15 @@ def _device(args: argparse.Namespace) -> int:
     from .data import read_jsonl
     from .device_config import load_device_config
     from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes, save_checkpoint
-    from .transport import make_transport
+    from .transport import BrokerUnreachable, make_transport
 
-    cfg = load_device_config(args.config)
+    try:
+        cfg = load_device_config(args.config)
+        examples = read_jsonl(args.data)
+    except (OSError, ValueError) as exc:
+        print(f"edgefed device: {exc}", file=sys.stderr)
+        return 2
     device_id = args.device_id or socket.gethostname().split(".")[0]
-    examples = read_jsonl(args.data)
     try:
         model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size)
     except MemoryBudgetError as exc:
@@ -57,7 +61,11 @@ def _device(args: argparse.Namespace) -> int:
     t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
     agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
                         progress=args.progress)
-    stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)
+    try:
+        stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)
+    except BrokerUnreachable as exc:
+        print(f"edgefed device: {exc}", file=sys.stderr)
+        return 4
     if args.checkpoint and agent.final_round is not None:
         path = save_checkpoint(model, args.checkpoint, {"job": args.job, "round": agent.final_round})
         print(f"device {device_id}: final model (round {agent.final_round}) saved to {path}", file=sys.stderr)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .children import die_with_parent_preexec
 from .data import SENTIMENT_TEMPLATE, write_jsonl
 from .simulate import add_job_args, job_from_args, split_data
 
@@ -40,47 +42,70 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     add_job_args(p, rounds=20, local_steps=16, lr=2e-3, batch=8)
 
 
-def _device_processes(args, job_id: str, artifact: Path, data_files: list[Path], logs: Path):
-    def start(url: str):
-        procs = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for i, data in enumerate(data_files):
-            dev = f"device-{i + 1}"
-            cmd = [sys.executable, "-m", "edgefed.cli", "device", "--config", args.device_config,
-                   "--broker", url, "--data", str(data), "--artifact", str(artifact), "--job", job_id,
-                   "--device-id", dev, "--threads", str(args.device_threads),
-                   "--batch-size", str(args.batch_size), "--idle-timeout", str(args.round_timeout * 2)]
-            log = open(logs / f"{dev}.log", "w")
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        print(f"started {len(procs)} device processes (logs in {logs}/device-*.log)", file=sys.stderr)
+class DeviceProcesses:
+    """The demo's `edgefed device` processes: started on a broker URL, stopped by calling the
+    object; failure() names a device that exited before the job ended, with its log's tail."""
 
-        def stop():
-            deadline = time.time() + 30
-            for p, _ in procs:  # they leave by themselves when the job is done
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.time()))
-                except subprocess.TimeoutExpired:
-                    p.terminate()
-            for p, log in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                log.close()
-        return stop
-    return start
+    def __init__(self, args, job_id: str, artifact: Path, data_files: list[Path], logs: Path):
+        self.args, self.job_id, self.artifact, self.data_files, self.logs = args, job_id, artifact, data_files, logs
+        self.procs: list[tuple[str, subprocess.Popen, object]] = []
+
+    def start(self, url: str) -> "DeviceProcesses":
+        a = self.args
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for i, data in enumerate(self.data_files):
+            dev = f"device-{i + 1}"
+            cmd = [sys.executable, "-m", "edgefed.cli", "device", "--config", a.device_config,
+                   "--broker", url, "--data", str(data), "--artifact", str(self.artifact), "--job", self.job_id,
+                   "--device-id", dev, "--threads", str(a.device_threads),
+                   "--batch-size", str(a.batch_size), "--idle-timeout", str(a.round_timeout * 2)]
+            log = open(self.logs / f"{dev}.log", "w")
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 preexec_fn=die_with_parent_preexec())
+            self.procs.append((dev, p, log))
+        print(f"started {len(self.procs)} device processes (logs in {self.logs}/device-*.log)", file=sys.stderr)
+        return self
+
+    def failure(self) -> str | None:
+        """A device process that exited with an error (they exit 0 only once the job is done)."""
+        for dev, p, _ in self.procs:
+            if p.poll() not in (None, 0):
+                tail = (self.logs / f"{dev}.log").read_text(errors="replace").splitlines()[-12:]
+                return (f"{dev} exited with code {p.returncode}; the end of {self.logs / (dev + '.log')}:\n  "
+                        + "\n  ".join(tail))
+        return None
+
+    def __call__(self) -> None:
+        deadline = time.time() + 30
+        for _, p, _ in self.procs:  # they leave by themselves when the job is done
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for _, p, log in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            log.close()
 
 
 def run_demo(args) -> int:
     from . import kernels
     from .export.cache import ensure_artifact
-    from .federation import print_report, run_federation
+    from .federation import DeviceFailed, print_report, run_federation
+    from .device_config import load_device_config
     from .models import prepare_model
     from .transport.broker import start_broker
 
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    try:  # before any work: a typo here would otherwise surface in every device's log
+        load_device_config(args.device_config)
+    except (OSError, ValueError) as e:
+        print(f"edgefed demo: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
     job_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out or f"runs/{job_id}")
@@ -93,7 +118,8 @@ def run_demo(args) -> int:
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training snippets over {args.devices} devices "
           f"({args.split}), {len(held)} held out", file=sys.stderr)
-    broker = start_broker(args.broker, prefer="embedded" if args.embedded_broker else "auto")
+    broker = start_broker(args.broker, prefer="embedded" if args.embedded_broker else "auto",
+                          die_with_parent=True)
     print(f"[3/4] broker: {broker.kind} at {broker.url}", file=sys.stderr)
     kernels.set_num_threads(2)
     job = job_from_args(args, job_id, args.devices, artifact)
@@ -101,12 +127,17 @@ def run_demo(args) -> int:
         print(f"[4/4] federated fine-tuning: {args.method}, {args.rounds} rounds x {args.local_steps} "
               f"local ZO steps, batch {args.batch_size}, lr {args.lr}, eps {args.eps}", file=sys.stderr)
         res = run_federation(job, artifact, held, broker_url=broker.url, out_dir=out,
-                             start_devices=_device_processes(args, job_id, artifact, files, out),
+                             start_devices=DeviceProcesses(args, job_id, artifact, files, out).start,
                              eval_every=args.eval_every, eval_n=args.eval_n, http_port=args.http_port,
                              progress=not args.no_progress, timeout=args.round_timeout * (args.rounds + 2),
                              title=f"EdgeFed demo: {args.devices} devices over {broker.kind}, "
                                    f"{args.method} on {args.model} ({args.trainable.split(':')[0]})")
+    except (DeviceFailed, TimeoutError) as e:
+        print(f"edgefed demo failed: {e}\nserver, device and broker logs are in {out}/", file=sys.stderr)
+        return 1
     finally:
+        if broker.log_path and Path(broker.log_path).exists():  # kept for post-mortems
+            shutil.copyfile(broker.log_path, out / "broker.log")
         broker.stop()
     print_report(res)
     print(f"total time {(time.time() - t0) / 60:.1f} min; results in {out}/results.json", file=sys.stdout)

@@ -22,11 +22,17 @@ from .runtime import DeviceModel
 from .trainer import progress_bar
 from .transport import make_transport
 
-__all__ = ["FederationResult", "run_federation", "print_report"]
+__all__ = ["DeviceFailed", "FederationResult", "run_federation", "print_report"]
 
 log = logging.getLogger("edgefed.federation")
 
-StartDevices = Callable[[str], Callable[[], None]]  # broker url -> stop function
+# broker url -> stop function; if the stop function also has failure() -> str | None, the job is
+# abandoned with that message as soon as it returns one (a device process crashed)
+StartDevices = Callable[[str], Callable[[], None]]
+
+
+class DeviceFailed(RuntimeError):
+    """A device the job started exited with an error before the job finished."""
 
 
 @dataclass
@@ -83,7 +89,12 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
         if server.http_port:
             print(f"server status: http://127.0.0.1:{server.http_port}/", file=sys.stderr)
         end = time.time() + timeout
+        device_failure = getattr(stop_devices, "failure", lambda: None)
         while glob.rounds_applied < job.rounds:
+            failed = device_failure()
+            if failed:
+                raise DeviceFailed(f"job {job.job} stopped after {glob.rounds_applied}/{job.rounds} rounds: "
+                                   f"{failed}")
             if time.time() > end:
                 raise TimeoutError(f"job {job.job} did not finish in {timeout:.0f} s "
                                    f"({glob.rounds_applied}/{job.rounds} rounds)")

@@ -220,14 +220,22 @@ def test_broker_restarted_mid_job(tiny_artifacts, data, tmp_path, kind):
     assert all(p.returncode == 0 for p in procs)
 
 
+def _run_logs(run: Path) -> str:
+    return "".join(f"\n== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+                   for f in sorted(run.glob("*.log")))
+
+
 @pytest.mark.parametrize("flags", [[], ["--embedded-broker"]], ids=["auto-broker", "embedded-broker"])
 def test_quick_demo_runs_the_real_path(tmp_path, flags):
     env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--out", str(tmp_path / "run"),
-                        "--no-progress", *flags], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    try:
+        r = subprocess.run([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--out", str(tmp_path / "run"),
+                            "--no-progress", *flags], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the quick demo hung; its logs:\n" + _run_logs(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:] + _run_logs(tmp_path / "run")
     assert time.time() - t0 < 120
     out = r.stdout
     assert "before" in out and "after" in out and "95% CI" in out and "bytes on the wire" in out
@@ -237,3 +245,24 @@ def test_quick_demo_runs_the_real_path(tmp_path, flags):
     for i in range(1, 5):
         log = (tmp_path / "run" / f"device-{i}.log").read_text()
         assert "3 rounds, 3 accepted" in log
+
+
+def test_demo_stops_with_the_device_error_when_devices_fail(tmp_path):
+    """A device that cannot run (here: a config whose memory budget the model does not fit) makes
+    the demo stop at once with that device's reason, instead of waiting out round deadlines."""
+    cfg = tmp_path / "tiny-board.yaml"
+    cfg.write_text("name: tiny-board\narch: x86_64\nthreads: 1\nmemory_budget_mb: 64\n"
+                   "execution_providers: [CPUExecutionProvider]\nbatch_size: 8\nseq_len: 64\nprecision: fp32\n")
+    env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--out", str(tmp_path / "run"),
+                        "--no-progress", "--device-config", str(cfg)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert time.time() - t0 < 90
+    assert "exited with code 3" in r.stderr and "allows 64 MB" in r.stderr and "tiny-board" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--device-config", "no-such-board"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert bad.returncode == 2 and "no-such-board" in bad.stderr and "known:" in bad.stderr
+    assert "Traceback" not in bad.stderr

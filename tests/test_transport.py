@@ -402,3 +402,97 @@ def test_make_transport_urls():
         t1.publish("a/b", b"hi")
         assert t1.broker.wait_idle() and inbox.payloads() == [b"hi"]
     assert isinstance(make_transport("mqtt://127.0.0.1:1", "z"), M.MqttTransport)
+
+
+class DropFirstSubscribe:
+    """A TCP relay in front of a real broker that cuts the connection as soon as the client's
+    first SUBSCRIBE packet arrives (before forwarding it), like a Wi-Fi drop at the worst time."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        self.upstream = upstream_port
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.dropped = threading.Event()
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client):
+        buf = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not from_client or self.dropped.is_set():
+                    dst.sendall(data)
+                    continue
+                buf += data
+                while len(buf) >= 2:  # frame MQTT packets: fixed header + varint remaining length
+                    n, mult, i = 0, 1, 1
+                    while i < len(buf) and buf[i] & 0x80:
+                        n += (buf[i] & 0x7F) * mult
+                        mult *= 128
+                        i += 1
+                    if i >= len(buf):
+                        break
+                    n += (buf[i] & 0x7F) * mult
+                    end = i + 1 + n
+                    if len(buf) < end:
+                        break
+                    if buf[0] >> 4 == 8 and not self.dropped.is_set():  # SUBSCRIBE
+                        self.dropped.set()
+                        raise OSError("dropped")
+                    dst.sendall(buf[:end])
+                    buf = buf[end:]
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.srv.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_subscribe_survives_a_drop_before_suback(kind, clients):
+    """The connection dies between SUBSCRIBE and SUBACK and comes back: subscribe() returns once
+    the re-subscription is acknowledged (it used to time out and raise although all was well),
+    and messages flow on the filter."""
+    b = start_broker(prefer=kind)
+    relay = DropFirstSubscribe(int(b.url.rsplit(":", 1)[1]))
+    try:
+        dev = clients(f"mqtt://127.0.0.1:{relay.port}", "dev-drop", protocol="3.1.1")
+        dev.connect()
+        inbox = Inbox()
+        t0 = time.monotonic()
+        dev.subscribe("edgefed/v1/drop/plan", inbox, timeout=10)
+        assert relay.dropped.is_set() and dev.reconnects >= 1
+        assert time.monotonic() - t0 < 8, "subscribe() waited for its lost SUBACK"
+        src = clients(b.url, "src-drop")
+        src.connect()
+        src.publish("edgefed/v1/drop/plan", b"x")
+        assert wait_for(lambda: inbox.payloads() == [b"x"])
+    finally:
+        relay.close()
+        b.stop()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ..children import die_with_parent_preexec
+
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])  # directory holding the edgefed package
 
 
@@ -65,6 +67,7 @@ class BrokerHandle:
     _env: Optional[dict] = field(default=None, repr=False)
     _proc: Optional[subprocess.Popen] = field(default=None, repr=False)
     _own_workdir: bool = field(default=False, repr=False)
+    _die_with_parent: bool = field(default=False, repr=False)
 
     @property
     def pid(self) -> Optional[int]:
@@ -79,7 +82,8 @@ class BrokerHandle:
         try:
             self._proc = subprocess.Popen(self._argv, stdout=logf, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=self._env,
-                                          start_new_session=True)  # our signals only, not the caller's
+                                          start_new_session=True,  # our signals only, not the caller's
+                                          preexec_fn=die_with_parent_preexec() if self._die_with_parent else None)
         finally:
             logf.close()
         end = time.monotonic() + timeout
@@ -163,8 +167,13 @@ def _mosquitto_conf(host: str, port: int, workdir: str, persistence: bool) -> st
 
 def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0, *,
                  host: str = "127.0.0.1", persistence: bool = False,
-                 workdir: Optional[str] = None, timeout: float = 15.0) -> BrokerHandle:
-    """Use `url` if given; else start Mosquitto (if installed and prefer allows) or embedded amqtt."""
+                 workdir: Optional[str] = None, timeout: float = 15.0,
+                 die_with_parent: bool = False) -> BrokerHandle:
+    """Use `url` if given; else start Mosquitto (if installed and prefer allows) or embedded amqtt.
+
+    die_with_parent: the broker gets SIGTERM if this process dies, even by SIGKILL (Linux). The
+    calling thread must live as long as the broker (the kernel watches the thread that forked).
+    """
     if url:
         from .mqtt import parse_url
         _, h, p = parse_url(url)
@@ -183,7 +192,7 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
     for _ in range(attempts):
         p = port or free_port(host)
         h = BrokerHandle(url=f"mqtt://{host}:{p}", kind=kind, host=host, port=p, workdir=wd,
-                         _own_workdir=own)
+                         _own_workdir=own, _die_with_parent=die_with_parent)
         if binary:
             conf = Path(wd) / "mosquitto.conf"
             conf.write_text(_mosquitto_conf(host, p, wd, persistence))
@@ -223,12 +232,37 @@ def run_embedded(host: str, port: int) -> None:
         "plugins": {f"{__name__.replace('__main__', 'edgefed.transport.broker')}.OpenAuthPlugin": {}},
     }
 
+    class _TakeoverSafeBroker(Broker):
+        """amqtt 0.12 with session take-over done in order.
+
+        When a client reconnects before amqtt noticed its old connection died (a Wi-Fi drop, a
+        killed process), amqtt attaches the new connection to the shared persistent Session and
+        only then lets the old connection's loop finish, which marks that Session disconnected:
+        SUBACKs still come back but no message is delivered to the live client again. Here the
+        old connection is closed and its loop allowed to finish (will included, as MQTT 3.1.1
+        3.1.4 asks) before the new connection is attached.
+        """
+
+        async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
+            handler, session = await super()._initialize_client_session(
+                reader, writer, remote_address, remote_port)
+            old = self._sessions.get(session.client_id)
+            if old is not None and old[0] is session and session.transitions.is_connected():
+                logging.getLogger("edgefed.broker").info("take-over of %s: closing its old connection",
+                                                         session.client_id)
+                await old[1].handle_connection_closed()
+                for _ in range(500):  # the old loop runs _handle_disconnect on this event loop
+                    if not session.transitions.is_connected():
+                        break
+                    await asyncio.sleep(0.01)
+            return handler, session
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        broker = Broker(config)
+        broker = _TakeoverSafeBroker(config)
         await broker.start()
         print(f"amqtt broker listening on {host}:{port}", flush=True)
         await stop.wait()

@@ -109,6 +109,9 @@ class MqttTransport(Transport):
         self._subs: Dict[str, Tuple[int, Callback]] = {}
         self._confirmed: set = set()  # filters the broker's current session knows
         self._resub_mids: Dict[int, str] = {}  # SUBSCRIBEs sent from _on_connect
+        # subscribe() calls waiting for their filter: completed by their own SUBACK or, when the
+        # connection dropped before it came, by the re-subscription _on_connect sent instead
+        self._sub_waiters: Dict[str, PublishHandle] = {}
         self._lock = threading.RLock()
         self._pubacks = _Pending()
         self._subacks = _Pending()
@@ -297,10 +300,14 @@ class MqttTransport(Transport):
         with self._lock:
             flt = self._resub_mids.pop(mid, None)
             if flt is not None:
+                err = TransportError(f"broker refused subscription to {flt!r}: {bad}") if bad else None
                 if bad:
                     log.warning("broker refused re-subscription to %s: %s", flt, bad)
                 elif flt in self._subs:
                     self._confirmed.add(flt)
+                waiter = self._sub_waiters.pop(flt, None)
+                if waiter is not None:
+                    waiter._complete(err)
                 return
         self._subacks.complete(mid, TransportError(f"broker refused subscription: {bad}")
                                if bad else None)
@@ -337,27 +344,36 @@ class MqttTransport(Transport):
     def subscribe(self, topic_filter: str, callback: Callback, qos: int = 1,
                   timeout: float = 10.0) -> None:
         check_topic_filter(topic_filter)
+        h = PublishHandle()
         with self._lock:
             self._subs[topic_filter] = (qos, callback)
             self._confirmed.discard(topic_filter)
-        client = self._client
-        if client is None or not self.connected:
-            return  # sent by _on_connect
-        rc, mid = client.subscribe(topic_filter, qos)
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            return  # disconnected in between: _on_connect will send it
-        h = PublishHandle(mid)
-        self._subacks.register(h)
+            self._sub_waiters[topic_filter] = h
         try:
-            h.wait(timeout)  # so that a publish after subscribe() returns is seen
-        except PublishTimeout:
-            if self.connected:
-                raise TransportError(f"no SUBACK for {topic_filter!r} from {self.url} within "
-                                     f"{timeout} s") from None
-            return  # connection dropped meanwhile: _on_connect re-sends it
-        with self._lock:
-            if topic_filter in self._subs:
-                self._confirmed.add(topic_filter)
+            client = self._client
+            if client is None or not self.connected:
+                return  # sent by _on_connect
+            rc, mid = client.subscribe(topic_filter, qos)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return  # disconnected in between: _on_connect will send it
+            h.mid = mid
+            self._subacks.register(h)
+            try:
+                h.wait(timeout)  # so that a publish after subscribe() returns is seen
+            except PublishTimeout:
+                if self.connected:
+                    raise TransportError(f"no SUBACK for {topic_filter!r} from {self.url} within "
+                                         f"{timeout} s; is the broker overloaded?") from None
+                return  # connection down: _on_connect re-sends it
+            with self._lock:
+                if topic_filter in self._subs:
+                    self._confirmed.add(topic_filter)
+        finally:
+            if h.mid:
+                self._subacks.forget(h.mid)
+            with self._lock:
+                if self._sub_waiters.get(topic_filter) is h:
+                    del self._sub_waiters[topic_filter]
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

@@ -1,6 +1,6 @@
 """`edgefed demo`, the main job: a real federated fine-tuning over MQTT.
 
-It starts a broker (Mosquitto when installed, else the embedded amqtt broker), the
+It starts a broker (the embedded amqtt broker by default, Mosquitto with --broker-kind), the
 aggregation server (in this process) and 4 device processes (`edgefed device`, each with its
 own ONNX Runtime session and no torch), which fine-tune SmolLM2-135M-Instruct's LoRA adapters
 on Rotten Tomatoes snippets by forward passes only, sending the server nothing but
@@ -34,8 +34,10 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random model, same path, < 2 minutes")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker "
-                   "(default: start Mosquitto if installed, else the embedded broker)")
-    p.add_argument("--embedded-broker", action="store_true", help="use the embedded amqtt broker")
+                   "(default: start one, see --broker-kind)")
+    p.add_argument("--broker-kind", choices=["embedded", "mosquitto", "auto"], default="embedded",
+                   help="broker to start when --broker is not given: the embedded amqtt broker (works "
+                        "after a plain pip install), Mosquitto, or auto (Mosquitto when installed)")
     p.add_argument("--device-config", default="x86-sim")
     p.add_argument("--device-threads", type=int, default=1)
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
@@ -118,8 +120,7 @@ def run_demo(args) -> int:
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training snippets over {args.devices} devices "
           f"({args.split}), {len(held)} held out", file=sys.stderr)
-    broker = start_broker(args.broker, prefer="embedded" if args.embedded_broker else "auto",
-                          die_with_parent=True)
+    broker = start_broker(args.broker, prefer=args.broker_kind, die_with_parent=True)
     print(f"[3/4] broker: {broker.kind} at {broker.url}", file=sys.stderr)
     kernels.set_num_threads(2)
     job = job_from_args(args, job_id, args.devices, artifact)

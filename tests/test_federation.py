@@ -225,7 +225,8 @@ def _run_logs(run: Path) -> str:
                    for f in sorted(run.glob("*.log")))
 
 
-@pytest.mark.parametrize("flags", [[], ["--embedded-broker"]], ids=["auto-broker", "embedded-broker"])
+@pytest.mark.parametrize("flags", [[], pytest.param(["--broker-kind", "mosquitto"], marks=needs_mosquitto)],
+                         ids=["embedded-broker", "mosquitto"])
 def test_quick_demo_runs_the_real_path(tmp_path, flags):
     env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
     t0 = time.time()

@@ -90,7 +90,8 @@ class DeviceModel:
 
     def __init__(self, artifact: str | os.PathLike, config: DeviceConfig | None = None, *,
                  threads: int | None = None, batch_size: int | None = None,
-                 seq_len: int | None = None, check_memory: bool = True, verify: bool = False):
+                 seq_len: int | None = None, check_memory: bool = True, verify: bool = False,
+                 allow_spinning: bool = False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -125,6 +126,9 @@ class DeviceModel:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's idle workers spin after each run by default; a ZO step runs our kernels right
+        # after every forward, on the same cores, so spinning workers would slow them down.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self.providers = self.config.providers(ort.get_available_providers())
         self.session = ort.InferenceSession(str(self.dir / self.manifest["files"]["onnx"]), so,
                                             providers=self.providers)

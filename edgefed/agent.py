@@ -183,7 +183,10 @@ class DeviceAgent:
         if not self._sync_to(plan, pparams):
             return
         self._status("training")
-        seed = zlib.crc32(f"{self.job}/{self.device}/{plan.round}".encode())
+        # Batches depend on the job's seed (when the plan carries one), the device and the round,
+        # not on the job id, so re-running a job under a new id reproduces it.
+        run = plan.params.get("run_seed", self.job)
+        seed = zlib.crc32(f"{run}/{self.device}/{plan.round}".encode())
         result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
         upd = P.Update(job=self.job, round=plan.round, device=self.device, method=plan.method,
                        msg_id=self.ids.next(), num_samples=result.num_samples, seeds=result.seeds,

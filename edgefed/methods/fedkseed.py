@@ -34,10 +34,12 @@ def seed_pool(pool_id: int, k: int) -> SeedPool:
     return _pools[key]
 
 
-def zo_plan_params(job_params: dict) -> dict:
-    """The ZO knobs a round plan carries to devices (read back by zo_config)."""
-    return {"n_perturb": int(job_params.get("n_perturb", 1)), "dist": str(job_params.get("dist", "normal")),
-            "clip": float(job_params.get("clip", 0.0))}
+def zo_plan_params(job: JobConfig) -> dict:
+    """The ZO knobs a round plan carries to devices (read back by zo_config), and the job's seed,
+    from which devices derive their batch order (so a job is reproducible whatever its id)."""
+    p = job.params
+    return {"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
+            "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed)}
 
 
 def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
@@ -106,7 +108,7 @@ class FedKSeedServer(ServerStrategy):
         decay = float(p.get("lr_decay", 1.0))
         return PlanFields(lr=job.lr * decay ** round_id, eps=job.eps, local_steps=job.local_steps,
                           batch_size=job.batch_size, seed_pool_id=job.seed_pool_id, k=job.k,
-                          seed_probs=probs, params=zo_plan_params(p))
+                          seed_probs=probs, params=zo_plan_params(job))
 
     def validate_update(self, job, state, plan: RoundPlan, update: Update) -> None:
         if update.seeds.size == 0:

@@ -51,7 +51,7 @@ class FedMeZOServer(ServerStrategy):
 
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
         return PlanFields(lr=job.lr, eps=job.eps, local_steps=job.local_steps, batch_size=job.batch_size,
-                          seed_pool_id=job.seed_pool_id + round_id, k=job.k, params=zo_plan_params(job.params))
+                          seed_pool_id=job.seed_pool_id + round_id, k=job.k, params=zo_plan_params(job))
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
         ts = {t.name: t for t in update.tensors}

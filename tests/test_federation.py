@@ -285,3 +285,45 @@ def test_demo_stops_with_the_device_error_when_devices_fail(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert bad.returncode == 2 and "no-such-board" in bad.stderr and "known:" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killing_the_demo_leaves_no_processes_behind(tmp_path):
+    """SIGKILL of the demo (a CI timeout, an OOM kill) takes its broker and devices with it:
+    nothing keeps holding ports or CPU."""
+    env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
+    demo = subprocess.Popen([sys.executable, "-m", "edgefed.cli", "demo", "--quick", "--out", str(tmp_path / "run"),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+
+    def children():
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == demo.pid:
+                kids.append(int(stat.parent.name))
+        return kids
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    end = time.time() + 120
+    while len(children()) < 5 and time.time() < end and demo.poll() is None:
+        time.sleep(0.2)
+    kids = children()
+    assert len(kids) == 5, f"expected a broker and 4 devices, found {kids}"
+    demo.kill()
+    demo.wait()
+    end = time.time() + 15
+    while any(alive(k) for k in kids) and time.time() < end:
+        time.sleep(0.2)
+    assert not [k for k in kids if alive(k)], "children outlived the demo"

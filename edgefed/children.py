@@ -24,10 +24,12 @@ def die_with_parent_preexec() -> Optional[Callable[[], None]]:
     if not sys.platform.startswith("linux"):
         return None
     parent = os.getpid()
+    # Resolved here, in the parent: the child of a multi-threaded process should do as little as
+    # possible between fork and exec (no dlopen, whose lock another thread may have held).
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     return preexec

@@ -424,7 +424,11 @@ class DropFirstSubscribe:
                 c, _ = self.srv.accept()
             except OSError:
                 return
-            u = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                u = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # broker already stopped (test teardown): refuse the client too
+                c.close()
+                continue
             self.socks += [c, u]
             threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()

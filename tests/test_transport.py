@@ -500,3 +500,19 @@ def test_subscribe_survives_a_drop_before_suback(kind, clients):
     finally:
         relay.close()
         b.stop()
+
+
+def test_close_delivers_publishes_still_in_flight(broker, clients):
+    """A burst of wait=False QoS-1 publishes followed at once by close(): none is lost."""
+    inbox = Inbox()
+    sub = clients(broker.url, "sub-close")
+    sub.connect()
+    sub.subscribe("edgefed/v1/close/x", inbox)
+    pub = M.MqttTransport(broker.url, "pub-close", **FAST)
+    pub.connect()
+    n = 2000
+    for i in range(n):
+        pub.publish("edgefed/v1/close/x", i.to_bytes(4, "big"), wait=False)
+    pub.close()
+    assert wait_for(lambda: len(inbox.payloads()) >= n, timeout=20), f"{len(inbox.payloads())}/{n} arrived"
+    assert sorted(int.from_bytes(p, "big") for p in inbox.payloads()) == list(range(n))

@@ -50,8 +50,14 @@ class _Pending:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._waiting: Dict[int, PublishHandle] = {}
         self._early: Dict[int, Optional[BaseException]] = {}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every registered handle is acknowledged (False at the timeout)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._waiting, timeout)
 
     def register(self, handle: PublishHandle) -> None:
         with self._lock:
@@ -64,6 +70,7 @@ class _Pending:
         with self._lock:
             self._waiting.pop(mid, None)
             self._early.pop(mid, None)
+            self._idle.notify_all()
 
     def complete(self, mid: int, error: Optional[BaseException] = None) -> None:
         with self._lock:
@@ -71,6 +78,7 @@ class _Pending:
             if h is None:
                 self._early[mid] = error
                 return
+            self._idle.notify_all()
         h._complete(error)
 
 
@@ -382,7 +390,12 @@ class MqttTransport(Transport):
         if self._client is not None:
             self._client.unsubscribe(topic_filter)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait up to `timeout` s for QoS>0 publishes still in flight (wait=False ones), so a
+        clean close loses nothing while the broker is reachable; then disconnect cleanly."""
+        if self._client is not None and self.connected and not self._pubacks.wait_idle(timeout):
+            log.warning("closing %s with QoS-1 publishes still unacknowledged after %.1f s",
+                        self.url, timeout)
         self._closed = True
         client, self._client = self._client, None
         if client is not None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from .children import die_with_parent_preexec
 from .data import SENTIMENT_TEMPLATE, write_jsonl
@@ -50,7 +51,7 @@ class DeviceProcesses:
 
     def __init__(self, args, job_id: str, artifact: Path, data_files: list[Path], logs: Path):
         self.args, self.job_id, self.artifact, self.data_files, self.logs = args, job_id, artifact, data_files, logs
-        self.procs: list[tuple[str, subprocess.Popen, object]] = []
+        self.procs: list[tuple[str, subprocess.Popen, IO[str]]] = []  # (device, process, its log)
 
     def start(self, url: str) -> "DeviceProcesses":
         a = self.args
@@ -70,11 +71,10 @@ class DeviceProcesses:
 
     def failure(self) -> str | None:
         """A device process that exited with an error (they exit 0 only once the job is done)."""
-        for dev, p, _ in self.procs:
+        for dev, p, log in self.procs:
             if p.poll() not in (None, 0):
-                tail = (self.logs / f"{dev}.log").read_text(errors="replace").splitlines()[-12:]
-                return (f"{dev} exited with code {p.returncode}; the end of {self.logs / (dev + '.log')}:\n  "
-                        + "\n  ".join(tail))
+                tail = Path(log.name).read_text(errors="replace").splitlines()[-12:]
+                return f"{dev} exited with code {p.returncode}; the end of {log.name}:\n  " + "\n  ".join(tail)
         return None
 
     def __call__(self) -> None:

@@ -248,8 +248,9 @@ def run_embedded(host: str, port: int) -> None:
                 reader, writer, remote_address, remote_port)
             old = self._sessions.get(session.client_id)
             if old is not None and old[0] is session and session.transitions.is_connected():
-                logging.getLogger("edgefed.broker").info("take-over of %s: closing its old connection",
-                                                         session.client_id)
+                # warning: the broker process logs at WARNING, and broker.log is what a post-mortem reads
+                logging.getLogger("edgefed.broker").warning("take-over of %s: closing its old connection",
+                                                            session.client_id)
                 await old[1].handle_connection_closed()
                 for _ in range(500):  # the old loop runs _handle_disconnect on this event loop
                     if not session.transitions.is_connected():

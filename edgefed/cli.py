@@ -24,7 +24,9 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="device class name or YAML (device_configs/)")
     p.add_argument("--broker", required=True, help="mqtt://host:port of the job's broker")
-    p.add_argument("--data", required=True, help="this device's examples (JSON lines: text, label)")
+    p.add_argument("--data", required=True, help="this device's rows (JSONL, CSV, TSV, Parquet or a saved "
+                   "datasets directory) of the artifact's task: classify text+label, sft instruction+response "
+                   "or messages, dpo prompt+chosen+rejected")
     p.add_argument("--artifact", required=True, help="the exported model folder the job runs")
     p.add_argument("--job", required=True)
     p.add_argument("--device-id", default=None, help="default: the host name")
@@ -35,20 +37,25 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
     p.add_argument("--checkpoint", default=None, help="save the final trained parameters here "
                    "(raw float32 + JSON sidecar) when the job finishes")
+    from .data_args import add_field_args
+    add_field_args(p)
 
 
 def _device(args: argparse.Namespace) -> int:
     from . import kernels
     from .agent import DeviceAgent
-    from .data import read_jsonl
+    from .data import read_records
+    from .data_args import fields_from_args
     from .device_config import load_device_config
+    from .export.artifact import read_manifest
     from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes, save_checkpoint
     from .transport import BrokerUnreachable, make_transport
 
     try:
         cfg = load_device_config(args.config)
-        examples = read_jsonl(args.data)
-    except (OSError, ValueError) as exc:
+        kind = read_manifest(args.artifact)["task"]["kind"]
+        examples = read_records(args.data, kind, fields_from_args(args))
+    except (OSError, ValueError, KeyError) as exc:
         print(f"edgefed device: {exc}", file=sys.stderr)
         return 2
     device_id = args.device_id or socket.gethostname().split(".")[0]
@@ -57,6 +64,15 @@ def _device(args: argparse.Namespace) -> int:
     except MemoryBudgetError as exc:
         print(f"edgefed device: {exc}", file=sys.stderr)
         return 3
+    try:  # every row checked now (labels known to the artifact, fits seq_len), not mid-round
+        checked = model.task.validate(examples)
+    except ValueError as exc:
+        print(f"edgefed device: {exc}", file=sys.stderr)
+        return 2
+    if checked["truncated"]:
+        print(f"edgefed device: {checked['truncated']} of {checked['n']} rows are longer than "
+              f"{model.task.limit} tokens: their text is cut from its end (templates and answers are kept)",
+              file=sys.stderr)
     kernels.set_num_threads(model.threads)
     t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
     agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
@@ -100,6 +116,8 @@ SUBCOMMANDS = {
                  *_delegate("edgefed.simulate", "add_simulate_args", "run_simulate")),
     "demo": ("the main job: federated fine-tuning of SmolLM2 over MQTT",
              *_delegate("edgefed.demo", "add_demo_args", "run_demo")),
+    "zero-shot": ("score candidate templates on held-out data before training (host)",
+                  *_delegate("edgefed.zero_shot", "add_zero_shot_args", "run_zero_shot")),
 }
 
 

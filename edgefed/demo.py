@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO
 
 from .children import die_with_parent_preexec
-from .data import SENTIMENT_TEMPLATE, write_jsonl
-from .simulate import add_job_args, job_from_args, split_data
+from .data import write_jsonl
+from .data_args import fields_from_args
+from .simulate import add_job_args, job_from_args, split_data, task_from_args
 
 __all__ = ["add_demo_args", "run_demo"]
 
@@ -112,14 +113,21 @@ def run_demo(args) -> int:
     job_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out or f"runs/{job_id}")
     (out / "data").mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] model {args.model}: preparing and exporting ({args.trainable}) ...", file=sys.stderr)
+    from .data import DataError
+
+    task, template = task_from_args(args)
+    try:  # the user's data is read and split before any model work: a bad row fails in seconds
+        shards, held = split_data(args, args.devices, out)
+    except (DataError, ValueError, OSError) as e:
+        print(f"edgefed demo: {e}", file=sys.stderr)
+        return 2
+    print(f"[1/4] model {args.model}: preparing and exporting ({args.trainable}, {task}) ...", file=sys.stderr)
     prepare_model(args.model)
-    artifact = ensure_artifact(args.model, args.trainable, template=SENTIMENT_TEMPLATE, progress=True)
+    artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data, fields=fields_from_args(args), progress=True)
     print(f"      artifact {artifact}", file=sys.stderr)
-    shards, held = split_data(args, args.devices)
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
-    print(f"[2/4] data: {sum(map(len, shards))} training snippets over {args.devices} devices "
-          f"({args.split}), {len(held)} held out", file=sys.stderr)
+    print(f"[2/4] data: {sum(map(len, shards))} training rows over {args.devices} devices "
+          f"({args.split}; {out}/split.json), {len(held)} held out", file=sys.stderr)
     broker = start_broker(args.broker, prefer=args.broker_kind, die_with_parent=True)
     print(f"[3/4] broker: {broker.kind} at {broker.url}", file=sys.stderr)
     kernels.set_num_threads(2)
@@ -130,6 +138,7 @@ def run_demo(args) -> int:
         res = run_federation(job, artifact, held, broker_url=broker.url, out_dir=out,
                              start_devices=DeviceProcesses(args, job_id, artifact, files, out).start,
                              eval_every=args.eval_every, eval_n=args.eval_n, http_port=args.http_port,
+                             generate_n=args.generate_n,
                              progress=not args.no_progress, timeout=args.round_timeout * (args.rounds + 2),
                              title=f"EdgeFed demo: {args.devices} devices over {broker.kind}, "
                                    f"{args.method} on {args.model} ({args.trainable.split(':')[0]})")

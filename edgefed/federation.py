@@ -14,10 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .data import Example
 from .global_model import GlobalModel, plot_rounds
 from .methods import JobConfig
-from .metrics import paired_gain
+from .metrics import paired_f1_gain, paired_gain, paired_mean_gain, plot_confusion
 from .runtime import DeviceModel
 from .trainer import progress_bar
 from .transport import make_transport
@@ -54,13 +53,36 @@ class FederationResult:
         return {k: v for k, v in self.__dict__.items() if k != "final_params"}
 
 
-def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Example], *,
+def compare(before: dict, after: dict, n_classes: int = 0) -> dict:
+    """The paired before/after comparison on the same held-out rows: accuracy-like metrics
+    (classify, dpo) pair per-row correctness; sft / lm pair per-row loss (negative = better)."""
+    if "correct" in before:
+        g = {"metric": "accuracy", **paired_gain(before["correct"], after["correct"])}
+        if "predictions" in before and n_classes:
+            g["macro_f1"] = paired_f1_gain(before["targets"], before["predictions"], after["predictions"], n_classes)
+        return g
+    return {"metric": "loss", **paired_mean_gain(before["example_loss"], after["example_loss"])}
+
+
+def primary(ev: dict, kind: str) -> float:
+    return float(ev["accuracy"] if kind == "classify" else ev["preference_accuracy"] if kind == "dpo"
+                 else ev["loss"])
+
+
+def strip_arrays(r: dict) -> dict:
+    """An evaluation without its per-row arrays (for JSON and logs)."""
+    return {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
+
+
+def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
                    broker_url: str, start_devices: StartDevices, out_dir: str | Path,
                    eval_every: int = 1, eval_n: int = 128, eval_threads: int = 2,
                    http_port: int | None = None, timeout: float = 3600.0, progress: bool = True,
-                   title: str = "", server_options: dict | None = None) -> FederationResult:
+                   title: str = "", server_options: dict | None = None,
+                   generate_n: int = 0) -> FederationResult:
     """server_options go to edgefed_server.engine.Server (e.g. history=2: rounds of deltas kept
-    for sync before devices further behind get the full state)."""
+    for sync before devices further behind get the full state). generate_n: sft held-out rows
+    decoded greedily before and after (ROUGE-L, exact match)."""
     from edgefed_server.engine import Server
     from edgefed_server.store import Store
 
@@ -69,13 +91,14 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
     t_start = time.time()
     model = DeviceModel(artifact, threads=eval_threads, check_memory=False)
     glob = GlobalModel(model, job)
+    kind, metric = model.kind, model.task.primary
     subset = list(heldout[:eval_n])
-    print(f"evaluating the starting model on {len(heldout)} held-out snippets ...", file=sys.stderr)
-    before = glob.evaluate(heldout)
+    print(f"evaluating the starting model on {len(heldout)} held-out rows ...", file=sys.stderr)
+    before = glob.evaluate(heldout, generate_n=generate_n)
     ev0 = glob.evaluate(subset) if len(subset) < len(heldout) else before
-    history = [{"round": 0, "train_loss": None, "eval_accuracy": ev0["accuracy"], "eval_loss": ev0["loss"],
-                "eval_n": len(subset)}]
-    print(f"  before: accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}", file=sys.stderr)
+    history = [{"round": 0, "train_loss": None, "eval_metric": primary(ev0, kind), "eval_loss": ev0["loss"],
+                "eval_n": len(subset), "metric": metric}]
+    print(f"  before: {metric} {primary(before, kind):.4f}, loss {before['loss']:.4f}", file=sys.stderr)
 
     store = Store(out / "server.sqlite")
     transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}")
@@ -106,16 +129,16 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
             glob.apply(store.load_delta(job.job, r))
             h = {"round": r + 1, "train_loss": m.get("train_loss"), "n_updates": m["n_updates"],
                  "bytes_in": m["bytes_in"], "bytes_out": m["bytes_out"], "duration_s": m["duration_s"],
-                 "eval_accuracy": None, "eval_loss": None, "eval_n": len(subset)}
+                 "eval_metric": None, "eval_loss": None, "eval_n": len(subset), "metric": metric}
             if (r + 1) % eval_every == 0 or r + 1 == job.rounds:
                 ev = glob.evaluate(subset)
-                h["eval_accuracy"], h["eval_loss"] = ev["accuracy"], ev["loss"]
+                h["eval_metric"], h["eval_loss"] = primary(ev, kind), ev["loss"]
             history.append(h)
             bar.update(1)
             line = (f"round {r + 1:>3}/{job.rounds}: {m['n_updates']} updates, train loss "
                     f"{m.get('train_loss') or float('nan'):.4f}, {m['duration_s']:.0f} s")
-            if h["eval_accuracy"] is not None:
-                line += f", held-out[{len(subset)}] acc {h['eval_accuracy']:.3f} loss {h['eval_loss']:.4f}"
+            if h["eval_metric"] is not None:
+                line += f", held-out[{len(subset)}] {metric} {h['eval_metric']:.3f} loss {h['eval_loss']:.4f}"
             print(line, file=sys.stderr)
         server_summary = server.summary()
     finally:
@@ -123,17 +146,18 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
         stop_devices()
         server.stop()
         transport.close()
-    print(f"evaluating the trained model on {len(heldout)} held-out snippets ...", file=sys.stderr)
-    after = glob.evaluate(heldout)
+    print(f"evaluating the trained model on {len(heldout)} held-out rows ...", file=sys.stderr)
+    after = glob.evaluate(heldout, generate_n=generate_n)
     store.close()
-    gain = paired_gain(before["correct"], after["correct"])
+    gain = compare(before, after, len(model.labels))
+    if "confusion" in after:
+        plot_confusion(after["confusion"], model.labels, out / "confusion.png",
+                       f"{job.job}: held-out confusion after {glob.rounds_applied} rounds")
     rounds = [h for h in history if h["round"] > 0]
     up = float(np.mean([h["bytes_in"] / max(1, h["n_updates"]) for h in rounds])) if rounds else 0.0
     down = float(np.mean([h["bytes_out"] for h in rounds])) if rounds else 0.0
     plot = plot_rounds(history, out / "rounds.png", title or f"{job.job}: {job.method}")
-    strip = lambda r: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()  # noqa: E731
-                       if k not in ("predictions", "correct")}
-    result = FederationResult(job=job.to_dict(), before=strip(before), after=strip(after), gain=gain,
+    result = FederationResult(job=job.to_dict(), before=strip_arrays(before), after=strip_arrays(after), gain=gain,
                               history=history, rounds_completed=glob.rounds_applied,
                               seconds=time.time() - t_start, bytes_up_per_device_round=up,
                               bytes_down_per_device_round=down, plot=str(plot),
@@ -144,15 +168,30 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence[Examp
 
 def print_report(res: FederationResult, file=sys.stdout) -> None:
     g = res.gain
-    p = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     print("", file=file)
     print(f"job {res.job['job']}: {res.job['method']}, {res.rounds_completed} rounds in {res.seconds / 60:.1f} min",
           file=file)
-    print(f"held-out accuracy ({g['n']} snippets, same template before and after):", file=file)
-    print(f"  before  {p(g['before'])}   (loss {res.before['loss']:.4f})", file=file)
-    print(f"  after   {p(g['after'])}   (loss {res.after['loss']:.4f})", file=file)
-    print(f"  gain    {100 * g['gain']:+.1f} points, 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] "
-          f"(paired; {g['fixed']} fixed, {g['broken']} broken)", file=file)
+    if g["metric"] == "accuracy":
+        p = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+        name = "preference accuracy" if "preference_accuracy" in res.after else "accuracy"
+        print(f"held-out {name} ({g['n']} rows, same template before and after):", file=file)
+        print(f"  before  {p(g['before'])}   (loss {res.before['loss']:.4f})", file=file)
+        print(f"  after   {p(g['after'])}   (loss {res.after['loss']:.4f})", file=file)
+        print(f"  gain    {100 * g['gain']:+.1f} points, 95% CI [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] "
+              f"(paired; {g['fixed']} fixed, {g['broken']} broken)", file=file)
+        if "macro_f1" in g:
+            f = g["macro_f1"]
+            print(f"  macro-F1 {f['before']:.3f} -> {f['after']:.3f} ({f['gain']:+.3f}, 95% CI "
+                  f"[{f['ci_low']:+.3f}, {f['ci_high']:+.3f}])", file=file)
+    else:
+        print(f"held-out loss per token ({g['n']} rows, same format before and after):", file=file)
+        print(f"  before  {g['before']:.4f}   (perplexity {res.before.get('perplexity', float('nan')):.2f})", file=file)
+        print(f"  after   {g['after']:.4f}   (perplexity {res.after.get('perplexity', float('nan')):.2f})", file=file)
+        print(f"  change  {g['gain']:+.4f}, 95% CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}] (paired; negative "
+              "is better)", file=file)
+        if "rouge_l" in res.after:
+            print(f"  ROUGE-L {res.before['rouge_l']:.3f} -> {res.after['rouge_l']:.3f} on "
+                  f"{res.after['generate_n']} greedy generations", file=file)
     print(f"bytes on the wire per device per round: {res.bytes_up_per_device_round:,.0f} B up (update), "
           f"{res.bytes_down_per_device_round:,.0f} B down (plan)", file=file)
     print(f"plot: {res.plot}", file=file)

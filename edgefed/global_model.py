@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
-from .data import Example, label_targets
 from .methods import JobConfig, get_method
 from .protocol import RoundDelta
 
@@ -30,18 +28,14 @@ class GlobalModel:
         self.client.apply_delta(self.model, delta, self.params)
         self.rounds_applied += 1
 
-    def evaluate(self, examples: Sequence[Example], batch_size: int = 32) -> dict:
-        r = self.model.evaluate(examples, batch_size=batch_size)
-        if "predictions" in r:
-            y = label_targets(examples, self.model.labels)
-            r["correct"] = (r["predictions"] == y)
-            r["positive_rate"] = float(np.mean(r["predictions"] == self.model.labels.index("positive"))) \
-                if "positive" in self.model.labels else float("nan")
-        return r
+    def evaluate(self, records: Sequence, batch_size: int = 32, **kw) -> dict:
+        """The task's metrics on held-out records (see DeviceModel.evaluate)."""
+        return self.model.evaluate(records, batch_size=batch_size, **kw)
 
 
 def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
-    """Held-out accuracy and loss, and devices' training loss, over rounds. Each history entry
+    """The held-out primary metric (accuracy, preference accuracy or loss) and loss, and devices'
+    training loss, over rounds. Each history entry
     describes the global state after `round` aggregated rounds (0 = before training)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -49,13 +43,16 @@ def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
 
     path = Path(path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ev = [h for h in history if h.get("eval_accuracy") is not None]
+    ev = [h for h in history if h.get("eval_metric") is not None]
+    metric = next((h["metric"] for h in ev if h.get("metric")), "accuracy")
+    pct = metric != "loss"
     if ev:
-        ax1.plot([h["round"] for h in ev], [100 * h["eval_accuracy"] for h in ev], "o-", color="tab:blue")
+        ax1.plot([h["round"] for h in ev], [(100 if pct else 1) * h["eval_metric"] for h in ev], "o-",
+                 color="tab:blue")
     ax1.set_xlabel("rounds aggregated (0 = before training)")
     n = next((h.get("eval_n") for h in ev if h.get("eval_n")), None)
-    ax1.set_ylabel(f"held-out accuracy (%){f', {n} snippets' if n else ''}")
-    ax1.set_title("accuracy")
+    ax1.set_ylabel(f"held-out {metric.replace('_', ' ')}{' (%)' if pct else ''}{f', {n} rows' if n else ''}")
+    ax1.set_title(metric.replace("_", " "))
     ax1.grid(alpha=0.3)
     tr = [h for h in history if h.get("train_loss") is not None]
     if tr:

@@ -7,19 +7,19 @@ no re-binding. (Plain `session.run(feed)` or `bind_cpu_input` give no such guara
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .data import Example, label_targets
 from .device_config import DeviceConfig
 from .export.artifact import read_manifest, read_trainable, trainable_views, verify_checksums
+from .tasks import Batch, make_task
 
 __all__ = ["Batch", "DeviceModel", "MemoryBudgetError", "estimate_memory", "peak_rss_bytes",
            "save_checkpoint", "load_checkpoint"]
@@ -31,17 +31,6 @@ _BASE_BYTES = 180 * MB
 
 class MemoryBudgetError(RuntimeError):
     """The model and batch would not fit the device's memory budget."""
-
-
-@dataclass
-class Batch:
-    input_ids: np.ndarray       # int64 [B, T], right-padded
-    attention_mask: np.ndarray  # int64 [B, T]
-    targets: np.ndarray         # int64 [B] (classify) or [B, T] (lm, -100 = ignore)
-
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
 
 
 def peak_rss_bytes() -> int:
@@ -77,7 +66,10 @@ def estimate_memory(art_dir: str | os.PathLike, batch_size: int, seq_len: int,
     # attention scores and the output projection over the vocabulary for the last position.
     act = 4 * tokens * (8 * hidden + 2 * inter) * 2 + 4 * batch_size * heads * seq_len * seq_len * 2
     vocab = int(cfg.get("vocab_size", 49152))
-    act += 4 * tokens * vocab if m["task"]["kind"] == "lm" else 4 * batch_size * vocab
+    if m["task"]["kind"] == "classify":  # one vocabulary row per label token after the first
+        act += 4 * batch_size * vocab * (1 + sum(len(t) - 1 for t in m["task"].get("label_token_ids", [])))
+    else:  # dpo runs both answers of each pair: twice the rows
+        act += 4 * tokens * vocab * (2 if m["task"]["kind"] == "dpo" else 1)
     # ORT holds the graph's initializers plus pre-packed copies of some and its arena: measured
     # peak RSS of SmolLM2 LoRA inference (539 MB graph) was 953 MB, so count the graph 1.4x.
     total = _BASE_BYTES + int(onnx_bytes * 1.4) + trainable_bytes * 2 + act * 2
@@ -110,13 +102,14 @@ class DeviceModel:
         if check_memory:
             self._check_memory()
 
-        self.task = self.manifest["task"]
-        self.kind = self.task["kind"]
-        self.labels: list[str] = list(self.task.get("labels") or [])
-        self.template: str = self.task.get("template") or "{text}"
         self.pad_id = int(self.manifest.get("pad_token_id", 0))
         self.max_seq_len = int(self.manifest.get("max_seq_len", self.seq_len))
         self.tokenizer = Tokenizer.from_file(str(self.dir / self.manifest["files"]["tokenizer"]))
+        eos = self.manifest.get("eos_token_id")
+        self.task = make_task(self.manifest["task"], self.tokenizer, self.pad_id,
+                              min(self.seq_len, self.max_seq_len), None if eos is None else int(eos))
+        self.kind = self.task.kind
+        self.labels: list[str] = list(self.manifest["task"].get("labels") or [])
 
         self.params = read_trainable(self.dir, self.manifest)
         self.views = trainable_views(self.params, self.manifest)
@@ -136,13 +129,11 @@ class DeviceModel:
                                             providers=self.providers)
         self._ort = ort
         self._bind_params()
-        self._out_names = [self.manifest["outputs"]["loss"]]
-        if self.manifest["outputs"].get("label_logits"):
-            self._out_names.append(self.manifest["outputs"]["label_logits"])
+        self._out_names = list(self.manifest["outputs"])
+        self._reference: DeviceModel | None = None
+        if self.kind == "dpo":
+            self.task.reference = self._reference_logps
         self.forward_count = 0
-        prefix, _, suffix = self.template.partition("{text}")
-        self._prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
-        self._suffix_ids = self.tokenizer.encode(suffix, add_special_tokens=False).ids if suffix else []
 
     def _bind_params(self) -> None:
         self._binding = self.session.io_binding()
@@ -161,6 +152,11 @@ class DeviceModel:
         other.views = trainable_views(other.params, self.manifest)
         other.buffers = [v.reshape(-1) for v in other.views.values()]
         other.forward_count = 0
+        other._reference = None
+        if self.kind == "dpo":  # its own reference binding and cache: forks run in parallel threads
+            other.task = copy.copy(self.task)
+            other.task._ref_cache = {}
+            other.task.reference = other._reference_logps
         other._bind_params()
         return other
 
@@ -178,74 +174,48 @@ class DeviceModel:
                 "trainables instead of full, or quantise the frozen part (`edgefed export --quantize`).")
 
     # -- data -------------------------------------------------------------------------
-    def encode(self, examples: Sequence[Example]) -> Batch:
-        """Tokenise with the artifact's template; the review text is cut, never the suffix."""
-        if not examples:
+    def encode(self, records: Sequence) -> Batch:
+        """Tokenise with the artifact's task (template, label words, prompt format)."""
+        if not records:
             raise ValueError("cannot encode an empty batch")
-        limit = min(self.seq_len, self.max_seq_len)
-        room = max(1, limit - len(self._prefix_ids) - len(self._suffix_ids))
-        texts = [e.text for e in examples]
-        rows = []
-        for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
-            rows.append((self._prefix_ids + enc.ids[:room] + self._suffix_ids)[:limit])
-        T = max(len(r) for r in rows)
-        ids = np.full((len(rows), T), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), T), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        if self.kind == "classify":
-            targets = label_targets(examples, self.labels)
-        else:
-            targets = np.where(mask == 1, ids, -100).astype(np.int64)
-        return Batch(ids, mask, targets)
+        return self.task.encode(records)
 
-    def batches(self, examples: Sequence[Example], batch_size: int | None = None,
+    def batches(self, records: Sequence, batch_size: int | None = None,
                 shuffle_seed: int | None = None) -> Iterator[Batch]:
         bs = batch_size or self.batch_size
-        order = np.arange(len(examples))
+        order = np.arange(len(records))
         if shuffle_seed is not None:
             np.random.default_rng(shuffle_seed).shuffle(order)
         for a in range(0, len(order), bs):
-            yield self.encode([examples[i] for i in order[a:a + bs]])
+            yield self.encode([records[i] for i in order[a:a + bs]])
 
     # -- compute ----------------------------------------------------------------------
-    def forward(self, batch: Batch) -> tuple[float, np.ndarray | None]:
-        """Loss (and label-word logits for classification) at the current parameters."""
-        names = self.manifest["inputs"]
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Every graph output at the current parameters, by name."""
         b = self._binding
-        b.bind_cpu_input(names["input_ids"], batch.input_ids)
-        b.bind_cpu_input(names["attention_mask"], batch.attention_mask)
-        b.bind_cpu_input(names["targets"], batch.targets)
+        for name, arr in batch.feeds().items():
+            b.bind_cpu_input(name, arr)
         for n in self._out_names:
             b.bind_output(n, "cpu")
         self.session.run_with_iobinding(b)
         outs = b.copy_outputs_to_cpu()
         self.forward_count += 1
-        loss = float(outs[0])
-        logits = outs[1] if len(outs) > 1 else None
-        return loss, logits
+        return dict(zip(self._out_names, outs))
 
     def loss(self, batch: Batch) -> float:
-        return self.forward(batch)[0]
+        return float(self.run(batch)["loss"])
 
-    def evaluate(self, examples: Sequence[Example], batch_size: int | None = None) -> dict:
-        """Mean loss and, for classification, label-word accuracy over examples."""
-        total, correct, n = 0.0, 0, 0
-        preds = []
-        for batch in self.batches(examples, batch_size):
-            loss, logits = self.forward(batch)
-            total += loss * batch.size
-            n += batch.size
-            if logits is not None:
-                p = logits.argmax(axis=1)
-                preds.append(p)
-                correct += int((p == batch.targets).sum())
-        out = {"loss": total / max(n, 1), "n": n}
-        if self.kind == "classify":
-            out["accuracy"] = correct / max(n, 1)
-            out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-        return out
+    def _reference_logps(self, batch: Batch) -> np.ndarray:
+        """DPO's reference: the same graph on a second binding holding the artifact's initial
+        trainables (never updated)."""
+        if self._reference is None:
+            self._reference = self.fork()
+        return self._reference.run(batch)["seq_logps"]
+
+    def evaluate(self, records: Sequence, batch_size: int | None = None, **kw) -> dict:
+        """The task's metrics (classify: loss, accuracy, macro-F1; sft: loss, perplexity and,
+        with generate_n, ROUGE-L / exact match; dpo: loss, preference accuracy, reward margin)."""
+        return self.task.evaluate(self, list(records), batch_size or 32, **kw)
 
     def reset_params(self) -> None:
         """Back to the artifact's initial trainables, in place (bindings stay valid)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import kernels
 from .agent import DeviceAgent
-from .data import SENTIMENT_TEMPLATE, dirichlet_split, iid_split, load_rotten_tomatoes, train_heldout_split
+from .data import SPLIT_KINDS, SENTIMENT_TEMPLATE, split_examples, train_heldout_split, write_split_report
+from .data_args import add_field_args, fields_from_args
 from .methods import METHODS, JobConfig
 from .runtime import DeviceModel
 from .transport import make_transport
@@ -34,15 +35,35 @@ def add_job_args(p: argparse.ArgumentParser, *, rounds: int, local_steps: int, l
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=4096, help="seed pool size")
     p.add_argument("--pro", action="store_true", help="FedKSeed-Pro seed probabilities")
-    p.add_argument("--split", choices=["iid", "dirichlet"], default="iid")
+    p.add_argument("--data", default=None, help="your data (JSONL, CSV, TSV, Parquet or a saved datasets "
+                   "directory); default: the packaged Rotten Tomatoes snippets (sentiment, or pairs for dpo)")
+    p.add_argument("--task", default=None, help='task spec: "classify:labels=auto" (default with --data), '
+                   '"classify:labels=a,b", "sft", "dpo[:beta=0.1]", "lm"')
+    p.add_argument("--template", default=None, help=r"prompt template: classify {text}; sft/dpo {instruction} "
+                   r"[{input}] (default: the tokenizer's chat template); \n is a newline")
+    p.add_argument("--split", choices=list(SPLIT_KINDS), default="iid",
+                   help="iid, dirichlet (label skew, classify) or group (one device per value of the group field)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
-    p.add_argument("--heldout", type=int, default=500)
-    p.add_argument("--eval-n", type=int, default=128, help="held-out snippets evaluated every round")
+    p.add_argument("--heldout", default="500", help="held-out rows taken from the data (a number), or a "
+                   "separate held-out file of the same format")
+    p.add_argument("--eval-n", type=int, default=128, help="held-out rows evaluated every round")
+    p.add_argument("--generate-n", type=int, default=0, help="sft: held-out rows decoded greedily before "
+                   "and after training (ROUGE-L, exact match)")
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<job>)")
     p.add_argument("--no-progress", action="store_true")
+    add_field_args(p)
+
+
+def task_from_args(args) -> tuple[str, str | None]:
+    """(task spec, template) with the defaults for packaged or user data."""
+    task = args.task or ("classify:labels=auto" if args.data else "classify:labels=positive,negative")
+    template = args.template.replace("\\n", "\n") if args.template else None
+    if template is None and not args.data and task.startswith("classify"):
+        template = SENTIMENT_TEMPLATE
+    return task, template
 
 
 def job_from_args(args, job_id: str, n_devices: int, artifact: Path) -> JobConfig:
@@ -53,10 +74,33 @@ def job_from_args(args, job_id: str, n_devices: int, artifact: Path) -> JobConfi
                      seed_pool_id=args.seed, seed=args.seed, params={"pro": int(args.pro)})
 
 
-def split_data(args, n: int):
-    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=args.heldout, seed=args.seed)
-    shards = (iid_split(train, n, args.seed) if args.split == "iid"
-              else dirichlet_split(train, n, args.alpha, args.seed))
+def load_data(args):
+    """(train records, held-out records) from --data / --heldout, or the packaged corpus."""
+    from .data import load_rotten_tomatoes, read_records, rotten_tomatoes_pairs
+    from .export.specs import parse_task
+
+    kind = parse_task(task_from_args(args)[0]).kind
+    fields = fields_from_args(args)
+    if args.data:
+        records = read_records(args.data, kind, fields)
+    elif kind == "classify":
+        records = load_rotten_tomatoes()
+    elif kind == "dpo":
+        records = rotten_tomatoes_pairs(load_rotten_tomatoes(), seed=args.seed)
+    else:
+        raise ValueError(f"task {kind} has no packaged data: pass --data FILE")
+    if str(args.heldout).isdigit():
+        return train_heldout_split(records, heldout=int(args.heldout), seed=args.seed)
+    return records, read_records(args.heldout, kind, fields)
+
+
+def split_data(args, n: int, out: Path | None = None):
+    """Device shards and the held-out set; with `out`, the split and its per-device label
+    histogram are written there (split.json, split.png)."""
+    train, held = load_data(args)
+    shards = split_examples(train, n, args.split, args.alpha, args.seed)
+    if out is not None:
+        write_split_report(out, shards, held)
     return shards, held
 
 
@@ -98,11 +142,18 @@ def run_simulate(args) -> int:
     from .export.cache import ensure_artifact
     from .federation import print_report, run_federation
 
+    from .data import DataError
+
     job_id = f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     out = Path(args.out or f"runs/{job_id}")
-    artifact = ensure_artifact(args.model, args.trainable, template=SENTIMENT_TEMPLATE,
-                               progress=not args.no_progress)
-    shards, held = split_data(args, args.devices)
+    task, template = task_from_args(args)
+    try:
+        shards, held = split_data(args, args.devices, out)
+        artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data, fields=fields_from_args(args),
+                                   progress=not args.no_progress)
+    except (DataError, ValueError, OSError) as e:
+        print(f"edgefed simulate: {e}", file=sys.stderr)
+        return 2
     kernels.set_num_threads(1)
     base = DeviceModel(artifact, threads=1, check_memory=False)
     broker = None
@@ -117,6 +168,7 @@ def run_simulate(args) -> int:
     try:
         res = run_federation(job, artifact, held, broker_url=url, out_dir=out,
                              start_devices=thread_devices(base, job_id, shards), eval_n=args.eval_n,
+                             generate_n=args.generate_n,
                              eval_every=args.eval_every, progress=not args.no_progress,
                              title=f"simulation: {args.devices} devices, {args.method}, {args.split}")
     finally:

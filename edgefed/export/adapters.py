@@ -1,4 +1,5 @@
-"""Torch modules that define what the exported graph computes: LoRA, soft prompt, losses."""
+"""Torch modules that define what the exported graph computes: LoRA, soft prompt, and one
+loss core per task kind (classify, lm / sft, dpo)."""
 from __future__ import annotations
 
 import contextlib
@@ -50,60 +51,148 @@ def lora_patched(model: nn.Module, targets, r: int, alpha: float, seed: int = 0)
             setattr(mod, attr, child)
 
 
-class LossCore(nn.Module):
-    """(input_ids, attention_mask, targets) -> loss [, label_logits] for a causal LM.
+class _Core(nn.Module):
+    """A causal LM (+ an optional soft prompt) read through its decoder and output embedding."""
 
-    Batches are right-padded. Classification reads the hidden state at the last real token
-    and multiplies it only with the label words' rows of the output embedding (no full-vocab
-    matmul). LM loss is the shifted next-token cross-entropy with -100 ignored (targets[:, t]
-is the token expected at position t, as HF `labels`).
-    """
-
-    def __init__(self, lm: nn.Module, task_kind: str, label_token_ids=None,
-                 soft_prompt: torch.Tensor | None = None):
+    def __init__(self, lm: nn.Module, soft_prompt: torch.Tensor | None = None):
         super().__init__()
         self.lm = lm
-        self.task_kind = task_kind
-        self.register_buffer("label_ids", torch.tensor(label_token_ids or [0], dtype=torch.long),
-                             persistent=False)
         self.soft_prompt = nn.Parameter(soft_prompt) if soft_prompt is not None else None
 
-    def forward(self, input_ids, attention_mask, targets):
-        decoder = self.lm.get_decoder()
-        head = self.lm.get_output_embeddings()
-        emb = decoder.get_input_embeddings()(input_ids)
+    def embed(self, input_ids, attention_mask):
+        """(embeddings, mask) with the soft prompt's virtual tokens in front."""
+        emb = self.lm.get_decoder().get_input_embeddings()(input_ids)
         mask = attention_mask
-        n_prompt = 0
         if self.soft_prompt is not None:
-            n_prompt = self.soft_prompt.shape[0]
-            b = input_ids.shape[0]
+            b, n = input_ids.shape[0], self.soft_prompt.shape[0]
             emb = torch.cat([self.soft_prompt.unsqueeze(0).expand(b, -1, -1), emb], dim=1)
-            mask = torch.cat([torch.ones(b, n_prompt, dtype=mask.dtype), mask], dim=1)
-        hidden = decoder(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+            mask = torch.cat([torch.ones(b, n, dtype=mask.dtype), mask], dim=1)
+        return emb, mask
 
-        if self.task_kind == "classify":
-            # Computed in-graph so devices only feed the padded batch.
-            last = (mask.sum(dim=1) - 1).to(torch.long)
-            idx = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-            h_last = hidden.gather(1, idx).squeeze(1)
-            w = head.weight.index_select(0, self.label_ids)
-            bias = head.bias.index_select(0, self.label_ids) if head.bias is not None else None
-            label_logits = F.linear(h_last, w, bias)
-            return F.cross_entropy(label_logits, targets), label_logits
+    def n_prompt(self) -> int:
+        return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
 
-        if n_prompt:
-            # As peft's prompt tuning (labels padded with -100 over the virtual tokens): the
-            # last soft-prompt position predicts the first real token.
-            h, labels = hidden[:, n_prompt - 1:-1], targets
+    def head(self, h):
+        """Output-embedding logits of 2-D h. F.linear with an explicit bias exports as
+        Gemm(transB=1) on the weight itself; lm_head(h) would export MatMul(Transpose(W)), which
+        constant folding turns into a second copy of the tied embedding matrix (+113 MB for
+        SmolLM2)."""
+        w = self.lm.get_output_embeddings().weight
+        b = self.lm.get_output_embeddings().bias
+        return F.linear(h, w, b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))
+
+    @staticmethod
+    def last_real(hidden, mask):
+        """Hidden state at each row's last real position (batches are right-padded)."""
+        last = (mask.sum(dim=1) - 1).to(torch.long)
+        return hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+    def token_nll(self, input_ids, attention_mask, targets):
+        """(per-position NLL [B, T'], valid [B, T'], hidden, mask); targets[:, t] is the token
+        expected at position t, as HF `labels`, -100 = no loss."""
+        emb, mask = self.embed(input_ids, attention_mask)
+        hidden = self.lm.get_decoder()(inputs_embeds=emb, attention_mask=mask,
+                                       use_cache=False).last_hidden_state
+        n = self.n_prompt()
+        # As peft's prompt tuning: the last soft-prompt position predicts the first real token.
+        h, labels = (hidden[:, n - 1:-1], targets) if n else (hidden[:, :-1], targets[:, 1:])
+        logits = self.head(h.reshape(-1, h.shape[-1]))
+        nll = F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100, reduction="none")
+        return nll.view(labels.shape), labels != -100, hidden, mask
+
+
+class LMCore(_Core):
+    """Kinds lm and sft -> (loss = mean NLL over target tokens, row_nll [B] summed NLL,
+    row_tokens [B], next_logits [B, V] at each row's last real position, for greedy decoding)."""
+
+    def forward(self, input_ids, attention_mask, targets):
+        nll, valid, hidden, mask = self.token_nll(input_ids, attention_mask, targets)
+        row_nll = nll.sum(dim=1)
+        row_tokens = valid.sum(dim=1).to(nll.dtype)
+        loss = row_nll.sum() / row_tokens.sum()
+        return loss, row_nll, row_tokens, self.head(self.last_real(hidden, mask))
+
+
+class DPOCore(_Core):
+    """Kind dpo: rows 2i / 2i+1 are pair i's chosen / rejected answers; ref_logps [2B] are the
+    answers' summed log-probabilities under the frozen reference -> (DPO loss, seq_logps [2B])."""
+
+    def __init__(self, lm, beta: float, soft_prompt=None):
+        super().__init__(lm, soft_prompt)
+        self.beta = float(beta)
+
+    def forward(self, input_ids, attention_mask, targets, ref_logps):
+        nll, _, _, _ = self.token_nll(input_ids, attention_mask, targets)
+        seq = -nll.sum(dim=1)
+        margin = (seq[0::2] - seq[1::2]) - (ref_logps[0::2] - ref_logps[1::2])
+        return -F.logsigmoid(self.beta * margin).mean(), seq
+
+
+class ClassifyCore(_Core):
+    """Kind classify -> (loss, label_logits [B, C]): label c's score is the sum of the
+    log-probabilities of its label word's tokens after the prompt, so multi-token label words
+    are scored exactly, in ONE forward for all labels.
+
+    Each label's tokens but the last are appended after the (right-padded) prompt; a 4-D mask
+    lets them see the prompt's real tokens and their own label's earlier tokens only, and their
+    position ids continue each row's prompt. Single-token label sets append nothing."""
+
+    def __init__(self, lm, label_token_ids: list[list[int]], soft_prompt=None):
+        super().__init__(lm, soft_prompt)
+        ctx, cls, off, tgt = [], [], [], []
+        for c, toks in enumerate(label_token_ids):
+            for k in range(len(toks) - 1):
+                ctx.append(toks[k]); cls.append(c); off.append(k); tgt.append(toks[k + 1])  # noqa: E702
+        n_cls = len(label_token_ids)
+        self.register_buffer("first", torch.tensor([t[0] for t in label_token_ids]), persistent=False)
+        self.register_buffer("ctx", torch.tensor(ctx, dtype=torch.long), persistent=False)
+        self.register_buffer("ctx_cls", torch.tensor(cls, dtype=torch.long), persistent=False)
+        self.register_buffer("ctx_off", torch.tensor(off, dtype=torch.long), persistent=False)
+        self.register_buffer("ctx_tgt", torch.tensor(tgt, dtype=torch.long), persistent=False)
+        self.register_buffer("ctx_onehot", F.one_hot(self.ctx_cls, n_cls).float() if ctx
+                             else torch.zeros(0, n_cls), persistent=False)
+
+    def forward(self, input_ids, attention_mask, targets):
+        emb, mask = self.embed(input_ids, attention_mask)
+        decoder = self.lm.get_decoder()
+        lens = mask.sum(dim=1)
+        if self.ctx.numel() == 0:
+            hidden = decoder(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
         else:
-            h, labels = hidden[:, :-1], targets[:, 1:]
-        # 2-D input + explicit bias exports as Gemm(transB=1) on the weight itself; lm_head(h)
-        # would export MatMul(Transpose(W)), which constant folding turns into a second copy
-        # of the tied embedding matrix (+113 MB for SmolLM2).
-        w = head.weight
-        bias = head.bias if head.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-        logits = F.linear(h.reshape(-1, h.shape[-1]), w, bias)
-        return F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
+            b, t, s = mask.shape[0], mask.shape[1], self.ctx.shape[0]
+            x = torch.cat([emb, decoder.get_input_embeddings()(self.ctx).unsqueeze(0).expand(b, -1, -1)], 1)
+            q = torch.arange(t)
+            pos = torch.cat([q.unsqueeze(0).expand(b, -1), lens.unsqueeze(1) + self.ctx_off.unsqueeze(0)], 1)
+            real = mask.unsqueeze(1) == 1                                                   # [B, 1, T]
+            pp = (q.view(1, -1, 1) >= q.view(1, 1, -1)) & real                              # prompt -> prompt
+            ps = torch.zeros(b, t, s, dtype=torch.bool)                                     # prompt -> labels
+            sp = real.expand(-1, s, -1)                                                     # labels -> prompt
+            ss = ((self.ctx_cls.view(-1, 1) == self.ctx_cls.view(1, -1))
+                  & (self.ctx_off.view(1, -1) <= self.ctx_off.view(-1, 1))).unsqueeze(0).expand(b, -1, -1)
+            allowed = torch.cat([torch.cat([pp, ps], 2), torch.cat([sp, ss], 2)], 1)
+            neg = torch.finfo(emb.dtype).min
+            add = torch.where(allowed, torch.zeros((), dtype=emb.dtype), torch.full((), neg, dtype=emb.dtype))
+            hidden = decoder(inputs_embeds=x, attention_mask=add.unsqueeze(1), position_ids=pos,
+                             use_cache=False).last_hidden_state
+        h_last = self.last_real(hidden[:, :mask.shape[1]], mask)
+        scores = F.log_softmax(self.head(h_last), dim=-1).index_select(1, self.first)
+        if self.ctx.numel():
+            h_ctx = hidden[:, mask.shape[1]:]
+            lp = F.log_softmax(self.head(h_ctx.reshape(-1, h_ctx.shape[-1])), dim=-1)
+            lp = lp.view(h_ctx.shape[0], h_ctx.shape[1], -1)
+            tok = lp.gather(2, self.ctx_tgt.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(2)
+            scores = scores + tok @ self.ctx_onehot
+        return F.cross_entropy(scores, targets), scores
+
+
+def make_core(lm, task: dict, soft_prompt=None) -> _Core:
+    """The graph's module for a manifest task entry (kind + its settings)."""
+    kind = task["kind"]
+    if kind == "classify":
+        return ClassifyCore(lm, task["label_token_ids"], soft_prompt)
+    if kind == "dpo":
+        return DPOCore(lm, task.get("beta", 0.1), soft_prompt)
+    return LMCore(lm, soft_prompt)
 
 
 @contextlib.contextmanager
@@ -141,7 +230,9 @@ class ExportWrapper(nn.Module):
         self.core = core
         self.param_paths = list(param_paths)
 
-    def forward(self, input_ids, attention_mask, targets, *trainables):
+    def forward(self, *args):
+        # Graph inputs first (3, or 4 with dpo's ref_logps), then the trainables in manifest order.
+        n_io = len(args) - len(self.param_paths)
         # Tied aliases (lm_head.weight = embed_tokens.weight) follow the replaced tensor.
-        with swapped_params(self.core, dict(zip(self.param_paths, trainables))):
-            return self.core(input_ids, attention_mask, targets)
+        with swapped_params(self.core, dict(zip(self.param_paths, args[n_io:]))):
+            return self.core(*args[:n_io])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "edgefed-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: task-generic (inputs/outputs lists, task entry per kind)
 FILES = {"onnx": "model.onnx", "tokenizer": "tokenizer.json", "trainable": "trainable.bin"}
 
 
@@ -44,7 +44,9 @@ def write_trainable(path: str | os.PathLike, arrays: list[np.ndarray]) -> None:
 def read_manifest(art_dir: str | os.PathLike) -> dict:
     m = json.loads((Path(art_dir) / "manifest.json").read_text())
     if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{art_dir}: not an {FORMAT} v{FORMAT_VERSION} artifact")
+        raise ValueError(f"{art_dir}: not an {FORMAT} v{FORMAT_VERSION} artifact (it says "
+                         f"{m.get('format')!r} v{m.get('format_version')}): re-export it with this "
+                         "EdgeFed's `edgefed export`")
     return m
 
 

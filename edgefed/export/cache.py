@@ -8,22 +8,29 @@ import shutil
 from pathlib import Path
 
 from ..models import cache_dir
-from .specs import DEFAULT_TEMPLATE
+from .artifact import FORMAT_VERSION
 
 __all__ = ["ensure_artifact", "artifact_key"]
 
 
-def artifact_key(model: str, trainable: str, task: str, template: str, quantize: bool) -> str:
-    blob = json.dumps([model, trainable, task, template, bool(quantize)]).encode()
+def artifact_key(model: str, trainable: str, task: str, template: str | None, quantize: bool) -> str:
+    blob = json.dumps([model, trainable, task, template, bool(quantize), FORMAT_VERSION]).encode()
     tag = trainable.split(":")[0] + ("-int8" if quantize else "")
     return f"{Path(model).name}-{tag}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 def ensure_artifact(model: str = "smollm2-135m", trainable: str = "lora:r=8,targets=q_proj,v_proj",
-                    task: str = "classify:labels=positive,negative", template: str = DEFAULT_TEMPLATE,
-                    quantize: bool = False, progress: bool = True) -> Path:
-    """The artifact directory, exporting it first if this combination was never exported."""
-    out = cache_dir() / "artifacts" / artifact_key(model, trainable, task, template, quantize)
+                    task: str = "classify:labels=positive,negative", template: str | None = None,
+                    quantize: bool = False, progress: bool = True, data=None, fields=None) -> Path:
+    """The artifact directory, exporting it first if this combination was never exported.
+    With classify:labels=auto, `data` (a file) decides the labels: its label set joins the key."""
+    key_task = task
+    if "labels=auto" in task.replace(" ", ""):
+        from ..data import label_set, read_records
+        if data is None:
+            raise ValueError("classify:labels=auto needs the data file to read the labels from")
+        key_task = task + "|" + ",".join(label_set(read_records(data, "classify", fields)))
+    out = cache_dir() / "artifacts" / artifact_key(model, trainable, key_task, template, quantize)
     if (out / "manifest.json").is_file():
         return out
     from .onnx_export import export_artifact
@@ -31,6 +38,6 @@ def ensure_artifact(model: str = "smollm2-135m", trainable: str = "lora:r=8,targ
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     export_artifact(model, tmp, trainable, task, template=template, quantize_frozen=quantize,
-                    progress=progress)
+                    progress=progress, data=data, fields=fields)
     tmp.rename(out)
     return out

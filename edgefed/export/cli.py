@@ -9,7 +9,7 @@ import json
 import sys
 
 from . import quantize as quant
-from .specs import DEFAULT_TEMPLATE, parse_task, parse_trainable
+from .specs import DEFAULT_TEMPLATE, TASK_HELP, parse_task, parse_trainable
 
 
 def _spec_type(parse):
@@ -29,9 +29,14 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         type=_spec_type(parse_trainable),
                         help='"full" | "lora:r=8,targets=q_proj,v_proj[,alpha=16]" | "prompt:tokens=20"')
     parser.add_argument("--task", default="classify:labels=positive,negative",
-                        type=_spec_type(parse_task), help='"lm" | "classify:labels=positive,negative"')
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
-                        help=r"classification prompt with {text} (default %(default)r; \n is a newline)")
+                        type=_spec_type(parse_task), help=TASK_HELP)
+    parser.add_argument("--data", default=None, help="a data file of the task (JSONL, CSV, TSV, Parquet, "
+                        "saved datasets dir): classify:labels=auto reads the label set from it; fixed "
+                        "labels are checked against it")
+    parser.add_argument("--template", default=None,
+                        help=r"classify: prompt with {text} (default %r); sft/dpo: prompt with {instruction} "
+                             r"[and {input}] instead of the tokenizer's chat template; \n is a newline. "
+                             r"`edgefed zero-shot` compares candidates" % DEFAULT_TEMPLATE)
     parser.add_argument("--out", required=True, help="artifact directory to write")
     parser.add_argument("--quantize", nargs="?", const="int8", default=None, choices=quant.METHODS,
                         help="quantise the frozen weights (lora/prompt only): int8 weight-only (default), "
@@ -39,20 +44,30 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--seed", type=int, default=0, help="LoRA initialisation seed")
     parser.add_argument("--no-progress", action="store_true")
+    from edgefed.data_args import add_field_args
+    add_field_args(parser)
     return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from edgefed.data_args import fields_from_args
+
     from .onnx_export import export_artifact
 
     # Shells make typing a newline awkward: accept a literal backslash-n too.
-    template = args.template.replace("\\n", "\n")
-    out = export_artifact(args.model, args.out, trainable=args.trainable, task=args.task,
-                          template=template, quantize_frozen=args.quantize or False, opset=args.opset,
-                          progress=not args.no_progress, seed=args.seed)
+    template = args.template.replace("\\n", "\n") if args.template is not None else None
+    try:
+        out = export_artifact(args.model, args.out, trainable=args.trainable, task=args.task,
+                              template=template, quantize_frozen=args.quantize or False, opset=args.opset,
+                              progress=not args.no_progress, seed=args.seed, data=args.data,
+                              fields=fields_from_args(args))
+    except (ValueError, OSError) as e:  # bad template, data or labels: say what, no traceback
+        print(f"edgefed export: {e}", file=sys.stderr)
+        return 2
     m = json.loads((out / "manifest.json").read_text())
     chk = m["export_check"]
-    print(f"{out}: {m['trainable_mode']} / {m['task']['kind']}, {m['n_trainable']:,} trainable "
+    labels = f" {m['task']['labels']}" if m["task"].get("labels") else ""
+    print(f"{out}: {m['trainable_mode']} / {m['task']['kind']}{labels}, {m['n_trainable']:,} trainable "
           f"in {len(m['trainable'])} tensors, {m['n_frozen']:,} frozen, quantized={m['quantized_frozen']}; "
           f"torch loss {chk['torch_loss']:.6f} vs onnx {chk['onnx_loss']:.6f} (|diff| {chk['abs_diff']:.2e})")
     return 0

@@ -20,7 +20,7 @@ import torch
 
 from . import artifact as art
 from . import quantize as quant
-from .adapters import ExportWrapper, LossCore, lora_patched
+from .adapters import ExportWrapper, lora_patched, make_core
 from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, parse_task, parse_trainable
 
 __all__ = ["export_artifact"]
@@ -85,35 +85,89 @@ def _eager_eval(model):
             model.set_attn_implementation(prev_attn)
 
 
-def _batch(tok, texts, task: TaskSpec, template: str, pad_id: int, idx):
-    """Right-padded (input_ids, attention_mask, targets) exactly as a device would build it."""
-    texts = [texts[i] for i in idx]
-    if task.kind == "classify":
-        texts = [template.format(text=t) for t in texts]
-    ids = [tok.encode(t).ids for t in texts]
-    T = max(map(len, ids))
-    input_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), T), dtype=np.int64)
-    for i, row in enumerate(ids):
-        input_ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    if task.kind == "classify":
-        targets = np.arange(len(ids), dtype=np.int64) % len(task.labels)
-    else:
-        targets = np.where(mask == 1, input_ids, -100).astype(np.int64)
-    return input_ids, mask, targets
+def _sample_records(task: dict, idx) -> list:
+    """Rows of the task's own record type, so the check batches go through the device's encoder."""
+    from edgefed.data.records import Example, PreferencePair, SFTExample
+
+    kind, texts = task["kind"], [_SAMPLES[i] for i in idx]
+    if kind == "classify":
+        labels = task["labels"]
+        return [Example(t, labels[i % len(labels)]) for i, t in enumerate(texts)]
+    if kind == "lm":
+        return [Example(t, "") for t in texts]
+    if kind == "sft":
+        return [SFTExample("Summarise this review in one word.", t.split()[1], input=t if i % 2 else "",
+                           system="Be brief." if i == 2 else "",
+                           history=(("user", "Hello"), ("assistant", "Hi!")) if i == 1 else ())
+                for i, t in enumerate(texts)]
+    return [PreferencePair(f"Write a review like: {t}", t, _SAMPLES[(j + 1) % len(_SAMPLES)])
+            for j, t in zip(idx, texts)]
 
 
-def _label_token_ids(tok, labels) -> list[int]:
-    ids = []
+def _batch(tok, task: dict, pad_id: int, eos_id: int, idx) -> list[np.ndarray]:
+    """Graph inputs in order, built exactly as a device builds them (edgefed.tasks)."""
+    from edgefed.tasks import make_task
+
+    b = make_task(task, tok, pad_id, 512, eos_id).encode(_sample_records(task, idx))
+    feeds = [b.input_ids, b.attention_mask, b.targets]
+    if task["kind"] == "dpo":  # any reference values exercise the graph's use of them
+        feeds.append(np.linspace(-30.0, -5.0, b.input_ids.shape[0], dtype=np.float32))
+    return feeds
+
+
+def _label_token_ids(tok, labels) -> list[list[int]]:
+    """Each label word's tokens as they follow the prompt (a space, then the label)."""
+    seqs = []
     for lab in labels:
         enc = tok.encode(" " + lab, add_special_tokens=False).ids
         if not enc:
             raise ValueError(f"label {lab!r} tokenises to nothing")
-        ids.append(enc[0])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"labels {list(labels)} share a first token ({ids}); pick other label words")
-    return ids
+        seqs.append(enc)
+    seen: dict[tuple, str] = {}
+    for lab, s in zip(labels, seqs):
+        if tuple(s) in seen:
+            raise ValueError(f"labels {seen[tuple(s)]!r} and {lab!r} tokenise identically ({s}); rename one")
+        seen[tuple(s)] = lab
+    return seqs
+
+
+def _task_entry(tk: TaskSpec, tok, hf_tokenizer, template: str | None, data, fields) -> dict:
+    """The manifest's "task" entry: everything a device needs to build batches for the graph."""
+    from edgefed.tasks.prompt_format import check_template, derive_chat_format
+
+    if tk.kind == "classify":
+        labels = list(tk.labels)
+        if tk.auto_labels or data is not None:
+            records = _records(data, "classify", fields)
+            if tk.auto_labels:
+                from edgefed.data import label_set
+                labels = label_set(records)
+                if len(labels) < 2:
+                    raise ValueError(f"{data}: the data holds {len(labels)} label(s) {labels}; need >= 2")
+            else:
+                from edgefed.data import label_targets
+                label_targets(records, labels)  # refuses labels the data has and the spec lacks
+        template = DEFAULT_TEMPLATE if template is None else template
+        check_template(template, {"text"}, {"text"}, "classify --template")
+        return {"kind": "classify", "labels": labels, "label_token_ids": _label_token_ids(tok, labels),
+                "template": template}
+    if tk.kind == "lm":
+        if template is not None:
+            raise ValueError("task lm trains on the raw text: it takes no --template")
+        return {"kind": "lm"}
+    entry = {"kind": tk.kind, "format": derive_chat_format(hf_tokenizer, template).to_dict()}
+    if tk.kind == "dpo":
+        entry["beta"] = tk.beta
+    return entry
+
+
+def _records(data, kind: str, fields):
+    if isinstance(data, (str, os.PathLike)):
+        from edgefed.data import read_records
+        return read_records(data, kind, fields)
+    if data is None:
+        raise ValueError("classify:labels=auto reads the label set from the data: pass --data FILE")
+    return list(data)
 
 
 def _soft_prompt_init(tok, model, n_tokens: int, text: str) -> torch.Tensor:
@@ -142,15 +196,19 @@ def _session(path: Path):
 
 
 def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
-                    template: str = DEFAULT_TEMPLATE, quantize_frozen: bool | str = False,
+                    template: str | None = None, quantize_frozen: bool | str = False,
                     opset: int = 17, progress: bool = True, *, tokenizer=None,
                     model_name: str | None = None, prompt_init: str = DEFAULT_PROMPT_INIT,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, data=None, fields=None) -> Path:
     """Export `model` (a transformers causal LM, or a registry name / model dir) to an
     EdgeFed artifact folder and check ONNX Runtime's loss against torch's. Returns out_dir.
 
     quantize_frozen: False | True (= "int8") | "int8" | "dynamic-int8" (see
     export/quantize.py: only the weight-only methods keep the loss smooth for ZO training).
+    template: classify: a format string with {text} (default DEFAULT_TEMPLATE); sft / dpo: with
+    {instruction} [and {input}], replacing the tokenizer's chat template; lm: none.
+    data: a data file (or records) of the task: classify:labels=auto reads its label set from
+    it, and fixed labels are checked against it.
     """
     from tqdm import tqdm
 
@@ -158,8 +216,6 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
     qmethod = quant.normalize(quantize_frozen)
     if qmethod and ts.mode == "full":
         raise ValueError("quantize_frozen needs a frozen part: use lora or prompt mode")
-    if tk.kind == "classify" and "{text}" not in template:
-        raise ValueError("template must contain {text}")
     model, tokenizer, model_name = _resolve_model(model, tokenizer, model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +223,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
     tok = _plain_backend(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    label_ids = _label_token_ids(tok, tk.labels) if tk.kind == "classify" else []
+    task_entry = _task_entry(tk, tok, tokenizer, template, data, fields)
     stages = ["trace", "save", "verify"] + (["quantise", "verify-q"] if qmethod else [])
     bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress, file=sys.stderr)
     t0 = time.time()
@@ -178,27 +234,28 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         wrappers = (stack.enter_context(lora_patched(model, ts.targets, ts.r, ts.alpha, seed))
                     if ts.mode == "lora" else {})
         soft = _soft_prompt_init(tok, model, ts.tokens, prompt_init) if ts.mode == "prompt" else None
-        core = LossCore(model, tk.kind, label_ids, soft).eval()
+        core = make_core(model, task_entry, soft).eval()
         names, paths = zip(*_trainables(core, ts, wrappers))
         params = dict(core.named_parameters())
         init = [params[p].detach().clone().float() for p in paths]
         n_trainable = sum(t.numel() for t in init)
         n_frozen = sum(p.numel() for k, p in params.items() if k not in set(paths))
         wrapper = ExportWrapper(core, list(paths))
-        io_names = ["input_ids", "attention_mask", "targets"]
-        out_names = ["loss", "label_logits"] if tk.kind == "classify" else ["loss"]
+        from edgefed.tasks import TASKS
+        io_names = ["input_ids", "attention_mask", "targets"] + (["ref_logps"] if tk.kind == "dpo" else [])
+        out_names = list(TASKS[tk.kind].outputs)
         seq_axes = {0: "batch", 1: "seq"}
         dyn = {"input_ids": seq_axes, "attention_mask": seq_axes,
-               "targets": {0: "batch"} if tk.kind == "classify" else seq_axes}
-        if tk.kind == "classify":
-            dyn["label_logits"] = {0: "batch"}
+               "targets": {0: "batch"} if tk.kind == "classify" else seq_axes, "ref_logps": {0: "batch"}}
+        dyn = {k: v for k, v in dyn.items() if k in io_names}
+        dyn.update({o: {0: "batch"} for o in out_names[1:]})
 
         # -- trace
         bar.set_postfix_str("trace")
         tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
         stack.callback(shutil.rmtree, tmp, True)
         fp32_path = tmp / "model.fp32.onnx"
-        tb = [torch.from_numpy(a) for a in _batch(tok, _SAMPLES, tk, template, pad_id, _TRACE_IDX)]
+        tb = [torch.from_numpy(a) for a in _batch(tok, task_entry, pad_id, eos_id, _TRACE_IDX)]
         torch.onnx.export(wrapper, (*tb, *init), str(fp32_path), input_names=io_names + list(names),
                           output_names=out_names, dynamic_axes=dyn, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
@@ -209,7 +266,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         layout = art.trainable_layout([(n, tuple(t.shape)) for n, t in zip(names, init)])
         art.write_trainable(out / art.FILES["trainable"], [t.numpy() for t in init])
         tok.save(str(out / art.FILES["tokenizer"]))
-        vb = _batch(tok, _SAMPLES, tk, template, pad_id, _VERIFY_IDX)
+        vb = _batch(tok, task_entry, pad_id, eos_id, _VERIFY_IDX)
         vt = [torch.from_numpy(a) for a in vb]
         # Also check at perturbed trainables: LoRA B starts at zero, so the initial point
         # alone would not exercise the adapter path at all.
@@ -251,10 +308,8 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
     manifest = {
         "format": art.FORMAT, "format_version": art.FORMAT_VERSION, "model": model_name,
         "trainable_mode": ts.mode, "trainable_spec": trainable,
-        "task": {"kind": tk.kind, "labels": list(tk.labels), "label_token_ids": label_ids,
-                 "template": template},
-        "inputs": {k: k for k in io_names},
-        "outputs": {"loss": "loss", "label_logits": "label_logits" if tk.kind == "classify" else None},
+        "task": task_entry, "task_spec": task,
+        "inputs": io_names, "outputs": out_names,
         "trainable": layout, "n_trainable": int(n_trainable), "n_frozen": int(n_frozen),
         "opset": opset, "quantized_frozen": qmethod is not None,
         "pad_token_id": int(pad_id), "eos_token_id": int(eos_id),
@@ -295,7 +350,7 @@ def _check(path: Path, feeds: list[dict], refs: list[list[np.ndarray]], expected
             # label_logits are not averaged over the batch: a bit looser than the loss
             tol, at = (rtol, atol) if i == 0 else (max(rtol, 1e-3), 10 * atol)
             if not np.allclose(g, r, rtol=tol, atol=at):
-                what = "loss" if i == 0 else "label_logits"
+                what = sess.get_outputs()[i].name
                 point = "initial" if k == 0 else "perturbed"
                 raise RuntimeError(f"{path.name}: ONNX Runtime {what} {np.ravel(g)[:4]} != torch "
                                    f"{np.ravel(r)[:4]} at the {point} trainables (rtol {tol})")

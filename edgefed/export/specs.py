@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
+# Task-neutral: a template written for your data usually scores better; `edgefed zero-shot`
+# compares candidates (the demo uses edgefed.data.SENTIMENT_TEMPLATE, picked that way).
+DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_PROMPT_INIT = "Classify the sentiment of this movie review as positive or negative."
 
 
@@ -80,20 +82,34 @@ def parse_trainable(spec: str) -> TrainableSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    kind: str  # "lm" | "classify"
+    kind: str  # "classify" | "lm" | "sft" | "dpo"
     spec: str
     labels: tuple[str, ...] = field(default_factory=tuple)
+    auto_labels: bool = False  # classify:labels=auto: the label set is read from --data
+    beta: float = 0.1          # dpo: the KL strength of the implicit reward
+
+
+TASK_HELP = ('"classify:labels=auto" (label set read from --data) | "classify:labels=a,b,c" | "sft" | '
+             '"dpo[:beta=0.1]" | "lm"')
 
 
 def parse_task(spec: str) -> TaskSpec:
     kind, opts = _parse(spec)
-    if kind == "lm":
+    if kind in ("lm", "sft"):
         _check_known(spec, opts, set())
-        return TaskSpec("lm", spec)
+        return TaskSpec(kind, spec)
+    if kind == "dpo":
+        _check_known(spec, opts, {"beta"})
+        beta = _one(spec, opts, "beta", float, 0.1)
+        if not beta > 0:
+            raise ValueError(f"{spec!r}: beta must be > 0")
+        return TaskSpec("dpo", spec, beta=beta)
     if kind == "classify":
         _check_known(spec, opts, {"labels"})
         labels = tuple(opts.get("labels") or ("positive", "negative"))
+        if labels == ("auto",):
+            return TaskSpec("classify", spec, auto_labels=True)
         if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ValueError(f"{spec!r}: need >= 2 distinct labels")
+            raise ValueError(f"{spec!r}: need >= 2 distinct labels (or labels=auto with --data)")
         return TaskSpec("classify", spec, labels=labels)
-    raise ValueError(f"task spec {spec!r}: kind must be lm or classify")
+    raise ValueError(f"task spec {spec!r}: kind must be classify, sft, dpo or lm ({TASK_HELP})")

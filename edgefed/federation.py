@@ -79,17 +79,18 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
                    eval_every: int = 1, eval_n: int = 128, eval_threads: int = 2,
                    http_port: int | None = None, timeout: float = 3600.0, progress: bool = True,
                    title: str = "", server_options: dict | None = None,
-                   generate_n: int = 0) -> FederationResult:
+                   generate_n: int = 0, seq_len: int | None = None) -> FederationResult:
     """server_options go to edgefed_server.engine.Server (e.g. history=2: rounds of deltas kept
     for sync before devices further behind get the full state). generate_n: sft held-out rows
-    decoded greedily before and after (ROUGE-L, exact match)."""
+    decoded greedily before and after (ROUGE-L, exact match). seq_len: tokens per held-out row
+    (default: the default device class's)."""
     from edgefed_server.engine import Server
     from edgefed_server.store import Store
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    model = DeviceModel(artifact, threads=eval_threads, check_memory=False)
+    model = DeviceModel(artifact, threads=eval_threads, check_memory=False, seq_len=seq_len)
     glob = GlobalModel(model, job)
     kind, metric = model.kind, model.task.primary
     subset = list(heldout[:eval_n])

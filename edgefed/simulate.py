@@ -104,19 +104,28 @@ def split_data(args, n: int, out: Path | None = None):
     return shards, held
 
 
+def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
+    try:
+        agent.run(stop=stop)
+    except Exception as e:  # noqa: BLE001 - reported to the job, which stops with it
+        errors.append(f"{agent.device} failed: {type(e).__name__}: {e}")
+        raise
+
+
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork). The returned
     starter keeps its agents in `.agents` (tests compare their parameters)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
+        errors: list[str] = []
         for i, shard in enumerate(shards):
             dev = f"sim-{i:03d}"
             model = base.fork()
             agent = DeviceAgent(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
                                 shard, device_class="x86-sim")
             start.agents.append(agent)
-            th = threading.Thread(target=agent.run, kwargs={"stop": stop}, name=dev, daemon=True)
+            th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)
             th.start()
             workers.append(th)
 
@@ -127,6 +136,8 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
             stop.set()
             for th in workers:
                 th.join(timeout=10)
+        # run_federation stops the job at once with a virtual device's error (not at its timeout)
+        halt.failure = lambda: errors[0] if errors else None
         return halt
     start.agents = []
     return start
@@ -140,7 +151,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 def run_simulate(args) -> int:
     from .export.cache import ensure_artifact
-    from .federation import print_report, run_federation
+    from .federation import DeviceFailed, print_report, run_federation
 
     from .data import DataError
 
@@ -156,6 +167,11 @@ def run_simulate(args) -> int:
         return 2
     kernels.set_num_threads(1)
     base = DeviceModel(artifact, threads=1, check_memory=False)
+    try:  # every row checked before any device starts (labels, lengths), as a real device does
+        base.task.validate([r for s in shards for r in s] + list(held))
+    except ValueError as e:
+        print(f"edgefed simulate: {e}", file=sys.stderr)
+        return 2
     broker = None
     url = f"inproc://{job_id}"
     if args.transport == "auto":
@@ -171,6 +187,9 @@ def run_simulate(args) -> int:
                              generate_n=args.generate_n,
                              eval_every=args.eval_every, progress=not args.no_progress,
                              title=f"simulation: {args.devices} devices, {args.method}, {args.split}")
+    except DeviceFailed as e:
+        print(f"edgefed simulate failed: {e}", file=sys.stderr)
+        return 1
     finally:
         if broker is not None:
             broker.stop()

@@ -2,7 +2,13 @@
 
     edgefed server --job NAME --method fedkseed --artifact DIR --broker URL|auto --db PATH \
         --rounds N --local-steps S --lr X --eps Y --k K --min-devices M --devices-per-round D \
-        --round-timeout T --http-port P [--param key=value ...] [--resume]
+        --round-timeout T --http-port P [--param key=value ...] [--resume] \
+        [--heldout FILE --eval-every N --eval-threads T --eval-generate G --eval-out PATH]
+
+With --heldout the server also evaluates the global model on the user's held-out rows (read as
+the artifact's task kind) at round 0, every --eval-every rounds and after the final round, in a
+background thread (server/evaluation.py), and writes the history and the paired before/after
+gain to <db>.eval.json (or --eval-out).
 
 Also runnable as `python -m edgefed_server.cli ...`. SIGTERM/SIGINT stop cleanly (the job
 can be continued with --resume); after a SIGKILL the store has everything that was acked.
@@ -80,6 +86,20 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--linger", type=float, default=60.0,
                    help="after the last round, keep answering sync requests (devices fetch the "
                         "final model) until every device has left, at most this many seconds")
+    e = p.add_argument_group("held-out evaluation (needs --artifact)")
+    e.add_argument("--heldout", default=None, metavar="FILE",
+                   help="held-out rows (JSONL/JSON, CSV, TSV, Parquet, datasets dir) read as the "
+                        "artifact's task kind; the global model is evaluated on them as the job runs")
+    e.add_argument("--eval-every", type=int, default=5, metavar="N",
+                   help="evaluate every N aggregated rounds (and at round 0 and after the last round)")
+    e.add_argument("--eval-threads", type=int, default=1, metavar="T",
+                   help="ONNX Runtime threads for the evaluation")
+    e.add_argument("--eval-generate", type=int, default=0, metavar="N",
+                   help="sft: greedy generations on the first N held-out rows per evaluation (ROUGE-L)")
+    e.add_argument("--eval-out", default=None, metavar="PATH",
+                   help="evaluation history JSON (default: <db>.eval.json)")
+    from edgefed.data_args import add_field_args
+    add_field_args(p)
     return p
 
 
@@ -135,11 +155,23 @@ def run_server(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"edgefed server: {e}", file=sys.stderr)
         return 2
+    heldout = getattr(args, "heldout", None)
+    if heldout:
+        if not args.artifact:
+            print("edgefed server: --heldout needs --artifact DIR (the held-out rows are read and "
+                  "evaluated with the artifact the devices run)", file=sys.stderr)
+            return 2
+        for opt, value, low in (("--eval-every", args.eval_every, 1), ("--eval-threads", args.eval_threads, 1),
+                                ("--eval-generate", args.eval_generate, 0)):
+            if value < low:
+                print(f"edgefed server: {opt} must be >= {low}, got {value}", file=sys.stderr)
+                return 2
     db = args.db or f"edgefed-{args.job}.db"
     store = Store(db)
     broker = None
     transport = None
     server: Optional[Server] = None
+    evaluator = None
     stop = threading.Event()
     stopped_by: List[int] = []
     try:
@@ -149,6 +181,11 @@ def run_server(args: argparse.Namespace) -> int:
             return 2
         if args.resume and not store.has_job(args.job):
             print(f"job {args.job!r} is not in {db} yet: starting it", flush=True)
+        if heldout:  # bad data fails here, before any broker or server starts
+            evaluator = _make_evaluator(args, (store.load_job(args.job) if args.resume else None) or cfg,
+                                        db, log)
+            if evaluator is None:
+                return 2
         if args.broker == "auto":
             broker = start_broker()
             print(f"started a {broker.kind} broker at {broker.url}", flush=True)
@@ -173,8 +210,16 @@ def run_server(args: argparse.Namespace) -> int:
         total = cfg.rounds
         if not args.quiet:
             server.add_round_listener(lambda s: print(_progress_line(s, total), flush=True))
+        if evaluator is not None:
+            evaluator.attach(server)
         server.start()
         total = server.job.rounds  # the stored configuration wins on --resume
+        if evaluator is not None:
+            evaluator.start()
+            print(f"held-out evaluation: {len(evaluator.records)} rows of {heldout} ({evaluator.kind}, "
+                  f"{evaluator.metric}) at round 0, every {evaluator.every} rounds and at the end"
+                  + (f" (replaying the {server.round} stored rounds first)" if server.round else "")
+                  + f"; history in {evaluator.out_path}", flush=True)
         print(f"server for job {server.job.job} ({server.job.method}) on {url}, store {db}, "
               f"round {server.round}/{total}"
               + (f", status http://127.0.0.1:{server.http_port}/" if server.http_port is not None else ""),
@@ -185,6 +230,19 @@ def run_server(args: argparse.Namespace) -> int:
             print(f"job {summary['job']} finished: {summary['rounds_completed']} rounds, "
                   f"{summary['updates_accepted']} updates accepted this run, digest "
                   f"{summary['digest'][:16]}", flush=True)
+            if evaluator is not None:
+                if not evaluator.finished:
+                    print("waiting for the held-out evaluation of the final round ...", flush=True)
+                while not evaluator.wait(0.2) and not stop.is_set():
+                    pass
+                if stopped_by:
+                    print(f"stopped by signal {stopped_by[0]} before the final held-out evaluation",
+                          flush=True)
+                    return 128 + stopped_by[0]
+                if evaluator.error:
+                    print(f"edgefed server: the job finished but {evaluator.error}", file=sys.stderr)
+                    return 1
+                print(evaluator.summary_line(), flush=True)
             return 0
         if stopped_by:
             print(f"stopped by signal {stopped_by[0]} at round {summary['round']}; continue with "
@@ -199,6 +257,8 @@ def run_server(args: argparse.Namespace) -> int:
         log.exception("server failed: %s", e)
         return 1
     finally:
+        if evaluator is not None and not evaluator.stop(10.0):
+            log.warning("the held-out evaluation is still running; leaving it")
         if server is not None:
             server.stop()
             server.flush(5.0)
@@ -207,6 +267,23 @@ def run_server(args: argparse.Namespace) -> int:
         store.close()
         if broker is not None:
             broker.stop()
+
+
+def _make_evaluator(args: argparse.Namespace, job, db: str, log: logging.Logger):
+    """The HeldoutEvaluator of --heldout, or None after printing why (bad data, bad artifact)."""
+    from edgefed.data_args import fields_from_args
+
+    from .evaluation import HeldoutEvaluator, read_heldout
+
+    artifact = job.artifact or args.artifact
+    try:
+        records = read_heldout(args.heldout, artifact, fields_from_args(args))
+        return HeldoutEvaluator(artifact, job, records, every=args.eval_every, threads=args.eval_threads,
+                                generate_n=args.eval_generate, source=str(args.heldout),
+                                out_path=args.eval_out or f"{db}.eval.json", logger=log)
+    except (ValueError, OSError, KeyError) as e:  # DataError is a ValueError; names file:line
+        print(f"edgefed server: --heldout: {e}", file=sys.stderr)
+        return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

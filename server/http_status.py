@@ -1,6 +1,8 @@
 """HTTP status of a running server (stdlib only, loopback only).
 
-    GET /status    JSON: job config, round, phase, deadline, devices, per-round history
+    GET /status    JSON: job config, round, phase, deadline, devices, per-round history, plus
+                   one key per entry of the engine's optional `status_extras` dict
+                   (name -> callable returning a JSON-able dict; e.g. "evaluation")
     GET /metrics   Prometheus text exposition format (version 0.0.4)
     GET /          a self-contained page (inline JS on a <canvas>, no CDN) polling /status
 """
@@ -12,7 +14,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
-__all__ = ["StatusHTTPServer", "render_metrics", "to_json"]
+__all__ = ["StatusHTTPServer", "render_metrics", "to_json", "status_json"]
 
 
 def _clean(o: Any) -> Any:
@@ -35,6 +37,17 @@ def _clean(o: Any) -> Any:
 
 def to_json(obj: Any) -> bytes:
     return json.dumps(_clean(obj), allow_nan=False).encode("utf-8")
+
+
+def status_json(engine: Any) -> dict:
+    """engine.status() plus its optional status_extras (a failing extra reports its error)."""
+    st = engine.status()
+    for name, fn in dict(getattr(engine, "status_extras", None) or {}).items():
+        try:
+            st[name] = fn()
+        except Exception as e:  # never fail the page for an extra
+            st[name] = {"error": repr(e)}
+    return st
 
 
 def _esc(v: str) -> str:
@@ -187,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             if path == "/status":
-                self._send(200, to_json(engine.status()), "application/json")
+                self._send(200, to_json(status_json(engine)), "application/json")
             elif path == "/metrics":
                 self._send(200, render_metrics(engine.metrics_snapshot()).encode(),
                            "text/plain; version=0.0.4; charset=utf-8")

@@ -100,7 +100,9 @@ def split_data(args, n: int, out: Path | None = None):
     train, held = load_data(args)
     shards = split_examples(train, n, args.split, args.alpha, args.seed)
     if out is not None:
-        write_split_report(out, shards, held)
+        write_split_report(out, shards, held, settings={
+            "data": args.data or "packaged", "split": args.split, "alpha": args.alpha, "seed": args.seed,
+            "devices": n, "heldout": str(args.heldout)})
     return shards, held
 
 

@@ -1,11 +1,26 @@
-"""Does centralised forward-only training of SmolLM2-135M learn Rotten Tomatoes sentiment?
+"""Does forward-only training of SmolLM2-135M learn? Two checks:
 
     python benchmarks/learning_check.py [--modes lora,full] [--heldout 400] [--json FILE]
+    python benchmarks/learning_check.py --tasks multiemo,qasc [--json FILE]
 
-Trains with two-point ZO (MeZO) on the device runtime (ONNX Runtime + the C++ kernels, no
-torch in the loop), label words " positive" / " negative", template edgefed.data.SENTIMENT_TEMPLATE.
-Prints zero-shot and trained accuracy on a balanced held-out split, the paired gain with its
-95% interval, and held-out loss (the clearer signal for small ZO gains).
+--modes (centralised, Rotten Tomatoes): two-point ZO (MeZO) on the device runtime (ONNX Runtime
++ the C++ kernels, no torch in the loop), label words " positive" / " negative", template
+edgefed.data.SENTIMENT_TEMPLATE. Prints zero-shot and trained accuracy on a balanced held-out
+split, the paired gain with its 95% interval, and held-out loss.
+
+--tasks (federated, real public data shipped inside the `bigbench` PyPI sdist, read by
+benchmarks/packaged_data.py): for each task
+  1. zero-shot: candidate templates scored with `edgefed zero-shot`'s code on a validation
+     sample disjoint from the held-out set (classify: accuracy; sft: loss); the best is kept;
+  2. the SmolLM2-135M LoRA r=8 (q,v) artifact is exported with that template;
+  3. FedKSeed over 4 virtual devices (threads sharing one ONNX graph) through the real server
+     and device agents over the in-process transport (edgefed.federation.run_federation, as
+     `edgefed simulate` runs it), Dirichlet(0.5) label-skew split for multiemo, iid for qasc;
+  4. held-out metrics before/after on the same rows with paired 95% intervals: multiemo
+     (4-class MultiEmo-EN sentiment) accuracy and macro-F1; qasc (QASC answer generation)
+     held-out loss and ROUGE-L / exact match of greedy generations.
+Progress goes to stderr; the table to stdout; --json FILE keeps everything (per-template
+zero-shot rows, per-round history, predicted-label counts, generations).
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", default=None, help="default: the host name")
     p.add_argument("--threads", type=int, default=None, help="override the config's threads")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the config's); "
+                   "rows longer are cut by the task's rule, or refused where an answer would be cut")
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--idle-timeout", type=float, default=None, help="leave after this long with no plan")
     p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
@@ -60,7 +62,8 @@ def _device(args: argparse.Namespace) -> int:
         return 2
     device_id = args.device_id or socket.gethostname().split(".")[0]
     try:
-        model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size)
+        model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size,
+                            seq_len=args.seq_len)
     except MemoryBudgetError as exc:
         print(f"edgefed device: {exc}", file=sys.stderr)
         return 3

@@ -63,6 +63,8 @@ class DeviceProcesses:
                    "--broker", url, "--data", str(data), "--artifact", str(self.artifact), "--job", self.job_id,
                    "--device-id", dev, "--threads", str(a.device_threads),
                    "--batch-size", str(a.batch_size), "--idle-timeout", str(a.round_timeout * 2)]
+            if a.seq_len:
+                cmd += ["--seq-len", str(a.seq_len)]
             log = open(self.logs / f"{dev}.log", "w")
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  preexec_fn=die_with_parent_preexec())
@@ -125,6 +127,13 @@ def run_demo(args) -> int:
     prepare_model(args.model)
     artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data, fields=fields_from_args(args), progress=True)
     print(f"      artifact {artifact}", file=sys.stderr)
+    from .runtime import DeviceModel
+    try:  # every row checked before the devices start (labels known, answers fit seq_len)
+        DeviceModel(artifact, threads=1, check_memory=False, seq_len=args.seq_len).task.validate(
+            [r for s in shards for r in s] + list(held))
+    except ValueError as e:
+        print(f"edgefed demo: {e} (--seq-len)", file=sys.stderr)
+        return 2
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training rows over {args.devices} devices "
           f"({args.split}; {out}/split.json), {len(held)} held out", file=sys.stderr)
@@ -138,7 +147,7 @@ def run_demo(args) -> int:
         res = run_federation(job, artifact, held, broker_url=broker.url, out_dir=out,
                              start_devices=DeviceProcesses(args, job_id, artifact, files, out).start,
                              eval_every=args.eval_every, eval_n=args.eval_n, http_port=args.http_port,
-                             generate_n=args.generate_n,
+                             generate_n=args.generate_n, seq_len=args.seq_len,
                              progress=not args.no_progress, timeout=args.round_timeout * (args.rounds + 2),
                              title=f"EdgeFed demo: {args.devices} devices over {broker.kind}, "
                                    f"{args.method} on {args.model} ({args.trainable.split(':')[0]})")

@@ -18,6 +18,7 @@ All intervals are two-sided 95% intervals; ``ci_low``/``ci_high`` name their bou
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import string
@@ -392,6 +393,7 @@ def rouge_l(predictions, references, *, use_stemmer: bool = False, tokenizer=Non
     """
     try:
         from rouge_score import rouge_scorer
+        logging.getLogger("absl").setLevel(logging.WARNING)  # "Using default tokenizer." on every call
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("rouge_l needs rouge-score: pip install 'rouge-score>=0.1.2'") from e
     preds, refs = _check_texts(predictions, references, "rouge_l")

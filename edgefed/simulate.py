@@ -31,6 +31,8 @@ def add_job_args(p: argparse.ArgumentParser, *, rounds: int, local_steps: int, l
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--local-steps", type=int, default=local_steps)
     p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row on devices and in evaluation "
+                   "(default: the device class's, 64); sft/dpo answers must fit whole")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=4096, help="seed pool size")
@@ -168,7 +170,7 @@ def run_simulate(args) -> int:
         print(f"edgefed simulate: {e}", file=sys.stderr)
         return 2
     kernels.set_num_threads(1)
-    base = DeviceModel(artifact, threads=1, check_memory=False)
+    base = DeviceModel(artifact, threads=1, check_memory=False, seq_len=args.seq_len)
     try:  # every row checked before any device starts (labels, lengths), as a real device does
         base.task.validate([r for s in shards for r in s] + list(held))
     except ValueError as e:
@@ -186,7 +188,7 @@ def run_simulate(args) -> int:
     try:
         res = run_federation(job, artifact, held, broker_url=url, out_dir=out,
                              start_devices=thread_devices(base, job_id, shards), eval_n=args.eval_n,
-                             generate_n=args.generate_n,
+                             generate_n=args.generate_n, seq_len=args.seq_len,
                              eval_every=args.eval_every, progress=not args.no_progress,
                              title=f"simulation: {args.devices} devices, {args.method}, {args.split}")
     except DeviceFailed as e:

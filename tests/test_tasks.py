@@ -186,7 +186,10 @@ def test_dpo_loss_against_the_frozen_reference(tiny, export):
         want.append(-np.log(1 / (1 + np.exp(-0.5 * margin))))
     assert dm.loss(b) == pytest.approx(np.mean(want), rel=1e-4)
     ev = dm.evaluate(pairs)
-    assert ev["n"] == 2 and set(ev["correct"].tolist()) <= {True, False}
+    assert ev["n"] == 2 and set(ev["correct"].tolist()) <= {0.0, 1.0}
+    assert ev["preference_accuracy"] == pytest.approx(float(np.mean(ev["margins"] > 0)))
+    dm.reset_params()  # the reference itself: every margin 0, ties count half
+    assert dm.evaluate(pairs)["preference_accuracy"] == 0.5
     assert ev["reward_margin"] == pytest.approx(float(np.mean(ev["margins"])))
 
 

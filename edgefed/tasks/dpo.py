@@ -77,6 +77,9 @@ class DPOTask(SFTTask):
         m = np.concatenate(margins) if margins else np.zeros(0)
         from ..metrics import preference_metrics
         pm = preference_metrics(m)
+        # A tie (margin exactly 0, as for every pair at the reference itself) counts half: the
+        # starting model then scores 50%, not 0%, and a gain is a real preference learnt.
+        correct = np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
         return {"loss": total / max(len(records), 1), "n": len(records), "margins": m,
-                "correct": m > 0, "preference_accuracy": float(np.mean(m > 0)) if m.size else float("nan"),
+                "correct": correct, "preference_accuracy": float(correct.mean()) if m.size else float("nan"),
                 "reward_margin": float(m.mean()) if m.size else float("nan"), "metrics": pm}

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .jsonable import without_arrays
 from .global_model import GlobalModel, plot_rounds
 from .methods import JobConfig
 from .metrics import paired_f1_gain, paired_gain, paired_mean_gain, plot_confusion
@@ -67,11 +68,6 @@ def compare(before: dict, after: dict, n_classes: int = 0) -> dict:
 def primary(ev: dict, kind: str) -> float:
     return float(ev["accuracy"] if kind == "classify" else ev["preference_accuracy"] if kind == "dpo"
                  else ev["loss"])
-
-
-def strip_arrays(r: dict) -> dict:
-    """An evaluation without its per-row arrays (for JSON and logs)."""
-    return {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
 
 
 def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
@@ -158,7 +154,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
     up = float(np.mean([h["bytes_in"] / max(1, h["n_updates"]) for h in rounds])) if rounds else 0.0
     down = float(np.mean([h["bytes_out"] for h in rounds])) if rounds else 0.0
     plot = plot_rounds(history, out / "rounds.png", title or f"{job.job}: {job.method}")
-    result = FederationResult(job=job.to_dict(), before=strip_arrays(before), after=strip_arrays(after), gain=gain,
+    result = FederationResult(job=job.to_dict(), before=without_arrays(before), after=without_arrays(after), gain=gain,
                               history=history, rounds_completed=glob.rounds_applied,
                               seconds=time.time() - t_start, bytes_up_per_device_round=up,
                               bytes_down_per_device_round=down, plot=str(plot),

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .jsonable import plain
+
 __all__ = ["add_zero_shot_args", "run_zero_shot", "read_templates", "held_out_sample",
            "Candidate", "ZeroShotError", "TRAINABLE", "CHAT"]
 
@@ -372,39 +374,22 @@ _DROP = {"predictions", "targets", "correct", "example_loss", "example_rouge_l",
 
 
 def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if k not in _DROP}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return plain({k: v for k, v in x.items() if k not in _DROP} if isinstance(x, dict) else x)
 
 
-# ---------------------------------------------------------------------------- CLI
+def _int_at_least(lo: int):
+    def check(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+        return v
+    return check
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
-
-def _non_negative(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def add_zero_shot_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
+from edgefed.jsonable import plain, without_arrays
 
 __all__ = ["HeldoutEvaluator", "read_heldout", "artifact_kind", "scalar_metrics", "compare_evaluations"]
 
@@ -50,24 +49,9 @@ def read_heldout(path: str | os.PathLike, artifact: str | os.PathLike, fields=No
     return read_records(path, artifact_kind(artifact), fields)
 
 
-def _plain(v: Any) -> Any:
-    """JSON-safe: numpy scalars -> Python, non-finite floats -> None, tuples -> lists."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
 def scalar_metrics(ev: dict) -> dict:
     """An evaluation without its per-row arrays (correct, predictions, example_loss, ...)."""
-    return {k: _plain(v) for k, v in ev.items() if not isinstance(v, np.ndarray)}
+    return plain(without_arrays(ev))
 
 
 def compare_evaluations(before: dict, after: dict, n_classes: int = 0) -> dict:
@@ -321,8 +305,8 @@ class HeldoutEvaluator:
         ev = self.glob.evaluate(self.records, batch_size=self.batch_size, **kw)
         secs = time.perf_counter() - t0
         metrics = scalar_metrics(ev)
-        entry = {"round": int(rnd), "metric": self.metric, "value": _plain(ev.get(self.metric)),
-                 "loss": _plain(ev.get("loss")), "n": len(self.records), "seconds": round(secs, 4),
+        entry = {"round": int(rnd), "metric": self.metric, "value": plain(ev.get(self.metric)),
+                 "loss": plain(ev.get("loss")), "n": len(self.records), "seconds": round(secs, 4),
                  "at": time.time(), "metrics": metrics}
         comp = None
         if rnd == 0:
@@ -330,7 +314,7 @@ class HeldoutEvaluator:
         elif self.baseline is not None:
             comp = compare_evaluations(self.baseline, ev, len(getattr(self.model, "labels", []) or []))
             comp = {"from_round": 0, "to_round": int(rnd), "final": rnd >= int(self.job.rounds),
-                    **_plain(comp)}
+                    **plain(comp)}
         self.last = ev
         with self._lock:
             self.history = [h for h in self.history if h["round"] != rnd] + [entry]
@@ -405,7 +389,7 @@ class HeldoutEvaluator:
 
     def _write(self) -> None:
         if self.out_path is not None:
-            _atomic_write_json(self.out_path, _plain(self.result()))
+            _atomic_write_json(self.out_path, plain(self.result()))
 
     def summary_line(self) -> str:
         """One line for the end of the run."""

@@ -14,29 +14,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+from edgefed.jsonable import plain
+
 __all__ = ["StatusHTTPServer", "render_metrics", "to_json", "status_json"]
 
 
-def _clean(o: Any) -> Any:
-    """JSON-safe: non-finite floats become null (JSON has no NaN), numpy scalars plain."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple, set)):
-        return [_clean(v) for v in o]
-    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
-        try:
-            o = o.item()
-        except (TypeError, ValueError):
-            return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, (str, int, float, bool)) or o is None:
-        return o
-    return str(o)
-
-
 def to_json(obj: Any) -> bytes:
-    return json.dumps(_clean(obj), allow_nan=False).encode("utf-8")
+    return json.dumps(plain(obj), allow_nan=False).encode("utf-8")
 
 
 def status_json(engine: Any) -> dict:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgefed.data import (Example, PreferencePair, SFTExample, iid_split, load_rotten_tomatoes,
+from edgefed.data import (Example, SFTExample, iid_split, load_rotten_tomatoes,
                           rotten_tomatoes_pairs, write_jsonl)
 from edgefed.federation import run_federation
 from edgefed.methods import JobConfig

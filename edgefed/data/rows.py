@@ -213,7 +213,7 @@ class RowMapper:
         return turns
 
     def _dpo(self, row: dict, group: str, origin: str) -> PreferencePair:
-        chosen, rejected = self._get(row, "chosen"), self._get(row, "rejected")
+        chosen = self._get(row, "chosen")
         if not isinstance(chosen, (list, tuple)):
             c, r = self._str(row, "chosen"), self._str(row, "rejected")
             if "prompt" not in self.cols:

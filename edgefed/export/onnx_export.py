@@ -177,7 +177,7 @@ def _soft_prompt_init(tok, model, n_tokens: int, text: str) -> torch.Tensor:
     return emb.detach()[torch.tensor(ids)].clone().float()
 
 
-def _trainables(core: LossCore, ts: TrainableSpec, lora_wrappers) -> list[tuple[str, str]]:
+def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers) -> list[tuple[str, str]]:
     """[(graph input name, parameter path inside core)] in manifest order."""
     if ts.mode == "full":
         # named_parameters() drops duplicates, so tied lm_head/embed_tokens is one tensor.

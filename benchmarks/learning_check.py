@@ -210,7 +210,7 @@ def run_task(name: str, args) -> dict:
     zs = _zero_shot(cfg, out, paths["validation"], args.seed, args.threads, args.model)
     best = zs["best"]["template"]
     t_zs = time.time() - t0
-    _log(f"[{name}] zero-shot: best template {_esc(best)!r} ({t_zs:.0f} s)")
+    _log(f"[{name}] zero-shot: best template '{_esc(best)}' ({t_zs:.0f} s)")
 
     # 2. the artifact with that template
     t0 = time.time()

@@ -119,6 +119,8 @@ SUBCOMMANDS = {
                  *_delegate("edgefed.simulate", "add_simulate_args", "run_simulate")),
     "demo": ("the main job: federated fine-tuning of SmolLM2 over MQTT",
              *_delegate("edgefed.demo", "add_demo_args", "run_demo")),
+    "certs": ("make a CA, server and device certificates, Mosquitto password file and ACL for a job",
+              *_delegate("edgefed.security.certs", "add_certs_args", "run_certs")),
     "zero-shot": ("score candidate templates on held-out data before training (host)",
                   *_delegate("edgefed.zero_shot", "add_zero_shot_args", "run_zero_shot")),
 }

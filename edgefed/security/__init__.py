@@ -1,0 +1,1 @@
+"""Security: device identity and broker credentials (certs.py), robust aggregation (robust.py)."""

@@ -149,7 +149,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
     gain = compare(before, after, len(model.labels))
     if "confusion" in after:
         plot_confusion(after["confusion"], model.labels, out / "confusion.png",
-                       f"{job.job}: held-out confusion after {glob.rounds_applied} rounds")
+                       f"held-out, after {glob.rounds_applied} rounds")
     rounds = [h for h in history if h["round"] > 0]
     up = float(np.mean([h["bytes_in"] / max(1, h["n_updates"]) for h in rounds])) if rounds else 0.0
     down = float(np.mean([h["bytes_out"] for h in rounds])) if rounds else 0.0

@@ -10,12 +10,19 @@ Mosquitto gets a generated config tuned for many small QoS-1 messages: `set_tcp_
 limits so a busy subscriber loses nothing. The embedded broker runs in a subprocess
 (`python -m edgefed.transport.broker --embedded --port N`) so it is isolated from the
 caller's event loop and can be killed cleanly. amqtt speaks MQTT 3.1.1 only.
+
+Without `auth` the broker is anonymous (development mode, logged as a WARNING): anyone who
+reaches it can join, read and poison jobs. `start_broker(auth=DIR)` runs Mosquitto with the
+files `edgefed certs --out DIR` wrote: a TLS listener (mqtts://), allow_anonymous false, the
+password file and the per-device ACL (docs/security.md). The embedded amqtt broker cannot
+enforce these and is for local development only.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import getpass
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..children import die_with_parent_preexec
+from .base import log
 
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])  # directory holding the edgefed package
 
@@ -165,12 +173,34 @@ def _mosquitto_conf(host: str, port: int, workdir: str, persistence: bool) -> st
     return "\n".join(lines) + "\n"
 
 
+def _secure_mosquitto_conf(auth: str, host: str, port: int, workdir: str, persistence: bool,
+                           require_certificate: bool) -> str:
+    from ..security.broker_auth import mosquitto_conf
+    d = Path(auth)
+    missing = [n for n in ("ca.crt", "broker.crt", "broker.key", "passwd", "acl") if not (d / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{auth} lacks {', '.join(missing)}: create it with "
+                                f"`edgefed certs --out {auth} --job JOB --devices dev1,dev2`")
+    conf = mosquitto_conf(port=port, bind=host, ca=d / "ca.crt", certfile=d / "broker.crt",
+                          keyfile=d / "broker.key", password_file=d / "passwd", acl_file=d / "acl",
+                          require_certificate=require_certificate,
+                          persistence_dir=workdir if persistence else None,
+                          log_file=Path(workdir) / "mosquitto.log")
+    if persistence:
+        conf += "autosave_interval 1\n"
+    return conf
+
+
 def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0, *,
                  host: str = "127.0.0.1", persistence: bool = False,
                  workdir: Optional[str] = None, timeout: float = 15.0,
-                 die_with_parent: bool = False) -> BrokerHandle:
+                 die_with_parent: bool = False, auth: Optional[str] = None,
+                 require_certificate: bool = True) -> BrokerHandle:
     """Use `url` if given; else start Mosquitto (if installed and prefer allows) or embedded amqtt.
 
+    auth: a directory written by `edgefed certs`; Mosquitto then runs with TLS, passwords and
+    the ACL, and the handle's url is mqtts://host:port (clients still need their credentials).
+    Without it the broker is anonymous, for development, and a WARNING says so.
     die_with_parent: the broker gets SIGTERM if this process dies, even by SIGKILL (Linux). The
     calling thread must live as long as the broker (the kernel watches the thread that forked).
     """
@@ -180,10 +210,13 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
         return BrokerHandle(url=url, kind="external", host=h, port=p)
     if prefer not in ("auto", "mosquitto", "embedded"):
         raise ValueError("prefer must be 'auto', 'mosquitto' or 'embedded'")
+    if auth is not None and prefer == "embedded":
+        raise ValueError("the embedded amqtt broker cannot enforce `edgefed certs` credentials and "
+                         "ACLs; use Mosquitto (prefer='mosquitto') for auth=")
     binary = find_mosquitto() if prefer in ("auto", "mosquitto") else None
-    if prefer == "mosquitto" and binary is None:
+    if (prefer == "mosquitto" or auth is not None) and binary is None:
         raise FileNotFoundError("mosquitto not found on PATH or in /usr/sbin; install it "
-                                "(apt-get install mosquitto) or use prefer='embedded'")
+                                "(apt-get install mosquitto)" + ("" if auth else " or use prefer='embedded'"))
     kind = "mosquitto" if binary else "embedded"
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix=f"edgefed-{kind}-")
@@ -191,11 +224,12 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
     last_error: Optional[Exception] = None
     for _ in range(attempts):
         p = port or free_port(host)
-        h = BrokerHandle(url=f"mqtt://{host}:{p}", kind=kind, host=host, port=p, workdir=wd,
-                         _own_workdir=own, _die_with_parent=die_with_parent)
+        h = BrokerHandle(url=f"{'mqtts' if auth else 'mqtt'}://{host}:{p}", kind=kind, host=host,
+                         port=p, workdir=wd, _own_workdir=own, _die_with_parent=die_with_parent)
         if binary:
             conf = Path(wd) / "mosquitto.conf"
-            conf.write_text(_mosquitto_conf(host, p, wd, persistence))
+            conf.write_text(_secure_mosquitto_conf(auth, host, p, wd, persistence, require_certificate)
+                            if auth else _mosquitto_conf(host, p, wd, persistence))
             h.log_path = str(Path(wd) / "mosquitto.log")
             h._argv = [binary, "-c", str(conf)]
         else:
@@ -208,12 +242,23 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
         try:
             h._spawn(timeout)
             atexit.register(h.stop)  # a crashed caller should not leave a broker behind
+            if auth:
+                log.info("%s broker at %s with TLS, passwords and ACL from %s", kind, h.url, auth)
+            else:
+                warn_anonymous(h.url, kind)
             return h
         except RuntimeError as e:
             last_error = e
     if own:
         shutil.rmtree(wd, ignore_errors=True)
     raise RuntimeError(f"could not start a {kind} broker: {last_error}")
+
+
+def warn_anonymous(url: str, kind: str = "mosquitto") -> None:
+    log.warning("anonymous broker: anyone who reaches %s can join, read and poison jobs; use "
+                "`edgefed certs --out DIR --job JOB --devices ...` and run Mosquitto with its "
+                "mosquitto.conf (or start_broker(auth=DIR))%s", url,
+                "; the embedded amqtt broker is for local development only" if kind == "embedded" else "")
 
 
 # ---------------------------------------------------------------------- embedded amqtt broker
@@ -312,11 +357,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=1883)
     ap.add_argument("--prefer", default="auto", choices=["auto", "mosquitto", "embedded"])
+    ap.add_argument("--auth", default=None, metavar="DIR",
+                    help="run Mosquitto with TLS, passwords and ACL from `edgefed certs --out DIR`")
     a = ap.parse_args(argv)
     if a.embedded:
         run_embedded(a.host, a.port)
         return 0
-    h = start_broker(prefer=a.prefer, port=a.port, host=a.host)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    h = start_broker(prefer=a.prefer, port=a.port, host=a.host, auth=a.auth)
     print(f"{h.kind} broker at {h.url} (pid {h.pid}); Ctrl-C stops it", flush=True)
     try:
         while h.alive():

@@ -1,0 +1,173 @@
+"""Mosquitto authentication and authorisation files for one job (used by `edgefed certs`).
+
+- password file in Mosquitto 2's own format, `user:$7$<iterations>$<b64 salt>$<b64 hash>`
+  (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash, 101 iterations by default: what
+  `mosquitto_passwd` writes; see mosquitto's src/password_mosq.c). The passwords are random
+  (secrets.token_urlsafe), so the low iteration count costs nothing in guessing resistance.
+- ACL file: a device may publish only its own update/status/sync-request topics and read only
+  its job's plan and state and its own ack/sync-reply topics; the aggregation server may read
+  and write everything of its job. Topic names come from edgefed.protocol.Topics.
+- mosquitto.conf: TLS listener, allow_anonymous false, password_file, acl_file, and
+  use_username_as_clientid so a session belongs to a user name (docs/security.md).
+
+Standard library only (no cryptography, no torch): broker.py imports this on devices' hosts too.
+"""
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Union
+
+from ..protocol import Topics, check_id
+
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default (PW_DEFAULT_ITERATIONS)
+SALT_LEN = 12  # mosquitto's SALT_LEN
+SERVER_NAME = "server"  # file name of the aggregation server's identity; not a valid device id here
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ------------------------------------------------------------------ identities
+
+def server_username(job: str) -> str:
+    """MQTT user name of a job's aggregation server: 'server@<job>' ('@' is not in any id)."""
+    return f"{SERVER_NAME}@{check_id(job, 'job')}"
+
+
+def device_username(job: str, device: str) -> str:
+    """MQTT user name of a device in a job: '<device>@<job>'."""
+    if check_id(device, "device") == SERVER_NAME:
+        raise ValueError(f"device id {SERVER_NAME!r} is reserved for the aggregation server's files")
+    return f"{device}@{check_id(job, 'job')}"
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)  # 192 bits, [A-Za-z0-9_-]: no quoting trouble anywhere
+
+
+# ------------------------------------------------------------------ password file
+
+def mosquitto_hash(password: str, *, salt: Optional[bytes] = None,
+                   iterations: int = PBKDF2_ITERATIONS) -> str:
+    """Mosquitto 2 `$7$` hash of `password` (the part after 'user:' in a password file)."""
+    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
+    dk = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(dk).decode()}"
+
+
+def check_mosquitto_hash(password: str, hashed: str) -> bool:
+    """True if `hashed` ($7$ or $6$ format) is the hash of `password`."""
+    parts = hashed.split("$")
+    try:
+        if len(parts) == 5 and parts[1] == "7":
+            it, salt, want = int(parts[2]), base64.b64decode(parts[3]), base64.b64decode(parts[4])
+            got = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, it)
+        elif len(parts) == 4 and parts[1] == "6":  # mosquitto 1.x: sha512(password + salt)
+            salt, want = base64.b64decode(parts[2]), base64.b64decode(parts[3])
+            got = hashlib.sha512(password.encode("utf-8") + salt).digest()
+        else:
+            return False
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+def password_file_text(users: Mapping[str, str]) -> str:
+    """user -> clear password, as a Mosquitto password file (one `user:$7$...` line each)."""
+    lines = []
+    for user, pw in users.items():
+        if not user or any(c in user for c in ":\n\r") or user != user.strip():
+            raise ValueError(f"user name {user!r} cannot go into a Mosquitto password file")
+        lines.append(f"{user}:{mosquitto_hash(pw)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: PathLike, text: str) -> Path:
+    """Write `text` to `path` readable by its owner only (0600), also when it already existed."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+    return p
+
+
+# ------------------------------------------------------------------ ACL
+
+def device_acl(job: str, device: str) -> List[str]:
+    """`topic ...` lines of one device: publish its own topics, read the job's shared ones."""
+    t = Topics(job)
+    return ([f"topic write {x}" for x in (t.update(device), t.status(device), t.sync_request(device))]
+            + [f"topic read {x}" for x in (t.plan(), t.state(), t.ack(device), t.sync_reply(device))])
+
+
+def server_acl(job: str) -> List[str]:
+    return [f"topic readwrite {Topics(job).everything()}"]
+
+
+def acl_text(job: str, devices: Iterable[str]) -> str:
+    """A Mosquitto acl_file for one job; anything not listed is denied (no `pattern` lines)."""
+    out = [f"# EdgeFed job {job}: generated by `edgefed certs`; anything not listed is denied",
+           "", f"user {server_username(job)}", *server_acl(job)]
+    for d in devices:
+        out += ["", f"user {device_username(job, d)}", *device_acl(job, d)]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ mosquitto.conf
+
+def mosquitto_conf(*, port: int, ca: PathLike, certfile: PathLike, keyfile: PathLike,
+                   password_file: PathLike, acl_file: PathLike, bind: Optional[str] = None,
+                   require_certificate: bool = True, persistence_dir: Optional[PathLike] = None,
+                   log_file: Optional[PathLike] = None, run_as: Optional[str] = None) -> str:
+    """A Mosquitto 2 config with one TLS listener, no anonymous access, passwords and the ACL.
+
+    use_username_as_clientid: the broker replaces every client id by the user name, so a
+    session (and its queued messages) belongs to whoever holds that user's password, and a
+    stable id needs no guarding; see docs/security.md.
+    """
+    a = lambda p: str(Path(p).resolve())  # noqa: E731 - mosquitto resolves relative paths from its cwd
+    lines = [
+        "# generated by `edgefed certs`: TLS, passwords and per-device ACL (docs/security.md)",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {a(password_file)}",
+        f"acl_file {a(acl_file)}",
+        "",
+        f"listener {port}" + (f" {bind}" if bind else ""),
+        f"cafile {a(ca)}",
+        f"certfile {a(certfile)}",
+        f"keyfile {a(keyfile)}",
+        f"require_certificate {'true' if require_certificate else 'false'}",
+        "use_username_as_clientid true",
+        "",
+        "set_tcp_nodelay true",  # else Nagle delays small acks: ~60x slower QoS 1
+        "max_queued_messages 100000",
+        "max_inflight_messages 1000",
+    ]
+    if persistence_dir is not None:
+        lines += ["persistence true", f"persistence_location {a(persistence_dir)}/", "autosave_interval 60"]
+    if log_file is not None:
+        lines += [f"log_dest file {a(log_file)}", "log_type error", "log_type warning",
+                  "log_type notice", "log_type information"]
+    # as root, mosquitto 2 switches to user 'mosquitto', who cannot read our 0600 keys
+    lines.append(f"user {run_as or getpass.getuser()}")
+    return "\n".join(lines) + "\n"
+
+
+def read_passwords(cred_dir: PathLike) -> Dict[str, str]:
+    """name -> password of the credentials/<name>.password files already written."""
+    out = {}
+    d = Path(cred_dir)
+    if d.is_dir():
+        for f in sorted(d.glob("*.password")):
+            out[f.stem] = f.read_text(encoding="utf-8").strip()
+    return out

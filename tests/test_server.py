@@ -526,7 +526,7 @@ def test_listener_and_synchronous_inproc(tmp_path):
     """The engine also runs on the synchronous in-process broker (callbacks only enqueue)."""
     broker = InProcBroker(synchronous=True)
     store = Store(tmp_path / "s.db")
-    job = JobConfig(job="s", method="fedkseed", rounds=3, k=32, local_steps=2)
+    job = JobConfig(job="s", method="fedkseed", rounds=3, k=32, local_steps=2, batch_size=10)  # fake devices claim up to 19 samples
     fleet = Fleet(broker, "s", ["a", "b"], k=32, steps=2)
     fleet.announce()
     srv = Server(broker.client("server"), store, job, settle=0.0)

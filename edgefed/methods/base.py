@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..protocol import RoundDelta, RoundPlan, Tensor, Update
+from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 
 __all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
-           "ClientAlgorithm", "Method"]
+           "ClientAlgorithm", "Method", "check_num_samples"]
 
 
 @dataclass
@@ -84,6 +84,17 @@ class ClientResult:
     scalars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     tensors: list[Tensor] = field(default_factory=list)
     train_loss: float = 0.0
+
+
+def check_num_samples(plan: RoundPlan, update: Update) -> None:
+    """num_samples <= local_steps x batch_size of the plan: what the device could have trained on
+    this round (a device reports local_steps x min(batch_size, its rows)). It is the device's
+    weight in a sample-weighted mean, so this bounds any one device's share of the aggregate."""
+    cap = int(plan.local_steps) * int(plan.batch_size)
+    if int(update.num_samples) > cap:
+        raise InvalidField(f"update from {update.device} claims num_samples={update.num_samples}, but "
+                           f"round {plan.round} allows at most local_steps {plan.local_steps} x "
+                           f"batch_size {plan.batch_size} = {cap}")
 
 
 class ServerStrategy(ABC):

@@ -14,11 +14,19 @@ import numpy as np
 
 from .. import kernels
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
+from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
 from ..trainer import LocalTrainer
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
-from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy
+from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
+                   check_num_samples)
 
-__all__ = ["FedKSeedClient", "FedKSeedServer"]
+__all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds"]
+
+# |g| of one probe, g = (L+ - L-) / (2 eps), that no healthy device reaches: a cross-entropy that
+# moves by 20 nats between theta +- eps z with eps = 1e-3 (docs/server.md, "Bounds").
+DEFAULT_SCALAR_BOUND = 1e4
+# float32 rounding slack when checking device scalars against a bound
+_REL_TOL = 1e-6
 
 # Trainables up to this size are restored from a copy after local training (exact);
 # bigger ones (full-parameter) are restored by replaying the local steps negated.
@@ -40,6 +48,60 @@ def zo_plan_params(job: JobConfig) -> dict:
     p = job.params
     return {"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed)}
+
+
+def probe_bound(job: JobConfig) -> float:
+    """The largest |g| one probe of an honest device can report: the job's `clip` when set (the
+    device clips to it), else `scalar_bound` (default DEFAULT_SCALAR_BOUND)."""
+    bound = float(job.params.get("scalar_bound", DEFAULT_SCALAR_BOUND))
+    clip = float(job.params.get("clip", 0.0))
+    return min(clip, bound) if clip > 0 else bound
+
+
+def check_job_bounds(job: JobConfig, *, dense: bool) -> RobustConfig:
+    """Refuse a job whose bound / aggregation params make no sense (at job creation)."""
+    cfg = RobustConfig.from_params(job.params, dense=dense)
+    try:
+        bound = float(job.params.get("scalar_bound", DEFAULT_SCALAR_BOUND))
+        clip = float(job.params.get("clip", 0.0))
+    except (TypeError, ValueError):
+        raise ValueError("job params scalar_bound and clip must be numbers") from None
+    if not (np.isfinite(bound) and bound > 0):
+        raise ValueError(f"scalar_bound={bound} must be finite and > 0")
+    if not np.isfinite(clip) or clip < 0:
+        raise ValueError(f"clip={clip} must be finite and >= 0 (0: off)")
+    if clip > bound:
+        raise ValueError(f"clip={clip} exceeds scalar_bound={bound}: devices would send scalars the "
+                         f"server rejects; raise scalar_bound too")
+    return cfg
+
+
+def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
+    """Each reported scalar is the sum of the g of the probes that drew that seed; every probe has
+    |g| <= probe_bound(job) and a device runs S = local_steps x n_perturb probes. So an honest
+    update has sum |g_j| <= bound x S and, as each of its n seeds took at least one probe,
+    |g_j| <= bound x (S - n + 1). Anything beyond is rejected (not clipped)."""
+    b = probe_bound(job)
+    clip = float(job.params.get("clip", 0.0))
+    what = f"clip {b:g}" if 0 < clip <= b else f"scalar_bound {b:g}"
+    q = max(1, int(plan.params.get("n_perturb", 1)))
+    probes = int(plan.local_steps) * q
+    a = np.abs(update.scalars.astype(np.float64))
+    n = int(a.size)
+    per_seed = b * max(1, probes - n + 1)
+    worst = int(np.argmax(a))
+    if a[worst] > per_seed * (1 + _REL_TOL):
+        raise InvalidField(
+            f"update from {update.device}: scalar {float(update.scalars[worst]):.6g} for seed index "
+            f"{int(update.seeds[worst])} is out of bounds: each probe has |g| <= {what}, and with "
+            f"{probes} probes (local_steps {plan.local_steps} x n_perturb {q}) over {n} seeds one seed "
+            f"sums at most {probes - n + 1} of them, |g| <= {per_seed:g}")
+    total = float(a.sum())
+    if total > b * probes * (1 + _REL_TOL):
+        raise InvalidField(
+            f"update from {update.device}: sum of |scalars| {total:.6g} is out of bounds: {probes} "
+            f"probes (local_steps {plan.local_steps} x n_perturb {q}) of |g| <= {what} sum to at "
+            f"most {b * probes:g}")
 
 
 def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
@@ -95,6 +157,7 @@ class FedKSeedServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
         k = int(job.k)
         SeedPool(job.seed_pool_id, k)  # validates K
+        check_job_bounds(job, dense=False)
         return MethodState(scalars={"rounds_aggregated": 0},
                            arrays={"cum_coeffs": np.zeros(k, np.float64),
                                    "abs_sum": np.zeros(k, np.float64),
@@ -118,19 +181,30 @@ class FedKSeedServer(ServerStrategy):
                                f"allows at most {plan.local_steps} steps x {plan.params.get('n_perturb', 1)}")
         if update.tensors:
             raise InvalidField("fedkseed updates carry scalars only, no tensors")
+        check_num_samples(plan, update)
+        check_scalars(job, plan, update)
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
         if not updates:
             raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
         state = state.copy()
         k = int(job.k)
-        total = float(sum(u.num_samples for u in updates))
-        G = np.zeros(k, np.float64)
-        for u in sorted(updates, key=lambda u: u.device):
-            idx = u.seeds.astype(np.int64)
-            np.add.at(G, idx, (u.num_samples / total) * u.scalars.astype(np.float64))
-            np.add.at(state.arrays["abs_sum"], idx, np.abs(u.scalars.astype(np.float64)))
-            np.add.at(state.arrays["counts"], idx, 1)
+        cfg = RobustConfig.from_params(job.params, dense=False)
+        ordered = sorted(updates, key=lambda u: u.device)
+        if cfg.aggregator == "mean":  # sample-weighted; a device that did not draw seed j adds 0
+            total = float(sum(u.num_samples for u in ordered))
+            G = np.zeros(k, np.float64)
+            for u in ordered:
+                idx = u.seeds.astype(np.int64)
+                g = clip_to_norm(u.scalars, cfg.norm_clip) if cfg.norm_clip > 0 else u.scalars.astype(np.float64)
+                np.add.at(G, idx, (u.num_samples / total) * g)
+                np.add.at(state.arrays["abs_sum"], idx, np.abs(g))
+                np.add.at(state.arrays["counts"], idx, 1)
+        else:  # per seed over the devices that drew it (edgefed.security.robust.aggregate_sparse)
+            agg = aggregate_sparse(k, [u.seeds for u in ordered], [u.scalars for u in ordered], cfg)
+            G = agg.value
+            state.arrays["abs_sum"] += agg.abs_value
+            state.arrays["counts"] += agg.voters
         q = int(plan.params.get("n_perturb", 1))
         coeff = (-float(plan.lr) / q * float(job.params.get("server_lr", 1.0))) * G
         nz = np.flatnonzero(coeff).astype(np.uint32)

@@ -8,13 +8,34 @@ from typing import Sequence
 import numpy as np
 
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
+from ..security.robust import RobustConfig, aggregate_dense
 from ..trainer import LocalTrainer
-from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy
-from .fedkseed import seed_pool, zo_config, zo_plan_params
+from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
+                   check_num_samples)
+from .fedkseed import check_job_bounds, probe_bound, seed_pool, zo_config, zo_plan_params
 
-__all__ = ["FedMeZOClient", "FedMeZOServer"]
+__all__ = ["FedMeZOClient", "FedMeZOServer", "delta_norm_bound"]
 
 DELTA = "delta"
+# float32 rounding of the parameters (|theta| < 16: 3 kernel passes of half an ulp <= 2^-18) per
+# probe and element, so that an honest delta of tiny coefficients is never over the bound
+_ROUNDING_SLACK = 2.0 ** -18
+
+
+def delta_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
+    """The largest L2 norm of an honest delta over n trainables: `update_norm_bound` when the job
+    sets it, else derived. A probe moves theta by (lr/q) |g| ||z|| with |g| <= probe_bound(job)
+    and ||z|| <= sqrt(n) + 10 (rademacher: exactly sqrt(n); normal: P(more) < e^-50), and a round
+    runs local_steps x q probes, so ||delta|| <= lr x bound x local_steps x (sqrt(n) + 10),
+    plus float32 rounding."""
+    explicit = float(job.params.get("update_norm_bound", 0.0))
+    if explicit > 0:
+        return explicit
+    q = max(1, int(plan.params.get("n_perturb", 1)))
+    steps = int(plan.local_steps)
+    root = float(np.sqrt(n))
+    return (abs(float(plan.lr)) * probe_bound(job) * steps * (root + 10.0) * (1 + 1e-3)
+            + steps * q * root * _ROUNDING_SLACK)
 
 
 class FedMeZOClient(ClientAlgorithm):
@@ -47,6 +68,11 @@ class FedMeZOClient(ClientAlgorithm):
 
 class FedMeZOServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
+        check_job_bounds(job, dense=True)
+        bound = float(job.params.get("update_norm_bound", 0.0))
+        if not np.isfinite(bound) or bound < 0:
+            raise ValueError(f"update_norm_bound={bound} must be finite and >= 0 (0: derived from lr, "
+                             f"scalar_bound / clip and local_steps)")
         return MethodState(scalars={"rounds_aggregated": 0, "n": 0}, arrays={})
 
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
@@ -63,16 +89,24 @@ class FedMeZOServer(ServerStrategy):
                                f"{n}: the device runs another artifact")
         if not np.all(np.isfinite(ts[DELTA].data)):
             raise InvalidField(f"update from {update.device} has non-finite parameter deltas")
+        check_num_samples(plan, update)
+        d = ts[DELTA].data.astype(np.float64)
+        norm = float(np.sqrt(np.dot(d, d)))
+        bound = delta_norm_bound(job, plan, d.size)
+        if not norm <= bound:  # also catches an overflow to inf
+            src = ("update_norm_bound" if float(job.params.get("update_norm_bound", 0.0)) > 0 else
+                   f"lr {plan.lr:g} x |g| <= {probe_bound(job):g} x local_steps {plan.local_steps} x "
+                   f"(sqrt({d.size}) + 10)")
+            raise InvalidField(f"update from {update.device}: delta L2 norm {norm:.6g} exceeds the bound "
+                               f"{bound:.6g} ({src}); rejected")
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
         if not updates:
             raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
         state = state.copy()
-        total = float(sum(u.num_samples for u in updates))
-        avg = None
-        for u in sorted(updates, key=lambda u: u.device):
-            d = u.tensors[0].data.astype(np.float64) * (u.num_samples / total)
-            avg = d if avg is None else avg + d
+        cfg = RobustConfig.from_params(job.params, dense=True)
+        ordered = sorted(updates, key=lambda u: u.device)
+        avg = aggregate_dense([u.tensors[0].data for u in ordered], [u.num_samples for u in ordered], cfg)
         avg32 = avg.astype(np.float32)
         cum = state.arrays.get("cum_delta")
         state.arrays["cum_delta"] = avg32.copy() if cum is None else (cum + avg32).astype(np.float32)

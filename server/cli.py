@@ -80,6 +80,14 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accept updates from devices that never published a Status")
     s.add_argument("--history", type=int, default=None,
                    help="delta syncs reach back this many rounds (default: all)")
+    s.add_argument("--max-devices", type=int, default=1000,
+                   help="registered devices per job; Statuses of new devices past it are refused")
+    s.add_argument("--inbound-bytes", type=int, default=64 << 20,
+                   help="byte budget of the inbound queue; messages past it are dropped, not acked")
+    s.add_argument("--status-devices", type=int, default=100,
+                   help="devices listed by /status (counts cover all of them)")
+    s.add_argument("--http-allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="extra Host header the status page answers (default: 127.0.0.1/localhost)")
     s.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-server-<job>)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -205,8 +213,12 @@ def run_server(args: argparse.Namespace) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, on_signal)
 
+        from .engine import ResourceLimits
+        rlimits = ResourceLimits(max_devices=args.max_devices, inbound_bytes=args.inbound_bytes,
+                                 status_devices=args.status_devices)
         server = Server(transport, store, cfg, http_port=args.http_port,
-                        allow_unknown_devices=args.allow_unknown_devices, history=args.history)
+                        allow_unknown_devices=args.allow_unknown_devices, history=args.history,
+                        resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host)
         total = cfg.rounds
         if not args.quiet:
             server.add_round_listener(lambda s: print(_progress_line(s, total), flush=True))

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+import unicodedata
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -40,13 +41,98 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, Checksum
 
 from .store import ResumeInfo, Store, StoreError
 
-__all__ = ["Server", "reason_class", "state_digest", "artifact_id"]
+__all__ = ["Server", "ResourceLimits", "DEFAULT_RESOURCE_LIMITS", "reason_class", "state_digest",
+           "artifact_id", "sanitize"]
 
 RoundListener = Callable[[dict], None]
 
 _STOP = object()
 _WAKE = object()
 _MAX_REASON = 1000  # bytes; Ack.reason is limited to Limits.max_text (1024)
+_ITEM_OVERHEAD = 256  # bytes charged per queued message besides its payload (tuple, topic, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceLimits:
+    """What one client (authenticated or not) can make the server hold (docs/server.md,
+    "Resource limits"). Every limit refuses or drops the excess and counts it."""
+    max_devices: int = 1000            # registered devices per job; new ones past it are refused
+    inbound_bytes: int = 64 << 20      # payload bytes queued or in handling between transport and engine
+    inbound_messages: int = 20000      # messages queued or in handling
+    late_raw_per_device: int = 4       # late updates kept with their raw bytes, per device (whole job)
+    late_raw_per_round: int = 64       # ... and per arrival round, all devices together
+    extra_rows_per_device: int = 16    # late/duplicate rows (digest + metadata) per device per arrival round
+    extra_rows_per_round: int = 2048   # ... and per arrival round, all devices together
+    status_devices: int = 100          # devices listed by /status (counts for all of them)
+    log_burst: int = 20                # lines per log_interval_s and kind of client-caused warning
+    log_interval_s: float = 10.0
+    log_chars: int = 200               # client-chosen text in a log line is truncated to this
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not v >= (0 if f.name.startswith(("late_", "extra_")) else 1):
+                raise ValueError(f"ResourceLimits.{f.name} must be >= "
+                                 f"{0 if f.name.startswith(('late_', 'extra_')) else 1} (got {v!r})")
+
+
+DEFAULT_RESOURCE_LIMITS = ResourceLimits()
+
+
+def sanitize(value: Any, limit: int = 200) -> str:
+    """Client-chosen text made safe for one log line: backslash, control, format and line/paragraph
+    separator characters (newlines included) are escaped (\\n, \\x1b, \\u2028 ...), and anything past
+    `limit` characters is cut and replaced by a count."""
+    s = value if isinstance(value, str) else str(value)
+    out = []
+    for ch in s[:limit]:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7F or (o >= 0x80 and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn")):
+            out.append("\\n" if ch == "\n" else "\\r" if ch == "\r" else "\\t" if ch == "\t" else
+                       f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    if len(s) > limit:
+        out.append(f"...(+{len(s) - limit} chars)")
+    return "".join(out)
+
+
+class _LogLimiter:
+    """At most `burst` lines per `interval` seconds and key; the first line of the next window
+    says how many were suppressed. Thread-safe (transport threads log drops)."""
+
+    def __init__(self, burst: int, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.burst, self.interval, self.clock = int(burst), float(interval), clock
+        self._lock = threading.Lock()
+        self._win: Dict[str, List[float]] = {}  # key -> [window start, lines, suppressed]
+
+    def check(self, key: str) -> Optional[int]:
+        """None: suppress this line; else the number suppressed since the last line shown."""
+        now = self.clock()
+        with self._lock:
+            w = self._win.get(key)
+            if w is None or now - w[0] >= self.interval:
+                suppressed = int(w[2]) if w is not None else 0
+                self._win[key] = [now, 1, 0]
+                return suppressed
+            if w[1] < self.burst:
+                w[1] += 1
+                return 0
+            w[2] += 1
+            return None
+
+
+class _TooLarge:
+    """Stands in the queue for a payload over Limits.max_message_bytes (never queued itself)."""
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return 0
 
 
 def reason_class(exc: BaseException) -> str:
@@ -121,7 +207,9 @@ class Server:
                  late_policy: str = "reject", allow_unknown_devices: bool = False,
                  clock: Callable[[], float] = time.time, logger: Optional[logging.Logger] = None,
                  history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS,
+                 resource_limits: ResourceLimits = DEFAULT_RESOURCE_LIMITS,
+                 http_allowed_hosts: Sequence[str] = ()):
         if int(job.rounds) < 1 or not float(job.round_timeout) > 0:
             raise ValueError(f"job {job.job!r}: rounds must be >= 1 and round_timeout > 0 "
                              f"(got {job.rounds}, {job.round_timeout})")
@@ -142,6 +230,9 @@ class Server:
         self.settle = settle
         self.max_batch = max(1, int(max_batch))
         self.limits = limits
+        self.rlimits = resource_limits
+        self.http_allowed_hosts = tuple(http_allowed_hosts)
+        self._loglim = _LogLimiter(resource_limits.log_burst, resource_limits.log_interval_s)
         self.topics = Topics(job.job)
         self.model_id = artifact_id(job.artifact)
 
@@ -157,6 +248,11 @@ class Server:
         self._subscribed: List[str] = []
         self._pending: "deque" = deque()  # publish handles not yet acknowledged (flush())
         self._pending_lock = threading.Lock()
+        # inbound accounting: bytes/messages taken from the transport and not yet fully handled
+        self._in_lock = threading.Lock()
+        self._in_bytes = 0
+        self._in_msgs = 0
+        self._in_peak = 0
 
         # job state (engine thread; read under _lock)
         self.round = 0
@@ -168,8 +264,13 @@ class Server:
         self.extensions = 0
         self.done = False
         self.accepted: Dict[str, Tuple[Update, int]] = {}  # device -> (update, raw size)
-        self.expected: Set[str] = set()
+        self.expected: Set[str] = set()   # devices that count toward this round's target
         self.devices: Dict[str, dict] = {}
+        self.proven: Set[str] = set()     # devices with an accepted update in this job
+        self._extra_rows: Dict[str, int] = {}   # late/duplicate rows per device, this arrival round
+        self._extra_rows_round = 0
+        self._raw_late: Dict[str, int] = {}     # late rows with raw bytes per device (whole job)
+        self._raw_late_round = 0
         self.history: List[dict] = []
         self._deltas: Dict[int, RoundDelta] = {}  # recent deltas by aggregated round (cache)
         self.digest = ""
@@ -178,7 +279,12 @@ class Server:
             "accepted": 0, "late": 0, "duplicates": 0, "rejected": {}, "bytes_received": 0,
             "messages": 0, "sync_replies": 0, "sync_full": 0, "extensions": 0,
             "round_duration_sum": 0.0, "round_duration_count": 0, "last_round_duration": 0.0,
-            "train_loss": float("nan"), "store_errors": 0}
+            "train_loss": float("nan"), "store_errors": 0,
+            # resource limits (docs/server.md "Resource limits")
+            "late_raw_stored": 0, "late_digest_stored": 0, "late_not_stored": 0,
+            "duplicates_digest_stored": 0, "duplicates_not_stored": 0,
+            "devices_refused": 0, "inbound_dropped": 0, "inbound_dropped_bytes": 0,
+            "inbound_too_large": 0, "log_lines_suppressed": 0}
 
     # ================================================================== public API
     def add_round_listener(self, fn: RoundListener) -> None:
@@ -212,7 +318,7 @@ class Server:
                 self.store.start_job(self.job, self.state, self.plan_bytes, self.deadline, now)
                 self.log.info("job %s created: method %s, %d rounds, store %s", self.job.job,
                               self.job.method, self.job.rounds, self.store.path)
-                self.expected = {d for d, i in self.devices.items() if i["online"]}
+                self.expected = self._countable_online()
             self._refresh_digest()
             outbox.append((self.topics.state(), self._job_state(now).encode(self.limits), True))
             if not self.done:
@@ -222,7 +328,8 @@ class Server:
         self._publish_all(outbox)
         if self.http_port is not None:
             from .http_status import StatusHTTPServer
-            self._http = StatusHTTPServer(self, port=self.http_port)
+            self._http = StatusHTTPServer(self, port=self.http_port,
+                                          allowed_hosts=self.http_allowed_hosts)
             self._http.start()
             self.http_port = self._http.port
             self.log.info("status page on http://127.0.0.1:%d/", self.http_port)
@@ -305,14 +412,40 @@ class Server:
                 "rounds": self.job.rounds, "phase": phase, "done": self.done,
                 "deadline": self.deadline, "deadline_in_s": max(0.0, self.deadline - now) if not self.done else 0.0,
                 "accepted_this_round": len(self.accepted), "target": self._target(),
-                "expected": sorted(self.expected), "extensions": self.extensions,
-                "devices": [{"device": d, **{k: v for k, v in i.items()}}
-                            for d, i in sorted(self.devices.items())],
+                "expected": sorted(self.expected)[:self.rlimits.status_devices],
+                "expected_count": len(self.expected), "extensions": self.extensions,
+                "devices": self._listed_devices(),
+                "devices_summary": self._devices_summary(),
                 "devices_online": self._online(),
+                "inbound": self.inbound(),
                 "history": list(self.history), "strategy": self._strategy_summary(),
                 "digest": self.digest, "history_from": self._history_from(),
                 "metrics": self._metrics_copy(), "http_port": self.http_port, "error": self.error,
                 "now": now}
+
+    def inbound(self) -> dict:
+        """The inbound queue's accounting: what is queued or being handled, its peak, the budget."""
+        with self._in_lock:
+            return {"bytes": self._in_bytes, "messages": self._in_msgs, "peak_bytes": self._in_peak,
+                    "budget_bytes": self.rlimits.inbound_bytes,
+                    "budget_messages": self.rlimits.inbound_messages}
+
+    def _listed_devices(self) -> List[dict]:
+        """At most status_devices devices: active ones (not finished/offline) first, by id."""
+        n = self.rlimits.status_devices
+        order = sorted(self.devices.items(),
+                       key=lambda kv: (kv[1]["state"] in ("finished", "offline"), kv[0]))
+        return [{"device": d, **i} for d, i in order[:n]]
+
+    def _devices_summary(self) -> dict:
+        states: Dict[str, int] = {}
+        for i in self.devices.values():
+            k = i["state"] if len(states) < 32 or i["state"] in states else "other"
+            states[k] = states.get(k, 0) + 1
+        return {"registered": len(self.devices), "listed": min(len(self.devices), self.rlimits.status_devices),
+                "online": self._online(), "proven": len(self.proven),
+                "max_devices": self.rlimits.max_devices, "refused": self.metrics["devices_refused"],
+                "by_state": states}
 
     def summary(self) -> dict:
         with self._lock:
@@ -328,8 +461,12 @@ class Server:
     def metrics_snapshot(self) -> dict:
         with self._lock:
             m = self._metrics_copy()
-            m.update(round=self.round, devices_online=self._online(), job=self.job.job)
-            return m
+            m.update(round=self.round, devices_online=self._online(), job=self.job.job,
+                     devices_registered=len(self.devices))
+        inb = self.inbound()
+        m.update(inbound_bytes=inb["bytes"], inbound_messages=inb["messages"],
+                 inbound_peak_bytes=inb["peak_bytes"], inbound_budget_bytes=inb["budget_bytes"])
+        return m
 
     # ================================================================== internals: setup
     def _subscribe(self, flt: str) -> None:
@@ -337,7 +474,67 @@ class Server:
         self._subscribed.append(flt)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # transport dispatcher thread
-        self._q.put((topic, payload))
+        """Admit a message into the bounded inbound queue, or drop it (never blocks).
+
+        The budget covers everything taken from the transport and not yet fully handled (queued
+        and in the engine's current batch). Past it the message is dropped: not acked, counted
+        (inbound_dropped), logged (rate-limited). The transports hand messages over after their
+        own MQTT acknowledgement, so waiting here would only move the backlog into the
+        transport's queue; dropping is what keeps memory bounded. Devices re-send un-acked
+        updates (docs/protocol.md). A payload over Limits.max_message_bytes is never queued:
+        a small marker takes its place, so it is still rejected (and acked) as too_large."""
+        n = len(payload)
+        item: Any = payload
+        if n > self.limits.max_message_bytes:
+            item, n = _TooLarge(n), 0
+        cost = n + _ITEM_OVERHEAD + len(topic)
+        rl = self.rlimits
+        with self._in_lock:
+            if self._in_bytes + cost > rl.inbound_bytes or self._in_msgs + 1 > rl.inbound_messages:
+                self.metrics["inbound_dropped"] += 1
+                self.metrics["inbound_dropped_bytes"] += len(payload)
+                drop = True
+            else:
+                if isinstance(item, _TooLarge):
+                    self.metrics["inbound_too_large"] += 1
+                self._in_bytes += cost
+                self._in_msgs += 1
+                self._in_peak = max(self._in_peak, self._in_bytes)
+                drop = False
+        if drop:
+            self._warn("inbound", "inbound queue full (%d bytes / %d messages budget): dropped a "
+                       "%d-byte message on %s, not acked (%d dropped so far)", rl.inbound_bytes,
+                       rl.inbound_messages, len(payload), self._safe(topic), self.metrics["inbound_dropped"])
+            return
+        self._q.put((topic, item, cost))
+
+    def _release(self, batch: Sequence[Any]) -> None:
+        """Give back the budget of handled messages and mark them done."""
+        freed = msgs = 0
+        for item in batch:
+            if isinstance(item, tuple):
+                freed += item[2]
+                msgs += 1
+        if msgs:
+            with self._in_lock:
+                self._in_bytes -= freed
+                self._in_msgs -= msgs
+        for _ in batch:
+            self._q.task_done()
+
+    def _safe(self, value: Any) -> str:
+        return sanitize(value, self.rlimits.log_chars)
+
+    def _warn(self, key: str, fmt: str, *args: Any, level: int = logging.WARNING) -> None:
+        """A rate-limited log line of a client-caused event (args must already be sanitised)."""
+        suppressed = self._loglim.check(key)
+        if suppressed is None:
+            self.metrics["log_lines_suppressed"] += 1
+            return
+        if suppressed:
+            fmt += " (%d similar lines suppressed)"
+            args = args + (suppressed,)
+        self.log.log(level, fmt, *args)
 
     def _resume(self, r: ResumeInfo) -> None:
         if r.config.to_dict() != self.job.to_dict():
@@ -372,7 +569,8 @@ class Server:
         for device, _msg_id, raw in r.accepted:
             upd = decode(raw, limits=self.limits, expect=Update)
             self.accepted[device] = (upd, len(raw))  # type: ignore[assignment]
-        self.expected = {d for d, i in self.devices.items() if i["online"]} | set(self.accepted)
+        self.proven = set(self.store.accepted_devices(self.job.job))
+        self.expected = self._countable_online() | set(self.accepted)
         self.log.info("resuming job %s at round %d with %d accepted updates (%s)", self.job.job,
                       self.round, len(self.accepted), ", ".join(sorted(self.accepted)) or "none")
 
@@ -385,10 +583,9 @@ class Server:
             except queue.Empty:
                 break
         try:
-            self._process_batch(batch)
+            self._process_batch([b[:2] for b in batch if isinstance(b, tuple)])
         finally:
-            for _ in batch:
-                self._q.task_done()
+            self._release(batch)
 
     # ================================================================== the engine thread
     def _loop(self) -> None:
@@ -404,12 +601,11 @@ class Server:
                     break
             stop = any(item is _STOP for item in batch)
             try:
-                self._process_batch([b for b in batch if b is not _STOP and b is not _WAKE])
+                self._process_batch([b[:2] for b in batch if isinstance(b, tuple)])
             except Exception as e:  # never die on one bad batch
-                self.log.exception("engine batch failed: %s", e)
+                self.log.exception("engine batch failed: %s", self._safe(e))
             finally:
-                for _ in batch:
-                    self._q.task_done()
+                self._release(batch)
             if stop:
                 return
 
@@ -454,6 +650,8 @@ class Server:
             r = self.store.load_resume(self.job.job)
             self.accepted.clear()
             self.devices.clear()
+            self.proven.clear()
+            self._raw_late.clear()
             self._deltas.clear()
             self.done = False
             if r is not None:
@@ -490,8 +688,7 @@ class Server:
         try:
             info = parse_topic(topic)
         except ProtocolError as e:
-            self._count_reject("topic")
-            self.log.warning("rejected %s: %s", topic, e)
+            self._reject_log("topic", topic, e)
             return
         mark = len(outbox)
         try:
@@ -503,19 +700,31 @@ class Server:
                 elif info.kind == "sync_request":
                     self._on_sync(topic, payload, outbox)
                 else:
-                    self.log.debug("ignoring %s (not a server topic)", topic)
+                    self.log.debug("ignoring %s (not a server topic)", self._safe(topic))
         except Exception as e:
             if _is_store_error(e):
                 raise  # the batch cannot be committed consistently
             del outbox[mark:]  # nothing of this message happened
             self._count_reject("internal")
-            self.log.exception("rejected %s: internal error %s", topic, e)
+            self.log.exception("rejected %s: internal error %s", self._safe(topic), self._safe(e))
             return
         self._maybe_close(self.clock(), outbox, events)
 
     def _count_reject(self, label: str) -> None:
         r = self.metrics["rejected"]
         r[label] = r.get(label, 0) + 1
+
+    def _reject_log(self, label: str, topic: str, reason: Any) -> None:
+        """Count a rejection and log it: one sanitised line, rate-limited per reason class."""
+        self._count_reject(label)
+        self._warn("rejected:" + label, "rejected %s: %s", self._safe(topic),
+                   sanitize(reason, 2 * self.rlimits.log_chars))
+
+    def _decode(self, payload: Any) -> Any:
+        if isinstance(payload, _TooLarge):
+            raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
+                                  f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
+        return decode(payload, limits=self.limits)
 
     def _ack(self, outbox: list, device: str, rnd: int, msg_id: int, status: AckStatus,
              reason: str = "") -> None:
@@ -524,7 +733,7 @@ class Server:
                       status=status, reason=_truncate(reason))
             outbox.append((self.topics.ack(device), ack.encode(self.limits), False))
         except ProtocolError as e:
-            self.log.error("could not build an ack for %s: %s", device, e)
+            self.log.error("could not build an ack for %s: %s", self._safe(device), self._safe(e))
 
     # ------------------------------------------------------------------ updates
     def _on_update(self, topic: str, device: str, payload: bytes, outbox: list) -> None:
@@ -532,7 +741,7 @@ class Server:
         msg: Optional[Update] = None
         try:
             try:
-                m = decode(payload, limits=self.limits)
+                m = self._decode(payload)
             except ProtocolError as e:
                 raise _Reject(reason_class(e), str(e)) from None
             try:
@@ -543,8 +752,7 @@ class Server:
             assert isinstance(msg, Update)
             self._on_valid_update(msg, payload, now, outbox)
         except _Reject as r:
-            self._count_reject(r.label)
-            self.log.warning("rejected %s: %s", topic, r.reason)
+            self._reject_log(r.label, topic, r.reason)
             self._ack(outbox, device, msg.round if msg is not None else self.round,
                       msg.msg_id if msg is not None else 0, r.status, r.reason)
 
@@ -557,18 +765,23 @@ class Server:
                            msg.msg_id, prev["round"], AckStatus(prev["status"]).name)
             self._ack(outbox, device, prev["round"], msg.msg_id, AckStatus(prev["status"]), prev["reason"])
             return
-        if device not in self.devices and not self.allow_unknown_devices:
-            raise _Reject("unknown_device", f"unknown device {device!r}: it must publish its Status "
-                          f"on {self.topics.status(device)} before sending updates")
+        if device not in self.devices:
+            if not self.allow_unknown_devices:
+                raise _Reject("unknown_device", f"unknown device {device!r}: it must publish its Status "
+                              f"on {self.topics.status(device)} before sending updates")
+            if len(self.devices) >= self.rlimits.max_devices:
+                self.metrics["devices_refused"] += 1
+                raise _Reject("device_cap", f"device {device!r} refused: the job has "
+                              f"{len(self.devices)} registered devices (max_devices "
+                              f"{self.rlimits.max_devices})")
         if self.done or msg.round < self.round:
             reason = (f"round {msg.round} is closed (the job is finished)" if self.done else
                       f"round {msg.round} is closed; the current round is {self.round}: sync and "
                       f"train on the current plan")
-            self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
-                                     AckStatus.LATE, reason, accepted=False, late=True)
             self.metrics["late"] += 1
-            self.log.info("late update from %s for round %d (current %d): stored, not aggregated",
-                          device, msg.round, self.round)
+            how = self._store_extra(msg, raw, now, AckStatus.LATE, reason, late=True)
+            self._warn("late", "late update from %s for round %d (current %d): %s, not aggregated",
+                       device, msg.round, self.round, how, level=logging.INFO)
             self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.LATE, reason)
             return
         if msg.round > self.round:
@@ -578,10 +791,9 @@ class Server:
             first = self.accepted[device][0]
             reason = (f"an update from {device} for round {msg.round} was already accepted "
                       f"(msg_id {first.msg_id}); one update per device and round")
-            self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
-                                     AckStatus.DUPLICATE, reason)
             self.metrics["duplicates"] += 1
-            self.log.warning("rejected %s: %s", self.topics.update(device), reason)
+            how = self._store_extra(msg, raw, now, AckStatus.DUPLICATE, reason, late=False)
+            self._warn("duplicate", "rejected %s: %s (%s)", self.topics.update(device), reason, how)
             self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.DUPLICATE, reason)
             return
         assert self.plan is not None and self.state is not None
@@ -600,11 +812,47 @@ class Server:
         # in memory only after the row is written (inside the batch transaction)
         self.accepted[device] = (msg, len(raw))
         self.expected.add(device)
+        self.proven.add(device)
         if device not in self.devices:  # allow_unknown_devices
             self.devices[device] = self._device_info("unknown", msg.round, "", now, now, "")
         self.metrics["accepted"] += 1
         self.metrics["bytes_received"] += len(raw)
         self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.ACCEPTED)
+
+    def _store_extra(self, msg: Update, raw: bytes, now: float, status: AckStatus, reason: str,
+                     late: bool) -> str:
+        """Store a late or duplicate update within its quotas; says what was kept.
+
+        Rows: at most extra_rows_per_device per device and extra_rows_per_round in all per
+        arrival round (the server's round when it arrived); past them the update is acked the same
+        but not stored (new ones refused, the stored ones stay). Raw bytes: duplicates never
+        (size + sha256 only); late updates while the device has fewer than late_raw_per_device
+        and the arrival round fewer than late_raw_per_round raw late rows, else size + sha256."""
+        rl, device = self.rlimits, msg.device
+        kind = "late" if late else "duplicates"
+        if (self._extra_rows.get(device, 0) >= rl.extra_rows_per_device
+                or self._extra_rows_round >= rl.extra_rows_per_round):
+            self.metrics[f"{kind}_not_stored"] += 1
+            self._warn("quota:" + kind, "storage quota reached (%d rows per device, %d per round): "
+                       "%s update %s/%d acked but not stored", rl.extra_rows_per_device,
+                       rl.extra_rows_per_round, "late" if late else "duplicate", device, msg.msg_id)
+            return "not stored (quota)"
+        keep = False
+        if late and self._raw_late_round < rl.late_raw_per_round:
+            if device not in self._raw_late:
+                self._raw_late[device] = self.store.count_raw_late(self.job.job, device)
+            keep = self._raw_late[device] < rl.late_raw_per_device
+        self.store.insert_update(self.job.job, msg.round, device, msg.msg_id, now, raw, status,
+                                 reason, accepted=False, late=late, keep_raw=keep)
+        self._extra_rows[device] = self._extra_rows.get(device, 0) + 1
+        self._extra_rows_round += 1
+        if keep:
+            self._raw_late[device] += 1
+            self._raw_late_round += 1
+            self.metrics["late_raw_stored"] += 1
+            return "stored"
+        self.metrics[f"{kind}_digest_stored"] += 1
+        return "stored as digest"
 
     # ------------------------------------------------------------------ statuses
     @staticmethod
@@ -617,12 +865,11 @@ class Server:
     def _decode_or_reject(self, topic: str, payload: bytes, label: str):
         """The message, or None after counting and logging why it was refused."""
         try:
-            msg = decode(payload, limits=self.limits)
+            msg = self._decode(payload)
             check_topic(topic, msg)
             return msg
         except ProtocolError as e:
-            self._count_reject(label + reason_class(e))
-            self.log.warning("rejected %s: %s", topic, e)
+            self._reject_log(label + reason_class(e), topic, e)
             return None
 
     def _on_status(self, topic: str, payload: bytes) -> None:
@@ -634,6 +881,13 @@ class Server:
         assert isinstance(msg, Status)
         now = self.clock()
         prev = self.devices.get(msg.device)
+        if prev is None and len(self.devices) >= self.rlimits.max_devices:
+            self.metrics["devices_refused"] += 1
+            self._count_reject("status_device_cap")
+            self._warn("device_cap", "refused the Status of new device %s: the job has %d registered "
+                       "devices (max_devices %d); %d refused so far", self._safe(msg.device),
+                       len(self.devices), self.rlimits.max_devices, self.metrics["devices_refused"])
+            return
         status = {"state": msg.state, "round": msg.round, "timestamp": msg.timestamp, "text": msg.text,
                   "device_class": msg.device_class}
         self.store.upsert_device(self.job.job, msg.device, now, msg.state, msg.round,
@@ -642,16 +896,17 @@ class Server:
                                  prev["first_seen"] if prev else now, now, msg.text)
         self.devices[msg.device] = info
         if prev is None:
-            self.log.info("device %s announced itself (%s, class %s)", msg.device, msg.state,
-                          msg.device_class or "-")
+            self._warn("announce", "device %s announced itself (%s, class %s)", self._safe(msg.device),
+                       self._safe(msg.state), self._safe(msg.device_class or "-"), level=logging.INFO)
         if self.done or self.plan is None:
             return
         if info["online"]:
-            self.expected.add(msg.device)
+            if self._countable(msg.device):
+                self.expected.add(msg.device)
         elif msg.device not in self.accepted and msg.device in self.expected:
             self.expected.discard(msg.device)
-            self.log.info("device %s went offline during round %d; target now %d", msg.device,
-                          self.round, self._target())
+            self.log.info("device %s went offline during round %d; target now %d",
+                          self._safe(msg.device), self.round, self._target())
 
     # ------------------------------------------------------------------ sync
     def _on_sync(self, topic: str, payload: bytes, outbox: list) -> None:
@@ -684,7 +939,8 @@ class Server:
             except StoreError as e:
                 why = str(e)
         self.metrics["sync_full"] += 1
-        self.log.info("full-state sync for %s (%s)", req.device, why)
+        self._warn("sync_full", "full-state sync for %s (%s)", self._safe(req.device), self._safe(why),
+                   level=logging.INFO)
         return SyncReply(job=self.job.job, device=req.device, from_round=min(s, cur), to_round=cur,
                          request_id=req.request_id, full=True,
                          state=self.strategy.full_state(self.job, self.state)).encode(self.limits)
@@ -706,6 +962,14 @@ class Server:
     # ------------------------------------------------------------------ rounds
     def _online(self) -> int:
         return sum(1 for i in self.devices.values() if i["online"])
+
+    def _countable(self, device: str) -> bool:
+        """Whether an online device counts toward the target: in round 0 every registered device
+        (nobody has been accepted yet), later only devices with an accepted update in the job."""
+        return self.round == 0 or device in self.proven
+
+    def _countable_online(self) -> Set[str]:
+        return {d for d, i in self.devices.items() if i["online"] and self._countable(d)}
 
     def _target(self) -> int:
         q = max(1, int(self.job.min_devices))
@@ -818,6 +1082,7 @@ class Server:
         self._deltas[rnd] = delta
         self._trim_cache()
         self.accepted = {}
+        self._extra_rows, self._extra_rows_round, self._raw_late_round = {}, 0, 0
         self.history.append(metrics)
         self.round = rnd + 1  # after the history, for lock-free readers polling .round
         self.metrics["round_duration_sum"] += metrics["duration_s"]
@@ -832,7 +1097,7 @@ class Server:
             assert next_plan is not None and next_bytes is not None
             self.plan, self.plan_bytes = next_plan, next_bytes
             self.deadline, self.opened_at, self.extensions = next_plan.deadline, now, 0
-            self.expected = {d for d, i in self.devices.items() if i["online"]}
+            self.expected = self._countable_online()
         self.digest = state_msg.digest
         if not finished:
             outbox.append((self.topics.plan(), self.plan_bytes, True))

@@ -5,18 +5,26 @@
                    (name -> callable returning a JSON-able dict; e.g. "evaluation")
     GET /metrics   Prometheus text exposition format (version 0.0.4)
     GET /          a self-contained page (inline JS on a <canvas>, no CDN) polling /status
+
+Bounds: requests run on a fixed pool of `max_workers` threads; a connection that finds every
+worker and the `backlog` queue slots busy gets a 503 and is closed at once. Every socket has a
+`timeout` (slow or idle clients are dropped), and only requests whose Host header names the bound
+address, localhost / 127.0.0.1 / [::1] (with the bound port or none), or one of `allowed_hosts`
+are answered: no Host -> 400, another Host -> 421 (DNS-rebinding defence).
 """
 from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Iterable, Optional
 
 from edgefed.jsonable import plain
 
-__all__ = ["StatusHTTPServer", "render_metrics", "to_json", "status_json"]
+__all__ = ["StatusHTTPServer", "render_metrics", "to_json", "status_json", "allowed_host_headers"]
 
 
 def to_json(obj: Any) -> bytes:
@@ -92,6 +100,26 @@ def render_metrics(m: dict) -> str:
            [("", lab, m.get("sync_replies", 0))])
     metric("edgefed_store_errors_total", "counter", "Batches whose commit failed (not acked).",
            [("", lab, m.get("store_errors", 0))])
+    metric("edgefed_devices_registered", "gauge", "Devices registered for the job (max_devices caps it).",
+           [("", lab, m.get("devices_registered", 0))])
+    metric("edgefed_devices_refused_total", "counter", "Statuses/updates of new devices refused past max_devices.",
+           [("", lab, m.get("devices_refused", 0))])
+    metric("edgefed_inbound_queued_bytes", "gauge", "Bytes taken from the transport, not yet handled.",
+           [("", lab, m.get("inbound_bytes", 0))])
+    metric("edgefed_inbound_peak_bytes", "gauge", "Peak of edgefed_inbound_queued_bytes.",
+           [("", lab, m.get("inbound_peak_bytes", 0))])
+    metric("edgefed_inbound_budget_bytes", "gauge", "Byte budget of the inbound queue.",
+           [("", lab, m.get("inbound_budget_bytes", 0))])
+    metric("edgefed_inbound_dropped_total", "counter", "Messages dropped (not acked) because the inbound queue was full.",
+           [("", lab, m.get("inbound_dropped", 0))])
+    metric("edgefed_updates_stored_total", "counter", "Late/duplicate updates stored, by kind and how.",
+           [("", f'{lab},kind="late",how="raw"', m.get("late_raw_stored", 0)),
+            ("", f'{lab},kind="late",how="digest"', m.get("late_digest_stored", 0)),
+            ("", f'{lab},kind="late",how="not_stored"', m.get("late_not_stored", 0)),
+            ("", f'{lab},kind="duplicate",how="digest"', m.get("duplicates_digest_stored", 0)),
+            ("", f'{lab},kind="duplicate",how="not_stored"', m.get("duplicates_not_stored", 0))])
+    metric("edgefed_log_lines_suppressed_total", "counter", "Client-caused log lines suppressed by rate limiting.",
+           [("", lab, m.get("log_lines_suppressed", 0))])
     return "\n".join(out) + "\n"
 
 
@@ -166,6 +194,11 @@ tick(); setInterval(tick, 2000);
 class _Handler(BaseHTTPRequestHandler):
     server_version = "EdgeFed"
     protocol_version = "HTTP/1.1"
+    timeout = 5.0  # socket timeout (StreamRequestHandler applies it); overridden per server
+
+    def setup(self) -> None:
+        self.timeout = self.server.socket_timeout  # type: ignore[attr-defined]
+        super().setup()
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet; the engine logs what matters
         pass
@@ -179,9 +212,24 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _host_ok(self) -> bool:
+        host = self.headers.get("Host")
+        if host is None or len(self.headers.get_all("Host") or []) != 1:
+            self.close_connection = True
+            self._send(400, b"a single Host header is required\n", "text/plain")
+            return False
+        if host.strip().lower() not in self.server.allowed_hosts:  # type: ignore[attr-defined]
+            self.close_connection = True
+            self._send(421, b"misdirected request: this status server answers only its own "
+                            b"address (Host: 127.0.0.1 or localhost)\n", "text/plain")
+            return False
+        return True
+
     def do_GET(self) -> None:
         engine = self.server.engine  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if not self._host_ok():
+            return
         try:
             if path == "/status":
                 self._send(200, to_json(status_json(engine)), "application/json")
@@ -198,16 +246,80 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-class StatusHTTPServer:
-    """ThreadingHTTPServer on host:port (port 0 picks a free one; see .port) in a daemon thread."""
+class _PoolHTTPServer(HTTPServer):
+    """HTTPServer whose requests run on a fixed ThreadPoolExecutor, admitted by a semaphore of
+    max_workers + backlog slots; a connection past that gets a 503 and is closed."""
 
-    def __init__(self, engine: Any, port: int = 0, host: str = "127.0.0.1"):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple, handler: type, max_workers: int, backlog: int):
+        super().__init__(addr, handler)
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgefed-http")
+        self.slots = threading.BoundedSemaphore(max_workers + backlog)
+        self.refused = 0
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            try:
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            self.pool.submit(self._work, request, client_address)
+        except RuntimeError:  # pool shut down
+            self.slots.release()
+            self.shutdown_request(request)
+
+    def _work(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # timeouts and resets of clients are not the server's problem
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def allowed_host_headers(host: str, port: int, extra: Iterable[str] = ()) -> frozenset:
+    """Host header values (lower case) the status server answers."""
+    names = {host, "127.0.0.1", "localhost", "[::1]"}
+    names |= {h.strip().lower() for h in extra if h.strip()}
+    out = set()
+    for n in names:
+        n = n.lower()
+        out.add(n)
+        if not n.rsplit(":", 1)[-1].isdigit() or n.endswith("]"):
+            out.add(f"{n}:{port}")
+    return frozenset(out)
+
+
+class StatusHTTPServer:
+    """HTTP server on host:port (port 0 picks a free one; see .port) in a daemon thread, with a
+    bounded worker pool, socket timeouts and a Host-header check (module docstring)."""
+
+    def __init__(self, engine: Any, port: int = 0, host: str = "127.0.0.1", *,
+                 allowed_hosts: Iterable[str] = (), max_workers: int = 4, backlog: int = 8,
+                 timeout: float = 5.0):
         self.engine = engine
         self.host = host
-        self._httpd = ThreadingHTTPServer((host, int(port)), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _PoolHTTPServer((host, int(port)), _Handler, max(1, int(max_workers)),
+                                      max(0, int(backlog)))
         self._httpd.engine = engine  # type: ignore[attr-defined]
+        self._httpd.socket_timeout = float(timeout)  # type: ignore[attr-defined]
         self.port: int = self._httpd.server_address[1]
+        self._httpd.allowed_hosts = allowed_host_headers(host, self.port, allowed_hosts)  # type: ignore[attr-defined]
         self._thread: Optional[threading.Thread] = None
 
     @property

@@ -7,7 +7,10 @@ Tables (every row carries its job id, so one file can hold several jobs):
                   opened_at, closed_at, n_accepted, delta (raw array bytes + JSON metadata),
                   metrics JSON
     updates       job, round, device, msg_id, received_at, raw message bytes, status/reason of
-                  the Ack that was sent, accepted/late flags; UNIQUE(job, device, msg_id)
+                  the Ack that was sent, accepted/late flags, nbytes + sha256 of the message;
+                  UNIQUE(job, device, msg_id). Accepted rows always keep `raw` (replay needs it);
+                  late / duplicate rows may keep only nbytes + sha256 (raw = empty; the engine's
+                  storage quotas, docs/server.md "Resource limits")
     method_state  job, round, scalars JSON, arrays as raw little-endian bytes + JSON metadata
                   (name, dtype, shape, offset); the state at the START of `round`
     devices       job, device, first_seen, last_seen, last status (state, round, text, JSON),
@@ -22,6 +25,7 @@ next round opened.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
@@ -200,6 +204,12 @@ class Store:
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has store schema {row[0]}, this server writes "
                                  f"{SCHEMA_VERSION}; use a new --db file or a matching edgefed")
+            # additive columns (older files gain them; older code ignores them)
+            cols = {r[1] for r in self._conn.execute("PRAGMA table_info(updates)").fetchall()}
+            if "nbytes" not in cols:
+                self._conn.execute("ALTER TABLE updates ADD COLUMN nbytes INTEGER")
+            if "sha256" not in cols:
+                self._conn.execute("ALTER TABLE updates ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -380,11 +390,27 @@ class Store:
 
     def insert_update(self, job: str, rnd: int, device: str, msg_id: int, received_at: float,
                       raw: bytes, status: int, reason: str = "", accepted: bool = False,
-                      late: bool = False) -> None:
+                      late: bool = False, keep_raw: bool = True) -> None:
+        """One update row. keep_raw=False stores only the message's size and sha256 (a late or
+        duplicate update past its quota); accepted rows must keep it (replay_log reads it)."""
+        raw = bytes(raw)
+        if accepted and not keep_raw:
+            raise StoreError("an accepted update must be stored with its raw bytes")
         self._x("INSERT INTO updates (job, round, device, msg_id, received_at, raw, status, reason, "
-                "accepted, late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job, int(rnd), device, u64_to_i64(msg_id), float(received_at), bytes(raw), int(status),
-                 reason, int(bool(accepted)), int(bool(late))))
+                "accepted, late, nbytes, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job, int(rnd), device, u64_to_i64(msg_id), float(received_at),
+                 raw if keep_raw else b"", int(status), reason, int(bool(accepted)), int(bool(late)),
+                 len(raw), hashlib.sha256(raw).hexdigest()))
+
+    def accepted_devices(self, job: str) -> List[str]:
+        """Devices with at least one accepted update in the job (they count toward targets)."""
+        return [r[0] for r in self._q("SELECT DISTINCT device FROM updates WHERE job=? AND accepted=1",
+                                      (job,))]
+
+    def count_raw_late(self, job: str, device: str) -> int:
+        """Late rows of a device that still hold their raw bytes (the per-device quota)."""
+        return int(self._q("SELECT COUNT(*) FROM updates WHERE job=? AND device=? AND late=1 "
+                           "AND length(raw) > 0", (job, device))[0][0])
 
     def accepted_updates(self, job: str, rnd: int) -> List[Tuple[str, int, bytes]]:
         """(device, msg_id, raw bytes) of the accepted updates of a round, ordered by device."""
@@ -395,10 +421,12 @@ class Store:
     def update_log(self, job: str) -> List[dict]:
         """Every stored update row (accepted, late, duplicate-of-round), in arrival order."""
         return [{"round": r, "device": d, "msg_id": i64_to_u64(m), "received_at": t, "status": s,
-                 "reason": why, "accepted": bool(a), "late": bool(late), "nbytes": n}
-                for r, d, m, t, s, why, a, late, n in self._q(
+                 "reason": why, "accepted": bool(a), "late": bool(late), "nbytes": n,
+                 "raw_bytes": rb, "raw_kept": rb > 0 or n == 0, "sha256": h}
+                for r, d, m, t, s, why, a, late, n, rb, h in self._q(
                     "SELECT round, device, msg_id, received_at, status, reason, accepted, late, "
-                    "length(raw) FROM updates WHERE job=? ORDER BY id", (job,))]
+                    "COALESCE(nbytes, length(raw)), length(raw), sha256 FROM updates WHERE job=? "
+                    "ORDER BY id", (job,))]
 
     def update_counts(self, job: str) -> dict:
         r = self._q("SELECT COALESCE(SUM(accepted), 0), COALESCE(SUM(late), 0), COUNT(*) "

@@ -63,7 +63,9 @@ setup(
         # Parquet files and saved `datasets` directories (devices read JSONL/CSV/TSV without it).
         "formats": ["pyarrow>=12"],
         "server": ["amqtt>=0.11", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
-                   "pyarrow>=12"],
+                   "pyarrow>=12", "dp-accounting>=0.6,<0.7"],
+        # The DP accountant alone (the aggregation server imports it only for dp_mode jobs).
+        "dp": ["dp-accounting>=0.6,<0.7"],
         "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["edgefed=edgefed.cli:main"]},

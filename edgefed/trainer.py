@@ -9,6 +9,7 @@ import numpy as np
 
 from .data import Example
 from .runtime import DeviceModel, save_checkpoint
+from .security.dp import device_rng
 from .zo import ScalarAccumulator, SeedPool, ZOConfig, two_point_step
 
 __all__ = ["LocalTrainer", "progress_bar"]
@@ -39,14 +40,21 @@ class LocalTrainer:
     def train(self, examples: Sequence[Example], steps: int, *, batch_size: int | None = None,
               seed: int = 0, probs: np.ndarray | None = None, step_offset: int = 0,
               checkpoint: str | Path | None = None, desc: str = "local ZO",
-              acc: ScalarAccumulator | None = None) -> ScalarAccumulator:
-        """Pass `acc` to keep the record of applied steps even if a step raises."""
+              acc: ScalarAccumulator | None = None,
+              noise_gen: np.random.Generator | None = None) -> ScalarAccumulator:
+        """Pass `acc` to keep the record of applied steps even if a step raises.
+
+        With cfg.noise_std > 0 (DP-ZO) every probe's clipped g gets N(0, noise_std^2) from
+        `noise_gen`; without one, a generator seeded from os.urandom (edgefed.security.dp.device_rng)."""
         if not examples:
             raise ValueError("no training examples on this device: check --data")
         bs = min(batch_size or self.model.batch_size, len(examples))
         gen = np.random.default_rng(seed)
         acc = acc if acc is not None else ScalarAccumulator(self.pool.k)
         q = max(1, self.cfg.n_perturb)
+        noise_std = float(self.cfg.noise_std)
+        if noise_std > 0 and noise_gen is None:
+            noise_gen = device_rng()
         bar = progress_bar(steps, desc, self.progress)
         try:
             for t in range(steps):
@@ -55,9 +63,10 @@ class LocalTrainer:
                 lr = self.cfg.lr_at(step_offset + t) / q
                 eps = self.cfg.eps_at(step_offset + t)
                 for j in self.pool.sample(gen, q, probs):
+                    noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
                     probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
                                            self.pool.seed(int(j)), int(j), eps, lr,
-                                           self.cfg.dist, self.cfg.clip)
+                                           self.cfg.dist, self.cfg.clip, noise)
                     acc.add(probe)
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")

@@ -109,6 +109,7 @@ class ZOConfig:
     n_perturb: int = 1            # directions per step (n-SPSA); lr is split between them
     dist: str = "normal"
     clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
+    noise_std: float = 0.0        # DP-ZO: N(0, noise_std^2) added to each clipped g (0: off)
     lr_schedule: Schedule | None = None
     eps_schedule: Schedule | None = None
 
@@ -135,8 +136,11 @@ class ProbeResult:
 
 def two_point_step(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], seed: int,
                    seed_index: int, eps: float, lr: float, dist: str = "normal",
-                   clip: float = 0.0) -> ProbeResult:
+                   clip: float = 0.0, noise: float = 0.0) -> ProbeResult:
     """One SPSA probe and update, in place: +eps z, L+, -2eps z, L-, then theta += (eps - lr g) z.
+
+    g is clipped to [-clip, clip] (clip > 0), then `noise` is added (DP-ZO: the caller draws it
+    from N(0, (sigma C)^2)); the step, and what the device reports, use that privatized g.
 
     On a non-finite loss the parameters are put back (theta += eps z) and DivergedError
     is raised, so nothing is lost."""
@@ -154,6 +158,8 @@ def two_point_step(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], 
                             "restored. Lower lr or eps, or enable clipping.")
     g_raw = (lp - lm) / (2.0 * eps)
     g = float(np.clip(g_raw, -clip, clip)) if clip > 0 else g_raw
+    if noise:
+        g = g + float(noise)
     kernels.zo_update(buffers, seed, eps, lr, g, dist)
     return ProbeResult(seed_index, g, g_raw, lp, lm, coeff=-lr * g)
 

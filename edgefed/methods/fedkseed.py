@@ -14,13 +14,15 @@ import numpy as np
 
 from .. import kernels
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
+from ..security import dp
 from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
 from ..trainer import LocalTrainer
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
                    check_num_samples)
 
-__all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds"]
+__all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds",
+           "dp_denominator", "DP_TAIL"]
 
 # |g| of one probe, g = (L+ - L-) / (2 eps), that no healthy device reaches: a cross-entropy that
 # moves by 20 nats between theta +- eps z with eps = 1e-3 (docs/server.md, "Bounds").
@@ -31,6 +33,9 @@ _REL_TOL = 1e-6
 # Trainables up to this size are restored from a copy after local training (exact);
 # bigger ones (full-parameter) are restored by replaying the local steps negated.
 SNAPSHOT_LIMIT_BYTES = 64 << 20
+
+# Gaussian tail used to size bounds that DP noise must fit in: P(|N(0, s^2)| > DP_TAIL s) < e^-50.
+DP_TAIL = 10.0
 
 _pools: dict[tuple[int, int], SeedPool] = {}
 
@@ -47,14 +52,19 @@ def zo_plan_params(job: JobConfig) -> dict:
     from which devices derive their batch order (so a job is reproducible whatever its id)."""
     p = job.params
     return {"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
-            "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed)}
+            "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
+            **dp.DPConfig.from_params(p).plan_params()}
 
 
 def probe_bound(job: JobConfig) -> float:
     """The largest |g| one probe of an honest device can report: the job's `clip` when set (the
-    device clips to it), else `scalar_bound` (default DEFAULT_SCALAR_BOUND)."""
+    device clips to it), else `scalar_bound` (default DEFAULT_SCALAR_BOUND). With local DP
+    (dp_mode=local) the device adds unbounded Gaussian noise after clipping, so only
+    `scalar_bound` holds (check_job_bounds makes sure it is >> dp_clip + noise)."""
     bound = float(job.params.get("scalar_bound", DEFAULT_SCALAR_BOUND))
     clip = float(job.params.get("clip", 0.0))
+    if dp.DPConfig.from_params(job.params).local:
+        return bound
     return min(clip, bound) if clip > 0 else bound
 
 
@@ -73,7 +83,27 @@ def check_job_bounds(job: JobConfig, *, dense: bool) -> RobustConfig:
     if clip > bound:
         raise ValueError(f"clip={clip} exceeds scalar_bound={bound}: devices would send scalars the "
                          f"server rejects; raise scalar_bound too")
+    dcfg = dp.DPConfig.from_params(job.params)
+    dcfg.sampling_rate(int(job.devices_per_round))  # devices_per_round <= dp_population
+    if dcfg.central and cfg.aggregator != "mean":
+        raise ValueError(f"dp_mode=central needs aggregator=mean (the accountant's sensitivity is that of "
+                         f"the sum of clipped updates), not {cfg.aggregator!r}")
+    if dcfg.local and not dense:
+        worst = dcfg.clip + DP_TAIL * dcfg.noise_std
+        if worst > bound:
+            raise ValueError(f"dp_clip={dcfg.clip:g} with dp_noise_multiplier={dcfg.noise_multiplier:g}: a "
+                             f"noisy probe reaches {worst:g} (clip + {DP_TAIL:g} sigma), beyond scalar_bound="
+                             f"{bound:g}; honest devices would be rejected: raise scalar_bound")
     return cfg
+
+
+def dp_denominator(job: JobConfig, n_updates: int) -> int:
+    """Central DP divides the noisy sum by a fixed count (DP-FedAvg), not by the round's updates:
+    devices_per_round, else dp_population, else (every device, q = 1) the updates received."""
+    if int(job.devices_per_round) > 0:
+        return int(job.devices_per_round)
+    pop = int(float(job.params.get("dp_population", 0) or 0))
+    return pop if pop > 0 else max(1, int(n_updates))
 
 
 def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
@@ -110,15 +140,25 @@ def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
 
 
 class FedKSeedClient(ClientAlgorithm):
+    def __init__(self, noise_seed: int | None = None):
+        # local DP noise: os.urandom-seeded unless a seed is given (tests only; see dp.device_rng)
+        self.noise_seed = noise_seed
+
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
         pool = seed_pool(plan.seed_pool_id, plan.k)
         cfg = zo_config(plan.lr, plan.eps, plan.params)
+        noise_gen = None
+        dcfg = dp.DPConfig.from_params(plan.params)
+        if dcfg.local:  # DP-ZO: every probe's g clipped to dp_clip, plus N(0, (sigma C)^2)
+            cfg.clip = min(cfg.clip, dcfg.clip) if cfg.clip > 0 else dcfg.clip
+            cfg.noise_std = dcfg.noise_std
+            noise_gen = dp.device_rng(self.noise_seed)
         snapshot = model.params.copy() if model.params.nbytes <= SNAPSHOT_LIMIT_BYTES else None
         trainer = LocalTrainer(model, pool, cfg, progress=progress)
         acc = ScalarAccumulator(plan.k)
         try:
             trainer.train(examples, plan.local_steps, batch_size=plan.batch_size, seed=seed,
-                          probs=plan.seed_probs, desc=f"round {plan.round}", acc=acc)
+                          probs=plan.seed_probs, desc=f"round {plan.round}", acc=acc, noise_gen=noise_gen)
         finally:
             # Back to the global state (also after a failed step): the aggregated delta is
             # what moves this device forward.
@@ -158,7 +198,9 @@ class FedKSeedServer(ServerStrategy):
         k = int(job.k)
         SeedPool(job.seed_pool_id, k)  # validates K
         check_job_bounds(job, dense=False)
-        return MethodState(scalars={"rounds_aggregated": 0},
+        probes = int(job.local_steps) * max(1, int(job.params.get("n_perturb", 1)))
+        dstate = dp.state_scalars(dp.DPConfig.from_params(job.params), int(job.devices_per_round), probes)
+        return MethodState(scalars={"rounds_aggregated": 0, **dstate},
                            arrays={"cum_coeffs": np.zeros(k, np.float64),
                                    "abs_sum": np.zeros(k, np.float64),
                                    "counts": np.zeros(k, np.int64)})
@@ -191,7 +233,22 @@ class FedKSeedServer(ServerStrategy):
         k = int(job.k)
         cfg = RobustConfig.from_params(job.params, dense=False)
         ordered = sorted(updates, key=lambda u: u.device)
-        if cfg.aggregator == "mean":  # sample-weighted; a device that did not draw seed j adds 0
+        dcfg = dp.DPConfig.from_params(job.params)
+        if dcfg.central:
+            # Each device's per-seed vector clipped to L2 norm C, summed in device order, plus
+            # N(0, (sigma C)^2) on EVERY seed of the pool (which seeds a device drew is no secret
+            # of its data, but it would tell who took part), over a fixed count.
+            S = np.zeros(k, np.float64)
+            for u in ordered:
+                v = np.bincount(u.seeds.astype(np.int64), weights=u.scalars.astype(np.float64), minlength=k)
+                S += clip_to_norm(v, dcfg.clip)
+            if dcfg.noise_std > 0:
+                S += dp.central_rng(job.seed, plan.round).normal(0.0, dcfg.noise_std, k)
+            G = S / dp_denominator(job, len(ordered))
+            # FedKSeed-Pro statistics from the released aggregate only (post-processing)
+            state.arrays["abs_sum"] += np.abs(G)
+            state.arrays["counts"] += 1
+        elif cfg.aggregator == "mean":  # sample-weighted; a device that did not draw seed j adds 0
             total = float(sum(u.num_samples for u in ordered))
             G = np.zeros(k, np.float64)
             for u in ordered:
@@ -219,4 +276,5 @@ class FedKSeedServer(ServerStrategy):
     def summary(self, state: MethodState) -> dict:
         cum = state.arrays["cum_coeffs"]
         return {"seeds_used": int(np.count_nonzero(cum)), "coeff_norm": float(np.linalg.norm(cum)),
-                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0))}
+                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0)),
+                **dp.summary(state.scalars)}

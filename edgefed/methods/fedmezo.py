@@ -8,11 +8,13 @@ from typing import Sequence
 import numpy as np
 
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
-from ..security.robust import RobustConfig, aggregate_dense
+from ..security import dp
+from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
                    check_num_samples)
-from .fedkseed import check_job_bounds, probe_bound, seed_pool, zo_config, zo_plan_params
+from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, seed_pool, zo_config,
+                       zo_plan_params)
 
 __all__ = ["FedMeZOClient", "FedMeZOServer", "delta_norm_bound"]
 
@@ -34,11 +36,18 @@ def delta_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
     q = max(1, int(plan.params.get("n_perturb", 1)))
     steps = int(plan.local_steps)
     root = float(np.sqrt(n))
+    dcfg = dp.DPConfig.from_params(job.params)
+    if dcfg.local:  # clipped to C, plus N(0, (sigma C)^2 I_n): norm <= sigma C (sqrt(n) + 10) w.p. 1 - e^-50
+        return (dcfg.clip + dcfg.noise_std * (root + DP_TAIL)) * (1 + 1e-3) + root * 2.0 ** -24 * (dcfg.clip + 1.0)
     return (abs(float(plan.lr)) * probe_bound(job) * steps * (root + 10.0) * (1 + 1e-3)
             + steps * q * root * _ROUNDING_SLACK)
 
 
 class FedMeZOClient(ClientAlgorithm):
+    def __init__(self, noise_seed: int | None = None):
+        # local DP noise: os.urandom-seeded unless a seed is given (tests only; see dp.device_rng)
+        self.noise_seed = noise_seed
+
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
         # Fresh seeds every round and device: the pool only names them.
         pool = seed_pool(plan.seed_pool_id, plan.k)
@@ -49,6 +58,10 @@ class FedMeZOClient(ClientAlgorithm):
             delta = model.params - start
         finally:
             model.params[:] = start
+        dcfg = dp.DPConfig.from_params(plan.params)
+        if dcfg.local:  # the round's delta clipped to L2 norm dp_clip, plus N(0, (sigma C)^2) per value
+            delta = dp.privatize_vector(delta, dcfg.clip, dcfg.noise_multiplier,
+                                        dp.device_rng(self.noise_seed)).astype(np.float32)
         return ClientResult(num_samples=plan.local_steps * min(plan.batch_size, len(examples)),
                             tensors=[Tensor(DELTA, delta)], train_loss=acc.mean_loss())
 
@@ -73,7 +86,8 @@ class FedMeZOServer(ServerStrategy):
         if not np.isfinite(bound) or bound < 0:
             raise ValueError(f"update_norm_bound={bound} must be finite and >= 0 (0: derived from lr, "
                              f"scalar_bound / clip and local_steps)")
-        return MethodState(scalars={"rounds_aggregated": 0, "n": 0}, arrays={})
+        dstate = dp.state_scalars(dp.DPConfig.from_params(job.params), int(job.devices_per_round), 1)
+        return MethodState(scalars={"rounds_aggregated": 0, "n": 0, **dstate}, arrays={})
 
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
         return PlanFields(lr=job.lr, eps=job.eps, local_steps=job.local_steps, batch_size=job.batch_size,
@@ -106,7 +120,17 @@ class FedMeZOServer(ServerStrategy):
         state = state.copy()
         cfg = RobustConfig.from_params(job.params, dense=True)
         ordered = sorted(updates, key=lambda u: u.device)
-        avg = aggregate_dense([u.tensors[0].data for u in ordered], [u.num_samples for u in ordered], cfg)
+        dcfg = dp.DPConfig.from_params(job.params)
+        if dcfg.central:  # DP-FedAvg: sum of deltas clipped to C, + N(0, (sigma C)^2 I), / fixed count
+            total = None
+            for u in ordered:
+                c = clip_to_norm(u.tensors[0].data.reshape(-1), dcfg.clip)
+                total = c if total is None else total + c
+            if dcfg.noise_std > 0:
+                total = total + dp.central_rng(job.seed, plan.round).normal(0.0, dcfg.noise_std, total.size)
+            avg = total / dp_denominator(job, len(ordered))
+        else:
+            avg = aggregate_dense([u.tensors[0].data for u in ordered], [u.num_samples for u in ordered], cfg)
         avg32 = avg.astype(np.float32)
         cum = state.arrays.get("cum_delta")
         state.arrays["cum_delta"] = avg32.copy() if cum is None else (cum + avg32).astype(np.float32)
@@ -121,4 +145,5 @@ class FedMeZOServer(ServerStrategy):
     def summary(self, state: MethodState) -> dict:
         cum = state.arrays.get("cum_delta")
         return {"delta_norm": float(np.linalg.norm(cum)) if cum is not None else 0.0,
-                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0))}
+                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0)),
+                **dp.summary(state.scalars)}

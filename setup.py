@@ -62,7 +62,8 @@ setup(
                  "pyarrow>=12", "rouge-score>=0.1.2", "matplotlib>=3.5"],
         # Parquet files and saved `datasets` directories (devices read JSONL/CSV/TSV without it).
         "formats": ["pyarrow>=12"],
-        "server": ["amqtt>=0.11", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
+        # Pinned: transport/broker.py overrides amqtt 0.12's private _initialize_client_session.
+        "server": ["amqtt>=0.12.1,<0.13", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
                    "pyarrow>=12", "dp-accounting>=0.6,<0.7"],
         # The DP accountant alone (the aggregation server imports it only for dp_mode jobs).
         "dp": ["dp-accounting>=0.6,<0.7"],

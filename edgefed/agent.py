@@ -42,7 +42,11 @@ class AgentStats:
 class DeviceAgent:
     def __init__(self, transport: Transport, device_id: str, job: str, model, examples: Sequence, *,
                  device_class: str = "", progress: bool = False, ack_timeout: float = 20.0,
-                 sync_timeout: float = 60.0, logger: logging.Logger | None = None):
+                 sync_timeout: float = 60.0, logger: logging.Logger | None = None,
+                 signing=None):
+        """signing: an edgefed.security.signing.DeviceSigning (this device's key and the job's
+        public key): everything sent is signed, and server messages that are unsigned or not
+        signed with the job key are ignored. None = development mode (unsigned, warned once)."""
         if not examples:
             raise ValueError(f"device {device_id}: no training data (check --data)")
         self.t = transport
@@ -55,6 +59,12 @@ class DeviceAgent:
         self.ack_timeout = ack_timeout
         self.sync_timeout = sync_timeout
         self.log = logger or log
+        self.signing = signing
+        self._signer = signing.signer if signing is not None else None
+        self._verifier = signing.verifier if signing is not None else None
+        if signing is None:
+            from .security.signing import warn_unsigned
+            warn_unsigned(self.log, "device")
         self.topics = P.Topics(job)
         self.ids = P.MessageIds()
         self.stats = AgentStats()
@@ -76,6 +86,8 @@ class DeviceAgent:
         try:
             msg = P.decode(payload)
             P.check_topic(topic, msg)
+            if self._verifier is not None:
+                self._verifier(msg, msg.signature)
         except P.ProtocolError as exc:
             self.log.warning("%s: ignored message on %s: %s", self.device, topic, exc)
             return
@@ -91,7 +103,10 @@ class DeviceAgent:
     def _status(self, state: str, text: str = "") -> None:
         st = P.Status(job=self.job, device=self.device, state=state, device_class=self.device_class,
                       round=self.stats.last_round, timestamp=time.time(), text=text[:200])
-        self._publish(self.topics.status(self.device), st.encode(), retain=True)
+        self._publish(self.topics.status(self.device), self._enc(st), retain=True)
+
+    def _enc(self, msg: P.Message) -> bytes:
+        return msg.encode(signer=self._signer)
 
     def _publish(self, topic: str, data: bytes, retain: bool = False) -> None:
         """Publish, waiting out broker outages (the transport reconnects underneath)."""
@@ -110,7 +125,7 @@ class DeviceAgent:
     def start(self) -> None:
         will = P.Status(job=self.job, device=self.device, state="offline", device_class=self.device_class,
                         timestamp=time.time(), text="connection lost")
-        self.t.set_will(self.topics.status(self.device), will.encode(), retain=True)
+        self.t.set_will(self.topics.status(self.device), self._enc(will), retain=True)
         if not self.t.connected:
             self.t.connect()
         for flt in (self.topics.plan(), self.topics.state(), self.topics.ack(self.device),
@@ -191,7 +206,7 @@ class DeviceAgent:
         upd = P.Update(job=self.job, round=plan.round, device=self.device, method=plan.method,
                        msg_id=self.ids.next(), num_samples=result.num_samples, seeds=result.seeds,
                        scalars=result.scalars, tensors=result.tensors, train_loss=result.train_loss)
-        data = upd.encode()
+        data = self._enc(upd)
         self.stats.rounds_trained += 1
         self.stats.last_round = plan.round
         self.stats.losses.append(result.train_loss)
@@ -223,7 +238,8 @@ class DeviceAgent:
         self._status("syncing")
         req_id = self.ids.next()
         req = P.SyncRequest(job=self.job, device=self.device, from_round=self.start_round,
-                            request_id=req_id).encode()
+                            request_id=req_id)
+        req = self._enc(req)
         deadline = time.time() + self.sync_timeout
         next_send = 0.0
         while time.time() < deadline:

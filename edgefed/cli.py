@@ -39,6 +39,12 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
     p.add_argument("--checkpoint", default=None, help="save the final trained parameters here "
                    "(raw float32 + JSON sidecar) when the job finishes")
+    p.add_argument("--signing-key", default=None, metavar="FILE",
+                   help="this device's Ed25519 key (signing/<device>.key from `edgefed certs`): "
+                        "sign updates and statuses; needs --server-key")
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="the job's public key (signing/server.pub): ignore server messages not "
+                        "signed with it. Without both: development mode, unsigned")
     from .data_args import add_field_args
     add_field_args(p)
 
@@ -61,6 +67,17 @@ def _device(args: argparse.Namespace) -> int:
         print(f"edgefed device: {exc}", file=sys.stderr)
         return 2
     device_id = args.device_id or socket.gethostname().split(".")[0]
+    signing = None
+    if bool(args.signing_key) != bool(args.server_key):
+        print("edgefed device: --signing-key and --server-key go together", file=sys.stderr)
+        return 2
+    if args.signing_key:
+        try:
+            from .security.signing import DeviceSigning
+            signing = DeviceSigning.from_files(args.signing_key, args.server_key, device_id)
+        except (ValueError, OSError, ImportError) as exc:
+            print(f"edgefed device: {exc}", file=sys.stderr)
+            return 2
     try:
         model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size,
                             seq_len=args.seq_len)
@@ -79,7 +96,7 @@ def _device(args: argparse.Namespace) -> int:
     kernels.set_num_threads(model.threads)
     t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
     agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
-                        progress=args.progress)
+                        progress=args.progress, signing=signing)
     try:
         stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)
     except BrokerUnreachable as exc:

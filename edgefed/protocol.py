@@ -8,6 +8,9 @@ Every message is
     header  <4s B B H I>   magic b"EDGF", protocol version, message type, flags (0), body length
     body    fields in the order of the message's SCHEMA, little-endian
     trailer <I>            CRC32 (zlib) over header + body
+    [signature]            only with header flag SIGNED (0x0001): <H> key id length, key id
+                           (utf-8), <H> signature length, signature over signing_input(key id,
+                           header + body + CRC) -- see "Signatures" in docs/protocol.md
 
 Device-side module: numpy + stdlib only (no torch); payloads are parsed field by field.
 """
@@ -32,7 +35,10 @@ MAGIC = b"EDGF"
 HEADER = struct.Struct("<4sBBHI")
 TRAILER = struct.Struct("<I")
 OVERHEAD = HEADER.size + TRAILER.size  # 16 bytes around every body
-KNOWN_FLAGS = 0x0000  # no flags defined in v1; unknown bits are refused, not ignored
+FLAG_SIGNED = 0x0001  # a signature trailer follows the CRC (see signing_input)
+KNOWN_FLAGS = FLAG_SIGNED  # unknown bits are refused, not ignored
+SIG_DOMAIN = b"EDGF-SIG-v1\x00"  # domain separation of the signed bytes
+MAX_SIGNATURE_LEN = 512
 
 MAX_ID_LEN = 64  # job / device / method / state / device class ids
 MAX_NAME_LEN = 256  # tensor names, param keys, model ids, digests
@@ -71,6 +77,10 @@ class UnsupportedVersion(ProtocolError):
 
 class ChecksumMismatch(ProtocolError):
     """CRC32 over the message does not match its trailer (corrupted in transit or by a bug)."""
+
+
+class SignatureError(ProtocolError):
+    """A message is unsigned, signed by an unknown key, or its signature does not verify."""
 
 
 class InvalidField(ProtocolError):
@@ -438,6 +448,7 @@ class Message:
 
     TYPE: ClassVar[MessageType]
     SCHEMA: ClassVar[Tuple[Tuple[str, str], ...]]
+    signature = None  # set by decode(): the parsed Signature trailer, or None (unsigned)
 
     def _check(self, limits: Limits) -> None:  # per-message value rules
         raise NotImplementedError
@@ -447,7 +458,9 @@ class Message:
         self._check(limits)
         return self
 
-    def encode(self, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    def encode(self, limits: Limits = DEFAULT_LIMITS, signer: Any = None) -> bytes:
+        """The wire bytes; with a signer (an object with .key_id and .sign(bytes) -> bytes, e.g.
+        edgefed.security.signing.Signer) the SIGNED flag is set and a signature trailer added."""
         self.validate(limits)
         w = _Writer(limits)
         for name, kind in self.SCHEMA:
@@ -459,8 +472,10 @@ class Message:
                 f"{type(self).__name__} would be {size} bytes; the limit is "
                 f"{limits.max_message_bytes} (Limits.max_message_bytes): split tensors or raise the limit "
                 f"on both sides")
-        head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(self.TYPE), 0, len(body))
-        return head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
+        flags = FLAG_SIGNED if signer is not None else 0
+        head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(self.TYPE), flags, len(body))
+        out = head + body + TRAILER.pack(zlib.crc32(body, zlib.crc32(head)))
+        return out if signer is None else sign_bytes(out, signer, limits)
 
     def __eq__(self, other: object) -> bool:  # arrays make field-wise == ambiguous; compare wire bytes
         if type(other) is not type(self):
@@ -776,11 +791,60 @@ MESSAGE_TYPES: Dict[int, Type[Message]] = {
     int(c.TYPE): c for c in (RoundPlan, Update, Ack, Status, SyncRequest, SyncReply, JobState)}
 
 
+# --------------------------------------------------------------------------- signatures
+
+@dataclass(frozen=True)
+class Signature:
+    """A parsed signature trailer: who signed (key id) what (the message bytes before it)."""
+
+    key_id: str
+    signature: bytes
+    signed: bytes  # signing_input(key_id, message bytes): what the signature must verify over
+
+
+def signing_input(key_id: str, message: bytes) -> bytes:
+    """The bytes a signature covers: a domain tag, the key id, and the whole encoded message
+    (header with the SIGNED flag, body, CRC), so job, type, round, device and msg_id are bound."""
+    k = key_id.encode("utf-8")
+    return SIG_DOMAIN + struct.pack("<H", len(k)) + k + bytes(message)
+
+
+def sign_bytes(message: bytes, signer: Any, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Append a signature trailer to an encoded message whose header has FLAG_SIGNED set."""
+    key_id = check_id(signer.key_id, "signing key id")
+    sig = bytes(signer.sign(signing_input(key_id, message)))
+    if not 0 < len(sig) <= MAX_SIGNATURE_LEN:
+        raise InvalidField(f"signature of {len(sig)} bytes (limit {MAX_SIGNATURE_LEN})")
+    k = key_id.encode("utf-8")
+    out = message + struct.pack("<H", len(k)) + k + struct.pack("<H", len(sig)) + sig
+    if len(out) > limits.max_message_bytes:
+        raise MessageTooLarge(f"signed message would be {len(out)} bytes; the limit is "
+                              f"{limits.max_message_bytes} (Limits.max_message_bytes)")
+    return out
+
+
+def _read_signature(buf: memoryview, start: int) -> Signature:
+    r = _Reader(buf[start:], len(buf), DEFAULT_LIMITS)
+    key_id = check_id(r.str("signature key id", MAX_ID_LEN), "signature key id")
+    n = r.unpack("H", "signature length")
+    if not 0 < n <= MAX_SIGNATURE_LEN:
+        raise InvalidField(f"signature length {n} outside 1..{MAX_SIGNATURE_LEN}")
+    r._need(n, "signature")
+    sig = bytes(r.buf[r.pos:r.pos + n])
+    if r.pos + n != len(r.buf):
+        raise ProtocolError(f"{len(r.buf) - r.pos - n} unexpected bytes after the signature")
+    return Signature(key_id, sig, signing_input(key_id, buf[:start]))
+
+
 # --------------------------------------------------------------------------- decode
 
 def decode(data: Union[bytes, bytearray, memoryview], *, limits: Limits = DEFAULT_LIMITS,
-           expect: Optional[Type[Message]] = None) -> Message:
-    """Parse and fully validate one message. Raises ProtocolError (a ValueError) on anything wrong."""
+           expect: Optional[Type[Message]] = None, verifier: Any = None) -> Message:
+    """Parse and fully validate one message. Raises ProtocolError (a ValueError) on anything wrong.
+
+    A signature trailer, if any, is parsed and left on msg.signature (a Signature, else None).
+    With a verifier (callable(msg, signature_or_None), raising SignatureError, e.g. from
+    edgefed.security.signing) the message is returned only if the verifier accepts it."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"payload must be bytes, got {type(data).__name__}")
     try:
@@ -802,9 +866,17 @@ def decode(data: Union[bytes, bytearray, memoryview], *, limits: Limits = DEFAUL
                        f"something else publishes on this topic")
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(version)
+    sig: Optional[Signature] = None
+    if flags & FLAG_SIGNED and body_len + OVERHEAD < n:
+        sig = _read_signature(buf, body_len + OVERHEAD)
+        buf = buf[:body_len + OVERHEAD]
+        n = len(buf)
     if body_len != n - OVERHEAD:
         raise TruncatedMessage(f"message length mismatch: header announces a {body_len}-byte body, "
                                f"payload carries {n - OVERHEAD}; it was cut or padded in transit")
+    if flags & FLAG_SIGNED and sig is None:
+        raise TruncatedMessage("message flagged as signed carries no signature trailer; it was cut "
+                               "in transit")
     (crc,) = TRAILER.unpack_from(buf, n - TRAILER.size)
     actual = zlib.crc32(buf[:n - TRAILER.size])
     if crc != actual:
@@ -823,7 +895,11 @@ def decode(data: Union[bytes, bytearray, memoryview], *, limits: Limits = DEFAUL
     values = {name: _read_field(r, kind, f"{cls.__name__}.{name}") for name, kind in cls.SCHEMA}
     if r.pos != body_len:
         raise ProtocolError(f"{cls.__name__} has {body_len - r.pos} unexpected trailing bytes")
-    return cls(**values).validate(limits)
+    msg = cls(**values).validate(limits)
+    msg.signature = sig
+    if verifier is not None:
+        verifier(msg, sig)  # raises SignatureError
+    return msg
 
 
 def validate_update(update: Update, plan: RoundPlan) -> Update:
@@ -995,7 +1071,8 @@ class DedupWindow:
 __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "MAGIC", "TOPIC_ROOT", "Limits", "DEFAULT_LIMITS",
     "ProtocolError", "MessageTooLarge", "TruncatedMessage", "BadMagic", "UnsupportedVersion",
-    "ChecksumMismatch", "InvalidField", "RoundMismatch", "Tensor", "RoundDelta", "MessageType",
+    "ChecksumMismatch", "InvalidField", "SignatureError", "Signature", "signing_input",
+    "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "RoundDelta", "MessageType",
     "AckStatus", "Message", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
     "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
     "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds", "DedupWindow"]

@@ -116,9 +116,12 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
         raise
 
 
-def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1):
+def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
+                   signing_dir=None):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork). The returned
-    starter keeps its agents in `.agents` (tests compare their parameters)."""
+    starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
+    signing/ folder of `edgefed certs` for devices sim-000.. (sign; pass the server
+    ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -126,8 +129,13 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
         for i, shard in enumerate(shards):
             dev = f"sim-{i:03d}"
             model = base.fork()
+            signing = None
+            if signing_dir is not None:
+                from .security.signing import DeviceSigning
+                signing = DeviceSigning.from_files(Path(signing_dir) / f"{dev}.key",
+                                                   Path(signing_dir) / "server.pub", dev)
             agent = DeviceAgent(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
-                                shard, device_class="x86-sim")
+                                shard, device_class="x86-sim", signing=signing)
             start.agents.append(agent)
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)
             th.start()

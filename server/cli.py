@@ -88,6 +88,10 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="devices listed by /status (counts cover all of them)")
     s.add_argument("--http-allowed-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="extra Host header the status page answers (default: 127.0.0.1/localhost)")
+    s.add_argument("--signing-dir", default=None, metavar="DIR",
+                   help="sign everything with the job key and accept only device messages signed "
+                        "with keys in the registry: DIR/server.key + DIR/devices.json (the signing/ "
+                        "folder `edgefed certs` writes). Without it: development mode, unsigned")
     s.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-server-<job>)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -174,6 +178,16 @@ def run_server(args: argparse.Namespace) -> int:
             if value < low:
                 print(f"edgefed server: {opt} must be >= {low}, got {value}", file=sys.stderr)
                 return 2
+    signing = None
+    if getattr(args, "signing_dir", None):
+        try:
+            from edgefed.security.signing import ServerSigning
+            signing = ServerSigning.from_dir(args.signing_dir)
+        except (ValueError, OSError, ImportError) as e:
+            print(f"edgefed server: --signing-dir: {e}", file=sys.stderr)
+            return 2
+        log.info("signing: job key %s, %d registered devices", args.signing_dir,
+                 len(signing.verifier.devices))
     db = args.db or f"edgefed-{args.job}.db"
     store = Store(db)
     broker = None
@@ -218,7 +232,8 @@ def run_server(args: argparse.Namespace) -> int:
                                  status_devices=args.status_devices)
         server = Server(transport, store, cfg, http_port=args.http_port,
                         allow_unknown_devices=args.allow_unknown_devices, history=args.history,
-                        resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host)
+                        resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host,
+                        signing=signing)
         total = cfg.rounds
         if not args.quiet:
             server.add_round_listener(lambda s: print(_progress_line(s, total), flush=True))

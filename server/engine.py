@@ -35,7 +35,8 @@ import numpy as np
 from edgefed.methods import JobConfig, MethodState, ServerStrategy, get_method
 from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, ChecksumMismatch, JobState,
                               Limits, MessageTooLarge, ProtocolError, RoundDelta,
-                              RoundMismatch, RoundPlan, Status, SyncReply, SyncRequest, Tensor,
+                              RoundMismatch, RoundPlan, SignatureError, Status, SyncReply,
+                              SyncRequest, Tensor,
                               Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
                               check_topic, decode, parse_topic, validate_update)
 
@@ -139,7 +140,8 @@ def reason_class(exc: BaseException) -> str:
     """Label of a rejection for metrics (edgefed_updates_rejected_total{reason=...})."""
     for cls, name in ((MessageTooLarge, "too_large"), (TruncatedMessage, "truncated"),
                       (BadMagic, "bad_magic"), (UnsupportedVersion, "version"),
-                      (ChecksumMismatch, "checksum"), (RoundMismatch, "round"),
+                      (ChecksumMismatch, "checksum"), (SignatureError, "signature"),
+                      (RoundMismatch, "round"),
                       (InvalidField, "invalid_field"), (ProtocolError, "protocol")):
         if isinstance(exc, cls):
             return name
@@ -209,7 +211,7 @@ class Server:
                  history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
                  limits: Limits = DEFAULT_LIMITS,
                  resource_limits: ResourceLimits = DEFAULT_RESOURCE_LIMITS,
-                 http_allowed_hosts: Sequence[str] = ()):
+                 http_allowed_hosts: Sequence[str] = (), signing: Any = None):
         if int(job.rounds) < 1 or not float(job.round_timeout) > 0:
             raise ValueError(f"job {job.job!r}: rounds must be >= 1 and round_timeout > 0 "
                              f"(got {job.rounds}, {job.round_timeout})")
@@ -232,6 +234,14 @@ class Server:
         self.limits = limits
         self.rlimits = resource_limits
         self.http_allowed_hosts = tuple(http_allowed_hosts)
+        # signing: an edgefed.security.signing.ServerSigning (job key + device registry); None =
+        # development mode: unsigned messages out, device messages taken without a signature.
+        self.signing = signing
+        self._signer = signing.signer if signing is not None else None
+        self._verifier = signing.verifier if signing is not None else None
+        if signing is None:
+            from edgefed.security.signing import warn_unsigned
+            warn_unsigned(self.log, "server")
         self._loglim = _LogLimiter(resource_limits.log_burst, resource_limits.log_interval_s)
         self.topics = Topics(job.job)
         self.model_id = artifact_id(job.artifact)
@@ -320,7 +330,7 @@ class Server:
                               self.job.method, self.job.rounds, self.store.path)
                 self.expected = self._countable_online()
             self._refresh_digest()
-            outbox.append((self.topics.state(), self._job_state(now).encode(self.limits), True))
+            outbox.append((self.topics.state(), self._job_state(now).encode(self.limits, signer=self._signer), True))
             if not self.done:
                 outbox.append((self.topics.plan(), self.plan_bytes, True))
         self._subscribe(self.topics.all_updates())
@@ -564,6 +574,9 @@ class Server:
             return
         self.plan = decode(r.plan, limits=self.limits, expect=RoundPlan)  # type: ignore[assignment]
         self.plan_bytes = r.plan
+        if self._signer is not None and self.plan.signature is None:
+            # stored by an unsigned run: re-publish it signed, or signing devices ignore it
+            self.plan_bytes = self.plan.encode(self.limits, signer=self._signer)
         self.deadline = r.deadline
         self.opened_at = r.opened_at
         for device, _msg_id, raw in r.accepted:
@@ -724,14 +737,14 @@ class Server:
         if isinstance(payload, _TooLarge):
             raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
                                   f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
-        return decode(payload, limits=self.limits)
+        return decode(payload, limits=self.limits, verifier=self._verifier)
 
     def _ack(self, outbox: list, device: str, rnd: int, msg_id: int, status: AckStatus,
              reason: str = "") -> None:
         try:
             ack = Ack(job=self.job.job, round=max(0, int(rnd)), device=device, msg_id=int(msg_id),
                       status=status, reason=_truncate(reason))
-            outbox.append((self.topics.ack(device), ack.encode(self.limits), False))
+            outbox.append((self.topics.ack(device), ack.encode(self.limits, signer=self._signer), False))
         except ProtocolError as e:
             self.log.error("could not build an ack for %s: %s", self._safe(device), self._safe(e))
 
@@ -932,7 +945,7 @@ class Server:
                 if len(rounds) <= self.limits.max_sync_rounds:
                     return SyncReply(job=self.job.job, device=req.device, from_round=s, to_round=cur,
                                      request_id=req.request_id, full=False,
-                                     rounds=rounds).encode(self.limits)
+                                     rounds=rounds).encode(self.limits, signer=self._signer)
                 why = f"{len(rounds)} rounds exceed the sync limit"
             except MessageTooLarge:
                 why = "the deltas exceed the message size limit"
@@ -943,7 +956,7 @@ class Server:
                    level=logging.INFO)
         return SyncReply(job=self.job.job, device=req.device, from_round=min(s, cur), to_round=cur,
                          request_id=req.request_id, full=True,
-                         state=self.strategy.full_state(self.job, self.state)).encode(self.limits)
+                         state=self.strategy.full_state(self.job, self.state)).encode(self.limits, signer=self._signer)
 
     def _load_deltas(self, first: int, last: int) -> List[RoundDelta]:
         missing = [r for r in range(first, last + 1) if r not in self._deltas]
@@ -1017,7 +1030,7 @@ class Server:
     def _extend(self, now: float, outbox: list, reason: str) -> None:
         assert self.plan is not None
         plan = dataclasses.replace(self.plan, deadline=now + self.job.round_timeout)
-        plan_bytes = plan.encode(self.limits)
+        plan_bytes = plan.encode(self.limits, signer=self._signer)
         self.store.update_plan(self.job.job, self.round, plan_bytes, plan.deadline)
         self.plan, self.plan_bytes, self.deadline = plan, plan_bytes, plan.deadline
         self.extensions += 1
@@ -1039,7 +1052,7 @@ class Server:
             delta_tensors=list(delta.tensors) if delta is not None else [])
 
     def _set_plan(self, plan: RoundPlan, now: float) -> None:
-        self.plan_bytes = plan.encode(self.limits)
+        self.plan_bytes = plan.encode(self.limits, signer=self._signer)
         self.plan = plan
         self.deadline = plan.deadline
         self.opened_at = now
@@ -1061,7 +1074,7 @@ class Server:
         finished = rnd + 1 >= self.job.rounds
         next_plan = None if finished else self._build_plan_for(rnd + 1, new_state, delta,
                                                                now + self.job.round_timeout)
-        next_bytes = next_plan.encode(self.limits) if next_plan is not None else None
+        next_bytes = next_plan.encode(self.limits, signer=self._signer) if next_plan is not None else None
         summary = self.strategy.summary(new_state)
         metrics = {
             "round": rnd, "n_updates": len(updates), "devices": devices,
@@ -1101,7 +1114,7 @@ class Server:
         self.digest = state_msg.digest
         if not finished:
             outbox.append((self.topics.plan(), self.plan_bytes, True))
-        outbox.append((self.topics.state(), state_msg.encode(self.limits), True))
+        outbox.append((self.topics.state(), state_msg.encode(self.limits, signer=self._signer), True))
         self.log.info("round %d aggregated: %d updates (%s), loss %s, %.3f s%s", rnd, len(updates),
                       ",".join(devices) if len(devices) <= 8 else f"{len(devices)} devices",
                       "-" if metrics["train_loss"] is None else f"{loss:.4f}", metrics["duration_s"],

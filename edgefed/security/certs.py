@@ -10,6 +10,9 @@ writes (keys and passwords 0600):
     DIR/credentials/<name>.password     one random MQTT password each (<name>: server or device id)
     DIR/passwd, DIR/acl                 Mosquitto password file ($7$ PBKDF2-SHA512) and ACL
     DIR/mosquitto.conf                  TLS listener, allow_anonymous false, passwd, acl
+    DIR/signing/server.key, server.pub  the job's Ed25519 message-signing key (server --signing-dir)
+    DIR/signing/<device>.key            one Ed25519 signing key per device (device --signing-key)
+    DIR/signing/devices.json            the registry of device public keys (security/signing.py)
 
 Running it again on the same DIR keeps the CA, the existing client certificates and passwords
 (devices already set up keep working) and rewrites the broker certificate, passwd, acl and
@@ -148,7 +151,9 @@ def generate(out: str, job: str, devices: Sequence[str], *, server_hosts: Sequen
                                       keyfile=root / "broker.key", password_file=root / "passwd",
                                       acl_file=root / "acl", require_certificate=require_certificate,
                                       persistence_dir=root / "data"))
-    return {"dir": root, "ca": ca_crt, "broker_cert": root / "broker.crt", "broker_key": root / "broker.key",
+    from .signing import generate as generate_signing
+    signing = generate_signing(root, devices)
+    return {"dir": root, "signing": signing, "ca": ca_crt, "broker_cert": root / "broker.crt", "broker_key": root / "broker.key",
             "certs": certs, "users": users, "credentials": {n: cred_dir / f"{n}.password" for n in users},
             "passwd": root / "passwd", "acl": root / "acl", "conf": conf, "hosts": hosts, "port": port}
 
@@ -198,14 +203,18 @@ def run_certs(args: argparse.Namespace) -> int:
     for name, user in users.items():
         print(f"  certs/{name}.crt, certs/{name}.key, credentials/{name}.password  (MQTT user {user})")
     print(f"  passwd, acl, mosquitto.conf (TLS on port {info['port']}, allow_anonymous false)")
+    print("  signing/server.key (job key: server only), signing/server.pub (give to every device), "
+          "signing/<id>.key (one per device), signing/devices.json (device public keys, server)")
     print("\nbroker:")
     print(f"  mosquitto -c {shlex.quote(str(Path(info['conf']).resolve()))}")  # type: ignore[arg-type]
     print("\naggregation server:")
-    print(f"  edgefed server --job {args.job} --broker {shlex.quote(broker_url(info, BA.SERVER_NAME))} ...")
+    print(f"  edgefed server --job {args.job} --broker {shlex.quote(broker_url(info, BA.SERVER_NAME))} "
+          f"--signing-dir {shlex.quote(str((root / 'signing').resolve()))} ...")
     print("\ndevices (copy ca.crt, certs/<id>.crt, certs/<id>.key, credentials/<id>.password to each; "
           "adjust the paths):")
     for d in devices:
-        print(f"  edgefed device --job {args.job} --device-id {d} --broker {shlex.quote(broker_url(info, d))} ...")
+        print(f"  edgefed device --job {args.job} --device-id {d} --broker {shlex.quote(broker_url(info, d))} "
+              f"--signing-key signing/{d}.key --server-key signing/server.pub ...")
     print("\nor with the environment instead of the URL: EDGEFED_MQTT_USERNAME, EDGEFED_MQTT_PASSWORD_FILE, "
           "EDGEFED_MQTT_CA, EDGEFED_MQTT_CERT, EDGEFED_MQTT_KEY (docs/security.md)")
     return 0

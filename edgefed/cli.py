@@ -11,9 +11,9 @@ from pathlib import Path
 
 def _bench_kernels(args: argparse.Namespace) -> int:
     import runpy
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_speed.py"
     if not bench.exists():
-        print(f"benchmarks/kernels.py not found next to this install ({bench}); "
+        print(f"benchmarks/kernel_speed.py not found next to this install ({bench}); "
               "run it from a source checkout", file=sys.stderr)
         return 2
     sys.argv = [str(bench), *args.rest]

@@ -1,6 +1,6 @@
 """Seeded-perturbation kernel throughput against the baselines, measured in one run.
 
-    python benchmarks/kernels.py [--params 50000000] [--threads 0] [--repeats 5] [--json FILE]
+    python benchmarks/kernel_speed.py [--params 50000000] [--threads 0] [--repeats 5] [--json FILE]
 
 Rows are element-updates per second (median of --repeats) over the same buffers: a
 model-shaped list of float32 tensors holding --params elements. Baselines:

@@ -55,16 +55,17 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["numpy>=1.22", "onnxruntime>=1.16", "paho-mqtt>=2.0"],
     extras_require={
-        # cryptography: Ed25519 message signatures and TLS material (edgefed certs).
+        # cryptography: Ed25519 message signatures, TLS material (edgefed certs), secure
+        # aggregation's X25519 / AES-GCM / ChaCha20; pycryptodome: its Shamir secret sharing.
         "device": ["numpy>=1.22", "onnxruntime>=1.16", "paho-mqtt>=2.0", "tokenizers>=0.15",
-                   "pyyaml>=6", "tqdm>=4.60", "cryptography>=41"],
+                   "pyyaml>=6", "tqdm>=4.60", "cryptography>=41", "pycryptodome>=3.19"],
         "host": [TORCH, "transformers>=4.45", "peft>=0.10", "onnx>=1.15", "onnxscript>=0.1",
                  "gguf>=0.10", "accelerate>=0.30", "tokenizers>=0.15", "tqdm>=4.60", "jinja2>=3.1",
                  "pyarrow>=12", "rouge-score>=0.1.2", "matplotlib>=3.5"],
         # Parquet files and saved `datasets` directories (devices read JSONL/CSV/TSV without it).
         "formats": ["pyarrow>=12"],
         # Pinned: transport/broker.py overrides amqtt 0.12's private _initialize_client_session.
-        "server": ["cryptography>=41", "amqtt>=0.12.1,<0.13", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
+        "server": ["cryptography>=41", "pycryptodome>=3.19", "amqtt>=0.12.1,<0.13", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
                    "pyarrow>=12", "dp-accounting>=0.6,<0.7"],
         # The DP accountant alone (the aggregation server imports it only for dp_mode jobs).
         "dp": ["dp-accounting>=0.6,<0.7"],

@@ -15,6 +15,8 @@ import queue
 import threading
 import time
 import zlib
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,6 +25,11 @@ from .methods import get_method
 from .transport.base import Transport, TransportError
 
 __all__ = ["DeviceAgent", "AgentStats"]
+
+
+def _plan_key(plan: P.RoundPlan) -> tuple[int, int]:
+    """(round, secure-aggregation attempt): a failed secure attempt re-opens the same round."""
+    return int(plan.round), int(plan.params.get("secagg_attempt", 0))
 
 log = logging.getLogger("edgefed.agent")
 
@@ -73,9 +80,13 @@ class DeviceAgent:
         self._acks: "queue.Queue[P.Ack]" = queue.Queue()
         self._syncs: "queue.Queue[P.SyncReply]" = queue.Queue()
         self._finished = threading.Event()
-        self._done_rounds: set[int] = set()
+        self._done_rounds: set[tuple[int, int]] = set()
         self._client = None
         self._last_pparams: dict | None = None
+        # secure aggregation: this round's SecAggClient, and the forwarded shares addressed to us
+        self._secure = None
+        self._secure_lock = threading.Lock()
+        self._forwards: "queue.Queue[tuple[int, bytes]]" = queue.Queue()
         self.final_round: int | None = None  # set when the job finished: our parameters are its result
 
     # -- messages in ------------------------------------------------------------------
@@ -99,6 +110,45 @@ class DeviceAgent:
             self._syncs.put(msg)
         elif isinstance(msg, P.JobState) and msg.params.get("done"):
             self._finished.set()
+
+    def _on_secagg(self, topic: str, payload: bytes) -> None:
+        """Stage messages of secure aggregation (edgefed.security.secagg): answer the roster and
+        the unmask request at once (the training thread may be busy), keep forwards for later."""
+        from .security.secagg import SecAggError, Stage, decode_message
+        self.stats.bytes_received += len(payload)
+        try:
+            m = decode_message(payload, max_bytes=1 << 24)
+            with self._secure_lock:
+                sa = self._secure
+                if sa is None or m.round != sa.cfg.round or m.job != self.job:
+                    return  # another round's or attempt's message
+                if m.stage == Stage.ROSTER:
+                    out = sa.share_keys(payload)
+                elif m.stage == Stage.UNMASK_REQUEST:
+                    out = sa.unmask(payload)
+                elif m.stage == Stage.FORWARD:
+                    self._forwards.put((m.round, bytes(payload)))
+                    return
+                else:
+                    return
+        except SecAggError as exc:
+            self.log.warning("%s: ignored secure-aggregation message on %s: %s", self.device, topic, exc)
+            return
+        self._publish(self.topics.secagg(self.device), out)
+
+    def _wait_forward(self, tag: int, plan: P.RoundPlan) -> bytes | None:
+        """The forwarded shares of this attempt, or None when the round moved on without us."""
+        grace = max(self.ack_timeout, 5.0)
+        while time.time() < float(plan.deadline) + grace:
+            try:
+                got, data = self._forwards.get(timeout=0.5)
+            except queue.Empty:
+                if self._finished.is_set() or self._newer_plan_queued(plan):
+                    return None
+                continue
+            if got == tag:
+                return data
+        return None
 
     def _status(self, state: str, text: str = "") -> None:
         st = P.Status(job=self.job, device=self.device, state=state, device_class=self.device_class,
@@ -131,6 +181,8 @@ class DeviceAgent:
         for flt in (self.topics.plan(), self.topics.state(), self.topics.ack(self.device),
                     self.topics.sync_reply(self.device)):
             self.t.subscribe(flt, self._on_message)
+        for flt in (self.topics.secagg_all(), self.topics.secagg_to(self.device)):
+            self.t.subscribe(flt, self._on_secagg)
         self._status("online")
         self.log.info("%s: joined job %s (%d examples, %d trainable parameters)", self.device, self.job,
                       len(self.examples), self.model.n_trainable)
@@ -159,7 +211,7 @@ class DeviceAgent:
                         break
                     continue
                 plan = self._latest(plan)
-                if plan.round in self._done_rounds or plan.round < self.start_round:
+                if _plan_key(plan) in self._done_rounds or plan.round < self.start_round:
                     continue  # redelivered or re-published plan of a round we answered
                 last_activity = time.time()
                 self._serve(plan)
@@ -185,7 +237,7 @@ class DeviceAgent:
                 nxt = self._plans.get_nowait()
             except queue.Empty:
                 return plan
-            if nxt.round >= plan.round:
+            if _plan_key(nxt) >= _plan_key(plan):
                 plan = nxt
 
     # -- one round --------------------------------------------------------------------
@@ -197,25 +249,72 @@ class DeviceAgent:
         self._last_pparams = pparams
         if not self._sync_to(plan, pparams):
             return
+        sa = self._start_secure(plan)
+        if sa is False:
+            return
         self._status("training")
         # Batches depend on the job's seed (when the plan carries one), the device and the round,
         # not on the job id, so re-running a job under a new id reproduces it.
         run = plan.params.get("run_seed", self.job)
         seed = zlib.crc32(f"{run}/{self.device}/{plan.round}".encode())
         result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
+        self.stats.rounds_trained += 1
+        self.stats.last_round = plan.round
+        self.stats.losses.append(result.train_loss)
+        self._done_rounds.add(_plan_key(plan))
+        if sa is not None:
+            result = self._masked_result(sa, result, plan)
+            if result is None:
+                self._status("idle")
+                return
         upd = P.Update(job=self.job, round=plan.round, device=self.device, method=plan.method,
                        msg_id=self.ids.next(), num_samples=result.num_samples, seeds=result.seeds,
                        scalars=result.scalars, tensors=result.tensors, train_loss=result.train_loss)
         data = self._enc(upd)
-        self.stats.rounds_trained += 1
-        self.stats.last_round = plan.round
-        self.stats.losses.append(result.train_loss)
-        self._done_rounds.add(plan.round)
-        ack = self._send_update(data, upd)
+        ack = self._send_update(data, upd, plan)
         if ack is not None:
             self.log.info("%s: round %d %s (%s) loss %.4f, %d B up", self.device, plan.round,
                           ack.status.name.lower(), ack.reason, result.train_loss, len(data))
         self._status("idle")
+
+    def _start_secure(self, plan: P.RoundPlan):
+        """A secure round: new keys, advertised before training (the key exchange overlaps it).
+        Returns the SecAggClient, None for a plain round, False when the plan is unusable."""
+        from .security.secagg import SecAggClient, SecAggError, config_from_plan
+        try:
+            cfg = config_from_plan(self.job, plan.round, plan.params)
+        except SecAggError as exc:
+            self.log.error("%s: round %d: %s", self.device, plan.round, exc)
+            self._status("error", str(exc))
+            return False
+        if cfg is None:
+            return None
+        server_key = self._verifier.server_key if self._verifier is not None else None
+        sa = SecAggClient(self.device, cfg, signer=self._signer, server_key=server_key)
+        with self._secure_lock:
+            self._secure = sa
+        self._publish(self.topics.secagg(self.device), sa.advertise())
+        return sa
+
+    def _masked_result(self, sa, result, plan: P.RoundPlan):
+        """The result as this device's masked vector (clipped to the agreed bound first: the
+        server cannot check it), or None when the forwarded shares never came."""
+        from .methods.base import ClientResult
+        from .security.secagg import UPDATE_TENSOR, SecAggError, to_wire
+        fwd = self._wait_forward(sa.cfg.round, plan)
+        if fwd is None:
+            self.log.warning("%s: round %d: no forwarded shares from the server; sitting this attempt out",
+                             self.device, plan.round)
+            return None
+        x = np.clip(self._client.secure_vector(result, plan), -sa.cfg.bound, sa.cfg.bound)
+        try:
+            with self._secure_lock:
+                y = sa.masked_vector(fwd, x)
+        except SecAggError as exc:
+            self.log.warning("%s: round %d: secure aggregation: %s", self.device, plan.round, exc)
+            return None
+        return ClientResult(num_samples=result.num_samples, tensors=[P.Tensor(UPDATE_TENSOR, to_wire(y))],
+                            train_loss=result.train_loss)
 
     def _sync_to(self, plan: P.RoundPlan, pparams: dict) -> bool:
         """Bring the parameters to the global state at the start of plan.round."""
@@ -270,13 +369,15 @@ class DeviceAgent:
         self.log.warning("%s: no sync reply in %.0f s", self.device, self.sync_timeout)
         return False
 
-    def _newer_plan_queued(self, rnd: int) -> bool:
-        """A plan for a later round is waiting (a re-published plan of the same round, after a
-        deadline extension or a server restart, is not a reason to stop re-sending)."""
+    def _newer_plan_queued(self, plan: P.RoundPlan) -> bool:
+        """A plan for a later round (or a later secure-aggregation attempt) is waiting; a
+        re-published plan of the same round, after a deadline extension or a server restart,
+        is not a reason to stop re-sending."""
+        key = _plan_key(plan)
         with self._plans.mutex:
-            return any(p.round > rnd for p in self._plans.queue)
+            return any(_plan_key(p) > key for p in self._plans.queue)
 
-    def _send_update(self, data: bytes, upd: P.Update) -> P.Ack | None:
+    def _send_update(self, data: bytes, upd: P.Update, plan: P.RoundPlan) -> P.Ack | None:
         topic = self.topics.update(self.device)
         for attempt in range(1, 1000):
             self._publish(topic, data)
@@ -292,7 +393,7 @@ class DeviceAgent:
                     if ack.status in (P.AckStatus.ACCEPTED, P.AckStatus.DUPLICATE):
                         self.stats.updates_accepted += 1
                     return ack
-            if self._finished.is_set() or self._newer_plan_queued(upd.round):
+            if self._finished.is_set() or self._newer_plan_queued(plan):
                 return None  # the round moved on without us
             self.log.warning("%s: no ack for round %d after %.0f s (attempt %d); re-sending",
                              self.device, upd.round, self.ack_timeout, attempt)

@@ -196,13 +196,15 @@ def _check_text(value: Any, what: str, limits: Limits) -> str:
 
 @dataclass(eq=False)
 class Tensor:
-    """A named float32 tensor (LoRA factor, soft prompt, full-state chunk)."""
+    """A named float32 tensor (LoRA factor, soft prompt, full-state chunk), or uint32 (a
+    secure-aggregation masked vector: ring elements, not numbers)."""
 
     name: str
     data: np.ndarray
 
     def __post_init__(self) -> None:
-        self.data = np.ascontiguousarray(np.asarray(self.data, dtype=np.float32))
+        a = np.asarray(self.data)
+        self.data = np.ascontiguousarray(a if a.dtype == np.uint32 else a.astype(np.float32, copy=False))
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -257,7 +259,7 @@ class _Writer:
             self.str(t.name, what + ".name")
             self.parts.append(struct.pack("<B", t.data.ndim))
             self.parts.append(struct.pack(f"<{t.data.ndim}I", *t.data.shape))
-            self.array(t.data.reshape(-1), "f4", what)
+            self.array(t.data.reshape(-1), "u4" if t.data.dtype == np.uint32 else "f4", what)
 
     def params(self, p: Dict[str, Param], what: str) -> None:
         self.pack("H", len(p), what)
@@ -346,7 +348,8 @@ class _Reader:
             shape = self.unpack(f"{ndim}I", f"{what}[{i}].shape") if ndim else ()
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
             count = math.prod(shape)
-            data = self.array("f4", f"{what}[{i}] ({name})", self.limits.max_message_bytes // 4)
+            code = "u4" if self.buf[self.pos:self.pos + 1] == bytes([_DTYPE_CODE["u4"]]) else "f4"
+            data = self.array(code, f"{what}[{i}] ({name})", self.limits.max_message_bytes // 4)
             if data.size != count:
                 raise InvalidField(f"{what}[{i}] ({name}): shape {shape} needs {count} values, "
                                    f"payload has {data.size}")
@@ -498,7 +501,8 @@ def _check_tensors(ts: List[Tensor], what: str, limits: Limits) -> None:
         if t.data.ndim > limits.max_tensor_ndim:
             raise MessageTooLarge(f"{what}[{i}] ({t.name}) has {t.data.ndim} dims; limit "
                                   f"{limits.max_tensor_ndim}")
-        _check_all_finite(t.data, f"{what}[{i}] ({t.name}) flat index ")
+        if t.data.dtype == np.float32:
+            _check_all_finite(t.data, f"{what}[{i}] ({t.name}) flat index ")
 
 
 def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
@@ -947,7 +951,7 @@ def check_topic(topic: str, msg: Message) -> None:
 @dataclass(frozen=True)
 class TopicInfo:
     job: str
-    kind: str  # plan | state | update | ack | status | sync_request | sync_reply
+    kind: str  # plan | state | update | ack | status | sync_request | sync_reply | secagg_* (own codec)
     device: Optional[str] = None
 
 
@@ -963,17 +967,21 @@ class Topics:
     def state(self) -> str: return f"{self.base}/state"
     def ack(self, device: str) -> str: return f"{self.base}/ack/{check_id(device, 'device')}"
     def sync_reply(self, device: str) -> str: return f"{self.base}/sync/reply/{check_id(device, 'device')}"
+    def secagg_to(self, device: str) -> str: return f"{self.base}/secagg/to/{check_id(device, 'device')}"
+    def secagg_all(self) -> str: return f"{self.base}/secagg/all"
 
     # devices -> server
     def update(self, device: str) -> str: return f"{self.base}/update/{check_id(device, 'device')}"
     def status(self, device: str) -> str: return f"{self.base}/status/{check_id(device, 'device')}"
     def sync_request(self, device: str) -> str:
         return f"{self.base}/sync/request/{check_id(device, 'device')}"
+    def secagg(self, device: str) -> str: return f"{self.base}/secagg/from/{check_id(device, 'device')}"
 
     # server subscription filters
     def all_updates(self) -> str: return f"{self.base}/update/+"
     def all_statuses(self) -> str: return f"{self.base}/status/+"
     def all_sync_requests(self) -> str: return f"{self.base}/sync/request/+"
+    def all_secagg(self) -> str: return f"{self.base}/secagg/from/+"
     def everything(self) -> str: return f"{self.base}/#"
 
 
@@ -995,6 +1003,10 @@ def parse_topic(topic: str) -> TopicInfo:
         return TopicInfo(job, rest[0], check_id(rest[1], "device in topic"))
     if len(rest) == 3 and rest[0] == "sync" and rest[1] in ("request", "reply"):
         return TopicInfo(job, "sync_" + rest[1], check_id(rest[2], "device in topic"))
+    if rest == ["secagg", "all"]:
+        return TopicInfo(job, "secagg_all")
+    if len(rest) == 3 and rest[0] == "secagg" and rest[1] in ("from", "to"):
+        return TopicInfo(job, "secagg_" + rest[1], check_id(rest[2], "device in topic"))
     raise ProtocolError(f"topic {topic!r} is not part of the EdgeFed v1 layout")
 
 

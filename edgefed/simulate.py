@@ -117,11 +117,12 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
 
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
-                   signing_dir=None):
+                   signing_dir=None, agent_cls=None):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork). The returned
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
     signing/ folder of `edgefed certs` for devices sim-000.. (sign; pass the server
-    ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned."""
+    ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned.
+    agent_cls: a DeviceAgent subclass (fault-injection tests)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -134,7 +135,7 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
                 from .security.signing import DeviceSigning
                 signing = DeviceSigning.from_files(Path(signing_dir) / f"{dev}.key",
                                                    Path(signing_dir) / "server.pub", dev)
-            agent = DeviceAgent(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
+            agent = (agent_cls or DeviceAgent)(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
                                 shard, device_class="x86-sim", signing=signing)
             start.agents.append(agent)
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)

@@ -40,6 +40,7 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, Checksum
                               Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
                               check_topic, decode, parse_topic, validate_update)
 
+from .secure_round import SecureRound, SecureRoundFailed
 from .store import ResumeInfo, Store, StoreError
 
 __all__ = ["Server", "ResourceLimits", "DEFAULT_RESOURCE_LIMITS", "reason_class", "state_digest",
@@ -285,7 +286,10 @@ class Server:
         self._deltas: Dict[int, RoundDelta] = {}  # recent deltas by aggregated round (cache)
         self.digest = ""
         self.error: Optional[str] = None
+        self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
+        self._check_secure_job()
         self.metrics: Dict[str, Any] = {
+            "secagg_restarts": 0, "secagg_rejected": 0,
             "accepted": 0, "late": 0, "duplicates": 0, "rejected": {}, "bytes_received": 0,
             "messages": 0, "sync_replies": 0, "sync_full": 0, "extensions": 0,
             "round_duration_sum": 0.0, "round_duration_count": 0, "last_round_duration": 0.0,
@@ -329,12 +333,20 @@ class Server:
                 self.log.info("job %s created: method %s, %d rounds, store %s", self.job.job,
                               self.job.method, self.job.rounds, self.store.path)
                 self.expected = self._countable_online()
+            if not self.done and self.plan is not None and self.plan.params.get("secagg_len"):
+                if resume is not None:  # the open attempt's keys and shares died with the old process
+                    with self.store.transaction():
+                        self._restart_secure(now, [], "the server restarted")
+                else:
+                    self._open_secure(self.plan, now)
             self._refresh_digest()
             outbox.append((self.topics.state(), self._job_state(now).encode(self.limits, signer=self._signer), True))
             if not self.done:
                 outbox.append((self.topics.plan(), self.plan_bytes, True))
         self._subscribe(self.topics.all_updates())
         self._subscribe(self.topics.all_sync_requests())
+        if self._secure_on():
+            self._subscribe(self.topics.all_secagg())
         self._publish_all(outbox)
         if self.http_port is not None:
             from .http_status import StatusHTTPServer
@@ -600,6 +612,115 @@ class Server:
         finally:
             self._release(batch)
 
+    # ================================================================== secure aggregation
+    def _secure_on(self) -> bool:
+        return bool(int(self.job.params.get("secure_aggregation", 0) or 0))
+
+    def _check_secure_job(self) -> None:
+        """Refuse combinations that secure aggregation cannot honour (the server sees one sum)."""
+        if not self._secure_on():
+            return
+        p = self.job.params
+        if str(p.get("aggregator", "mean")).strip().lower() != "mean":
+            raise ValueError(f"secure_aggregation needs aggregator=mean: the server sees only the sum, so "
+                             f"{p.get('aggregator')!r} (which looks at each update) cannot run")
+        if str(p.get("dp_mode", "off")).strip().lower() == "central":
+            raise ValueError("secure_aggregation with dp_mode=central is not supported (the server cannot clip "
+                             "each update); use dp_mode=local, which adds the noise on the devices")
+        if type(self.strategy).secure_spec is ServerStrategy.secure_spec:
+            raise ValueError(f"method {self.job.method!r} has no secure aggregation mode")
+
+    def _secure_params(self, plan: RoundPlan, attempt: int) -> dict:
+        from edgefed.security.secagg import plan_params
+        spec = self.strategy.secure_spec(self.job, plan)
+        p = self.job.params
+        n_max = int(p.get("secagg_max_devices", 0) or self.rlimits.max_devices)
+        return plan_params(spec.length, spec.bound, n_max, int(p.get("secagg_threshold", 0) or 0),
+                           int(p.get("secagg_degree", 0) or 0), attempt)
+
+    def _open_secure(self, plan: Optional[RoundPlan], now: float) -> None:
+        """A SecureRound for the plan that was just set (None when the round is not secure)."""
+        from edgefed.security.secagg import config_from_plan
+        self.secure = None
+        if plan is None or not plan.params.get("secagg_len"):
+            return
+        cfg = config_from_plan(self.job.job, plan.round, plan.params)
+        window = float(self.job.params.get("secagg_window", 0) or min(30.0, self.job.round_timeout / 4))
+        keys = self._verifier.devices if self._verifier is not None else None
+        self.secure = SecureRound(cfg, self.topics, clock=self.clock, window=window,
+                                  expected=set(self.expected),
+                                  max_devices=int(self.job.params.get("secagg_max_devices", 0) or
+                                                  self.rlimits.max_devices),
+                                  signer=self._signer, device_keys=keys, logger=self.log)
+        self.secure.stage_deadline = now + window
+
+    def _restart_secure(self, now: float, outbox: list, reason: str) -> None:
+        """Redo this round's secure aggregation under a new attempt: fresh keys, devices train
+        again, the accepted (masked) updates of the failed attempt stop counting."""
+        from edgefed.security.secagg import MAX_ATTEMPTS
+        assert self.plan is not None
+        attempt = int(self.plan.params.get("secagg_attempt", 0)) + 1
+        if attempt >= MAX_ATTEMPTS:
+            self.error = f"round {self.round}: {MAX_ATTEMPTS} secure-aggregation attempts failed; last: {reason}"
+            self.log.error("%s", self.error)
+            attempt = 0
+        n = self.store.withdraw_accepted(self.job.job, self.round, f"secure aggregation attempt failed: {reason}")
+        self.accepted = {}
+        plan = dataclasses.replace(self.plan, deadline=now + self.job.round_timeout,
+                                   params={**self.plan.params, "secagg_attempt": attempt})
+        plan_bytes = plan.encode(self.limits, signer=self._signer)
+        self.store.update_plan(self.job.job, self.round, plan_bytes, plan.deadline)
+        self.plan, self.plan_bytes, self.deadline = plan, plan_bytes, plan.deadline
+        self.metrics["secagg_restarts"] += 1
+        self.log.warning("round %d: secure aggregation failed (%s); %d masked update(s) withdrawn, "
+                         "attempt %d starts with fresh keys", self.round, self._safe(reason), n, attempt)
+        outbox.append((self.topics.plan(), plan_bytes, True))
+        self._open_secure(plan, now)
+
+    def _on_secagg(self, topic: str, device: str, payload: bytes, outbox: list) -> None:
+        from edgefed.security.secagg import SecAggError
+        if self.secure is None:
+            self._reject_log("secagg", topic, "no secure-aggregation stage is open")
+            return
+        if isinstance(payload, _TooLarge):
+            self._reject_log("secagg", topic, f"message of {payload.n} bytes is over the limit")
+            return
+        try:
+            self.secure.on_message(device, bytes(payload), outbox)
+        except SecAggError as e:
+            self.metrics["secagg_rejected"] += 1
+            self._reject_log("secagg", topic, e)
+        except SecureRoundFailed as e:
+            self._restart_secure(self.clock(), outbox, str(e))
+
+    def _secure_tick(self, now: float, outbox: list) -> None:
+        if self.secure is None or self.done:
+            return
+        try:
+            self.secure.tick(now, outbox)
+        except SecureRoundFailed as e:
+            self._restart_secure(now, outbox, str(e))
+
+    def _secure_sum(self, now: float, outbox: list):
+        """Closing a secure round: start unmasking, or the (sum, survivors) once it is done;
+        None while waiting."""
+        assert self.secure is not None
+        try:
+            if self.secure.stage == "masked":
+                self.secure.begin_unmask(outbox)
+            return self.secure.result(now)
+        except SecureRoundFailed as e:
+            self._restart_secure(now, outbox, str(e))
+            return None
+
+    def _due_at(self) -> float:
+        """When the engine must act without a message: the round deadline, or a secure stage's."""
+        if self.secure is None:
+            return self.deadline
+        if self.secure.stage == "unmask":
+            return self.secure.waiting_until()
+        return min(self.deadline, self.secure.waiting_until())
+
     # ================================================================== the engine thread
     def _loop(self) -> None:
         while True:
@@ -626,7 +747,7 @@ class Server:
         with self._lock:
             if self.done or self.plan is None:
                 return 0.2
-            return min(0.2, max(0.001, self.deadline - self.clock()))
+            return min(0.2, max(0.001, self._due_at() - self.clock()))
 
     def _process_batch(self, batch: List[Any]) -> None:
         if not batch and not self._deadline_due():
@@ -712,6 +833,8 @@ class Server:
                     self._on_status(topic, payload)
                 elif info.kind == "sync_request":
                     self._on_sync(topic, payload, outbox)
+                elif info.kind == "secagg_from":
+                    self._on_secagg(topic, info.device, payload, outbox)
                 else:
                     self.log.debug("ignoring %s (not a server topic)", self._safe(topic))
         except Exception as e:
@@ -814,12 +937,24 @@ class Server:
             validate_update(msg, self.plan)
         except ProtocolError as e:
             raise _Reject(reason_class(e), str(e)) from None
-        try:
-            self.strategy.validate_update(self.job, self.state, self.plan, msg)
-        except ProtocolError as e:
-            raise _Reject("strategy", str(e)) from None
-        except Exception as e:
-            raise _Reject("strategy", f"{self.job.method} refused the update: {e!r}") from None
+        if self.secure is not None:  # the masked vector; its meaning is known only as a sum
+            from edgefed.methods.base import check_num_samples
+            from edgefed.security.secagg import SecAggError
+            try:
+                check_num_samples(self.plan, msg)
+                self.secure.check_update(msg)
+            except (ProtocolError, SecAggError) as e:
+                raise _Reject("secagg", str(e)) from None
+        else:
+            if any(t.data.dtype != np.float32 for t in msg.tensors):
+                raise _Reject("strategy", f"update from {device} carries a non-float32 tensor; only secure "
+                              f"rounds carry masked (uint32) vectors")
+            try:
+                self.strategy.validate_update(self.job, self.state, self.plan, msg)
+            except ProtocolError as e:
+                raise _Reject("strategy", str(e)) from None
+            except Exception as e:
+                raise _Reject("strategy", f"{self.job.method} refused the update: {e!r}") from None
         self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
                                  AckStatus.ACCEPTED, "", accepted=True)
         # in memory only after the row is written (inside the batch transaction)
@@ -995,7 +1130,7 @@ class Server:
 
     def _deadline_due(self) -> bool:
         with self._lock:
-            return not self.done and self.plan is not None and self.clock() >= self.deadline
+            return not self.done and self.plan is not None and self.clock() >= self._due_at()
 
     def _maybe_close(self, now: float, outbox: list, events: list) -> None:
         if not self.done and self.plan is not None and len(self.accepted) >= self._target():
@@ -1003,9 +1138,14 @@ class Server:
 
     def _close_round(self, now: float, outbox: list, events: list) -> None:
         """Aggregate in a savepoint; a failing strategy leaves the round open (logged)."""
+        secure_sum = None
+        if self.secure is not None:
+            secure_sum = self._secure_sum(now, outbox)
+            if secure_sum is None:
+                return  # unmasking (or a new attempt) under way
         mark = len(outbox)
         try:
-            self._aggregate_round(now, outbox, events)
+            self._aggregate_round(now, outbox, events, secure_sum)
         except Exception as e:
             if _is_store_error(e):
                 raise
@@ -1017,6 +1157,10 @@ class Server:
         if self.done or self.plan is None:
             return
         now = self.clock()
+        self._secure_tick(now, outbox)
+        if self.secure is not None and self.secure.stage == "unmask":
+            self._close_round(now, outbox, events)  # the unmask window may have ended
+            return
         if now < self.deadline:
             return
         if len(self.accepted) >= max(1, int(self.job.min_devices)):
@@ -1042,6 +1186,12 @@ class Server:
     def _build_plan(self, rnd: int, delta: Optional[RoundDelta], deadline: float) -> RoundPlan:
         assert self.state is not None
         pf = self.strategy.plan_round(self.job, self.state, rnd)
+        plan = self._plan_from(rnd, pf, delta, deadline)
+        if self._secure_on():
+            plan = dataclasses.replace(plan, params={**plan.params, **self._secure_params(plan, 0)})
+        return plan
+
+    def _plan_from(self, rnd: int, pf, delta: Optional[RoundDelta], deadline: float) -> RoundPlan:
         return RoundPlan(
             job=self.job.job, round=rnd, method=self.job.method, seed_pool_id=pf.seed_pool_id,
             k=pf.k, lr=pf.lr, eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size,
@@ -1058,13 +1208,19 @@ class Server:
         self.opened_at = now
         self.extensions = 0
 
-    def _aggregate_round(self, now: float, outbox: list, events: list) -> None:
+    def _aggregate_round(self, now: float, outbox: list, events: list, secure_sum=None) -> None:
         assert self.plan is not None and self.state is not None
         rnd = self.round
         devices = sorted(self.accepted)
-        updates = [self.accepted[d][0] for d in devices]
         t0 = time.perf_counter()
-        new_state, delta = self.strategy.aggregate(self.job, self.state, self.plan, updates)
+        if secure_sum is not None:
+            total, survivors = secure_sum
+            devices = sorted(survivors)
+            updates = [self.accepted[d][0] for d in devices]
+            new_state, delta = self.strategy.aggregate_secure(self.job, self.state, self.plan, total, updates)
+        else:
+            updates = [self.accepted[d][0] for d in devices]
+            new_state, delta = self.strategy.aggregate(self.job, self.state, self.plan, updates)
         agg_s = time.perf_counter() - t0
         delta = RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
                            coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
@@ -1085,7 +1241,8 @@ class Server:
             "delta_seeds": int(delta.seeds.size),
             "duration_s": max(0.0, now - self.opened_at), "aggregate_s": agg_s,
             "target": self._target(), "extensions": self.extensions,
-            "opened_at": self.opened_at, "closed_at": now, "strategy": summary}
+            "opened_at": self.opened_at, "closed_at": now, "strategy": summary,
+            **({"secagg": self.secure.summary()} if self.secure is not None else {})}
         state_msg = self._job_state_after(now, new_state, rnd + 1, finished)
         self.store.commit_round(self.job.job, rnd, new_state, delta, now, len(updates), metrics,
                                 next_bytes, next_plan.deadline if next_plan is not None else 0.0,
@@ -1106,11 +1263,13 @@ class Server:
         if finished:
             self.done = True
             self.plan, self.plan_bytes, self.deadline = None, b"", 0.0
+            self.secure = None
         else:
             assert next_plan is not None and next_bytes is not None
             self.plan, self.plan_bytes = next_plan, next_bytes
             self.deadline, self.opened_at, self.extensions = next_plan.deadline, now, 0
             self.expected = self._countable_online()
+            self._open_secure(next_plan, now)
         self.digest = state_msg.digest
         if not finished:
             outbox.append((self.topics.plan(), self.plan_bytes, True))

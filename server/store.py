@@ -402,6 +402,13 @@ class Store:
                  raw if keep_raw else b"", int(status), reason, int(bool(accepted)), int(bool(late)),
                  len(raw), hashlib.sha256(raw).hexdigest()))
 
+    def withdraw_accepted(self, job: str, rnd: int, reason: str) -> int:
+        """The accepted updates of an open round no longer count (a failed secure-aggregation
+        attempt: their masks can never be removed). Kept as rows, with the reason."""
+        cur = self._x("UPDATE updates SET accepted=0, reason=? WHERE job=? AND round=? AND accepted=1",
+                      (reason, job, int(rnd)))
+        return cur.rowcount
+
     def accepted_devices(self, job: str) -> List[str]:
         """Devices with at least one accepted update in the job (they count toward targets)."""
         return [r[0] for r in self._q("SELECT DISTINCT device FROM updates WHERE job=? AND accepted=1",

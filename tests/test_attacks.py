@@ -354,7 +354,8 @@ def test_attacks_are_refused_and_the_job_completes_bit_identical(tiny_artifacts,
     assert by_id[2].status == P.AckStatus.REJECTED and "out of bounds" in by_id[2].reason
 
     # (f) mallory's '#' read only its own job's shared topics and its own acks
-    allowed = {t.plan(), t.state(), t.ack("mallory"), t.sync_reply("mallory")}
+    allowed = {t.plan(), t.state(), t.ack("mallory"), t.sync_reply("mallory"), t.secagg_all(),
+               t.secagg_to("mallory")}
     topics = {tp for tp, _, _ in res["seen"].snapshot()}
     assert topics, "mallory's subscriptions received nothing at all (not even the plan)"
     assert topics <= allowed, topics - allowed

@@ -122,7 +122,8 @@ def test_certs_files_modes_acl_and_conf(sec):
     assert set(d1) == {f"topic write {t.update('d1')}", f"topic write {t.status('d1')}",
                        f"topic write {t.sync_request('d1')}", f"topic read {t.plan()}",
                        f"topic read {t.state()}", f"topic read {t.ack('d1')}",
-                       f"topic read {t.sync_reply('d1')}"}
+                       f"topic read {t.sync_reply('d1')}", f"topic write {t.secagg('d1')}",
+                       f"topic read {t.secagg_all()}", f"topic read {t.secagg_to('d1')}"}
     assert f"user {BA.server_username(JOB)}\ntopic readwrite {t.everything()}" in acl
     conf = (root / "mosquitto.conf").read_text().splitlines()
     for line in ("allow_anonymous false", "require_certificate true", "use_username_as_clientid true",

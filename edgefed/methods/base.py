@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 
 __all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
-           "ClientAlgorithm", "Method", "check_num_samples"]
+           "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec"]
 
 
 @dataclass
@@ -86,6 +86,14 @@ class ClientResult:
     train_loss: float = 0.0
 
 
+@dataclass(frozen=True)
+class SecureSpec:
+    """The vector a device contributes to a secure-aggregation round: `length` float elements,
+    each within +-`bound` (devices clip to it; the server cannot check one device's input)."""
+    length: int
+    bound: float
+
+
 def check_num_samples(plan: RoundPlan, update: Update) -> None:
     """num_samples <= local_steps x batch_size of the plan: what the device could have trained on
     this round (a device reports local_steps x min(batch_size, its rows)). It is the device's
@@ -121,6 +129,18 @@ class ServerStrategy(ABC):
         """Everything a device far behind needs to rebuild the global state from the artifact."""
         return []
 
+    # -- secure aggregation (edgefed.security.secagg): the server sees only the sum of the
+    # devices' vectors, so a method that supports it folds that sum instead of the updates.
+    def secure_spec(self, job: JobConfig, plan: RoundPlan) -> Optional[SecureSpec]:
+        """What each device's vector holds this round; None: the method has no secure mode."""
+        return None
+
+    def aggregate_secure(self, job: JobConfig, state: MethodState, plan: RoundPlan, total: np.ndarray,
+                         updates: Sequence[Update]) -> tuple[MethodState, RoundDelta]:
+        """Like aggregate(), from `total` = the sum of the survivors' secure_vector()s (updates:
+        their Updates, which carry num_samples and train_loss but no readable result)."""
+        raise NotImplementedError(f"{type(self).__name__} has no secure aggregation")
+
     def summary(self, state: MethodState) -> dict:
         """A few numbers for /status and logs."""
         return {}
@@ -142,6 +162,11 @@ class ClientAlgorithm(ABC):
     def apply_full_state(self, model, tensors: Sequence[Tensor], plan_params: dict) -> None:
         """Rebuild the global state from the artifact's initial parameters."""
         raise NotImplementedError(f"{type(self).__name__} has no full-state sync")
+
+    def secure_vector(self, result: ClientResult, plan: RoundPlan) -> np.ndarray:
+        """This device's contribution to a secure-aggregation round (float64, the plan's
+        secagg_len elements, clipped to +-secagg_bound by the caller)."""
+        raise NotImplementedError(f"{type(self).__name__} has no secure aggregation")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from ..security import dp
 from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
 from ..trainer import LocalTrainer
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
-from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
-                   check_num_samples)
+from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
+                   ServerStrategy, check_num_samples)
 
 __all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds",
            "dp_denominator", "DP_TAIL"]
@@ -192,6 +192,14 @@ class FedKSeedClient(ClientAlgorithm):
         pool = seed_pool(int(plan_params["seed_pool_id"]), k)
         kernels.replay(model.buffers, pool.seeds[nz], cum[nz], str(plan_params.get("dist", "normal")))
 
+    def secure_vector(self, result: ClientResult, plan: RoundPlan) -> np.ndarray:
+        """[w * G_0 .. w * G_{K-1}, w]: the per-seed sums of this device's scalars over the whole
+        pool, weighted by its samples, and the weight, so the sum gives the weighted mean."""
+        w = float(result.num_samples)
+        v = np.bincount(result.seeds.astype(np.int64), weights=result.scalars.astype(np.float64),
+                        minlength=int(plan.k))
+        return np.concatenate([w * v, [w]])
+
 
 class FedKSeedServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
@@ -262,6 +270,15 @@ class FedKSeedServer(ServerStrategy):
             G = agg.value
             state.arrays["abs_sum"] += agg.abs_value
             state.arrays["counts"] += agg.voters
+        return self._apply(job, state, plan, G)
+
+    def _apply(self, job, state: MethodState, plan: RoundPlan, G: np.ndarray, stats_from_aggregate: bool = False):
+        """The round's coefficients from the per-seed aggregate G (and Pro's statistics from G
+        itself when the per-device values are not known: central DP, secure aggregation)."""
+        if stats_from_aggregate:
+            nz_g = np.flatnonzero(G)
+            state.arrays["abs_sum"][nz_g] += np.abs(G[nz_g])
+            state.arrays["counts"][nz_g] += 1
         q = int(plan.params.get("n_perturb", 1))
         coeff = (-float(plan.lr) / q * float(job.params.get("server_lr", 1.0))) * G
         nz = np.flatnonzero(coeff).astype(np.uint32)
@@ -269,6 +286,20 @@ class FedKSeedServer(ServerStrategy):
         state.arrays["cum_coeffs"][nz] += c32.astype(np.float64)
         state.scalars["rounds_aggregated"] = int(state.scalars.get("rounds_aggregated", 0)) + 1
         return state, RoundDelta(round=plan.round, seeds=nz, coeffs=c32)
+
+    def secure_spec(self, job: JobConfig, plan: RoundPlan) -> SecureSpec:
+        # one seed sums at most all probes of the round: |w * G_j| <= cap * bound * probes
+        cap = int(plan.local_steps) * int(plan.batch_size)
+        probes = int(plan.local_steps) * max(1, int(plan.params.get("n_perturb", 1)))
+        return SecureSpec(length=int(plan.k) + 1, bound=float(cap) * probe_bound(job) * probes)
+
+    def aggregate_secure(self, job, state: MethodState, plan: RoundPlan, total: np.ndarray,
+                         updates: Sequence[Update]):
+        k = int(job.k)
+        weight = float(total[k])
+        if not weight > 0:
+            raise ValueError(f"secure sum carries total weight {weight}; expected the survivors' samples")
+        return self._apply(job, state.copy(), plan, total[:k] / weight, stats_from_aggregate=True)
 
     def full_state(self, job, state: MethodState) -> list[Tensor]:
         return [Tensor("cum_coeffs", state.arrays["cum_coeffs"].astype(np.float32))]

@@ -105,8 +105,10 @@ def write_private(path: PathLike, text: str) -> Path:
 def device_acl(job: str, device: str) -> List[str]:
     """`topic ...` lines of one device: publish its own topics, read the job's shared ones."""
     t = Topics(job)
-    return ([f"topic write {x}" for x in (t.update(device), t.status(device), t.sync_request(device))]
-            + [f"topic read {x}" for x in (t.plan(), t.state(), t.ack(device), t.sync_reply(device))])
+    return ([f"topic write {x}" for x in (t.update(device), t.status(device), t.sync_request(device),
+                                         t.secagg(device))]
+            + [f"topic read {x}" for x in (t.plan(), t.state(), t.ack(device), t.sync_reply(device),
+                                        t.secagg_to(device), t.secagg_all())])
 
 
 def server_acl(job: str) -> List[str]:

@@ -126,17 +126,23 @@ class SecAggConfig:
         P.check_id(self.job, "job")
         if not 0 < self.length <= MAX_VECTOR:
             raise SecAggError(f"length must be in 1..{MAX_VECTOR}, got {self.length}")
-        if self.threshold < 2:
-            raise SecAggError(f"threshold must be >= 2, got {self.threshold}")
+        if self.threshold != 0 and self.threshold < 2:
+            raise SecAggError(f"threshold must be 0 (a majority of each device's neighbours) or >= 2, "
+                              f"got {self.threshold}")
         if self.degree < 0 or self.degree % 2:
             raise SecAggError(f"degree must be 0 (everyone) or an even number, got {self.degree}")
-        if self.degree and not self.degree / 2 < self.threshold <= self.degree:
+        if self.degree and self.threshold and not self.degree / 2 < self.threshold <= self.degree:
             raise SecAggError(f"threshold {self.threshold} must be above half the neighbour degree {self.degree} "
                               f"and at most the degree: {self.degree // 2 + 1}..{self.degree}")
 
     @property
     def survivors_needed(self) -> int:
-        return max(self.min_survivors, self.threshold)
+        return max(self.min_survivors, self.threshold or 3)
+
+    def threshold_for(self, n_neighbours: int) -> int:
+        """Shares needed for a secret held by n neighbours: the configured threshold, or (0)
+        a majority of them."""
+        return self.threshold or n_neighbours // 2 + 1
 
 
 # ----------------------------------------------------------------------------- neighbour graph
@@ -391,15 +397,16 @@ class SecAggClient:
             raise SecAggError(f"roster of {len(roster)} devices is below the threshold {self.cfg.survivors_needed}")
         self.roster = roster
         self.nbrs = neighbours(list(roster), seed, self.cfg.degree)[self.device]
-        if len(self.nbrs) < self.cfg.threshold:
-            raise SecAggError(f"{len(self.nbrs)} neighbours cannot hold a {self.cfg.threshold}-of-n sharing")
-        if 2 * self.cfg.threshold <= len(self.nbrs):
+        t = self.cfg.threshold_for(len(self.nbrs))
+        if t < 2 or len(self.nbrs) < t:
+            raise SecAggError(f"{len(self.nbrs)} neighbours cannot hold a {t}-of-n sharing (>= 3 devices needed)")
+        if 2 * t <= len(self.nbrs):
             # each neighbour reveals one of a peer's two secrets, so 2t > neighbours keeps a
             # server that tells halves of them different stories from getting both
-            raise SecAggError(f"threshold {self.cfg.threshold} is not above half of the {len(self.nbrs)} neighbours; "
+            raise SecAggError(f"threshold {t} is not above half of the {len(self.nbrs)} neighbours; "
                               f"use at least {len(self.nbrs) // 2 + 1}")
-        s_shares = _split(_raw_private(self._s), self.cfg.threshold, len(self.nbrs))
-        b_shares = _split(self._b, self.cfg.threshold, len(self.nbrs))
+        s_shares = _split(_raw_private(self._s), t, len(self.nbrs))
+        b_shares = _split(self._b, t, len(self.nbrs))
         w = _W().u32(len(self.nbrs))
         for i, v in enumerate(self.nbrs):
             key = _kdf(_agree(_raw_private(self._c), roster[v][0]), b"share", self.cfg)
@@ -408,7 +415,8 @@ class SecAggClient:
         return _pack(Stage.SHARES, self.cfg, self.device, w.bytes(), self.signer)
 
     # stage 2
-    def masked_input(self, forward_msg: bytes, x: np.ndarray) -> bytes:
+    def masked_vector(self, forward_msg: bytes, x: np.ndarray) -> np.ndarray:
+        """The masked ring vector y (the caller may carry it in any signed message)."""
         m = decode_message(forward_msg)
         _expect(m, self.cfg, Stage.FORWARD, SERVER_ID)
         _verify(m, self.server_key, "the server")
@@ -446,6 +454,12 @@ class SecAggClient:
         for v in self.sharers:
             mask = prg(_kdf(_agree(_raw_private(self._s), self.roster[v][1]), b"pair", self.cfg), y.size, dt)
             y = y + mask if self.device < v else y - mask
+        return y
+
+    def masked_input(self, forward_msg: bytes, x: np.ndarray) -> bytes:
+        """masked_vector() as a signed secure-aggregation message."""
+        y = self.masked_vector(forward_msg, x)
+        dt = self.cfg.fixed.dtype
         body = _W().u32(y.size).blob(y.astype(dt.newbyteorder("<")).tobytes()).bytes()
         return _pack(Stage.MASKED, self.cfg, self.device, body, self.signer)
 
@@ -615,12 +629,6 @@ class SecAggServer:
     # stage 2 -> unmask request
     def add_masked(self, data: bytes) -> None:
         m = self._device_msg(data, Stage.MASKED)
-        if m.sender not in self.shares:
-            raise SecAggError(f"masked input from {m.sender}, who sent no shares")
-        if self.survivors:
-            raise SecAggError(f"masked input from {m.sender} after the unmask request (too late)")
-        if m.sender in self.masked:
-            raise SecAggError(f"{m.sender} sent two masked inputs")
         r = _R(m.body, 8 * self.cfg.length + 16)
         n = r.u32("length")
         dt = self.cfg.fixed.dtype
@@ -628,7 +636,22 @@ class SecAggServer:
         r.done()
         if n != self.cfg.length:
             raise SecAggError(f"masked input of {n} elements; the round agreed on {self.cfg.length}")
-        self.masked[m.sender] = np.frombuffer(raw, dtype=dt.newbyteorder("<")).astype(dt)
+        self.add_masked_vector(m.sender, np.frombuffer(raw, dtype=dt.newbyteorder("<")).astype(dt))
+
+    def add_masked_vector(self, device: str, y: np.ndarray) -> None:
+        """A masked vector that arrived inside another authenticated message (the caller checked
+        that `device` sent it)."""
+        if device not in self.shares:
+            raise SecAggError(f"masked input from {device}, who sent no shares")
+        if self.survivors:
+            raise SecAggError(f"masked input from {device} after the unmask request (too late)")
+        if device in self.masked:
+            raise SecAggError(f"{device} sent two masked inputs")
+        y = np.asarray(y)
+        if y.dtype != self.cfg.fixed.dtype or y.shape != (self.cfg.length,):
+            raise SecAggError(f"masked input from {device} is {y.dtype}{list(y.shape)}; the round agreed on "
+                              f"{self.cfg.fixed.dtype}[{self.cfg.length}]")
+        self.masked[device] = y.copy()
 
     def unmask_request(self) -> bytes:
         if len(self.masked) < self.cfg.survivors_needed:
@@ -684,11 +707,12 @@ class SecAggServer:
             for owner, kind, idx, share in shares:
                 have.setdefault((owner, kind), []).append((idx, share))
         need = [(u, "b") for u in self.survivors] + [(u, "s") for u in self.dropped]
-        short = [f"{u}:{k}" for u, k in need if len(have.get((u, k), [])) < self.cfg.threshold]
+        t = {u: self.cfg.threshold_for(len(self.nbrs[u])) for u, _ in need}
+        short = [f"{u}:{k}" for u, k in need if len(have.get((u, k), [])) < t[u]]
         if short:
             raise SecAggError(f"too few unmask shares for {len(short)} secret(s) (e.g. {short[:3]}); "
-                              f"{self.cfg.threshold} each are needed")
-        return {k: have[k][:self.cfg.threshold] for k in need}
+                              f"a majority of each device's neighbours is needed")
+        return {(u, k): have[(u, k)][:t[u]] for u, k in need}
 
     def result(self) -> Tuple[np.ndarray, List[str]]:
         """(sum of the survivors' inputs as float64, survivors)."""
@@ -755,3 +779,60 @@ def run_in_memory(cfg: SecAggConfig, inputs: Mapping[str, np.ndarray], *,
         up(Stage.UNMASK, clients[d].unmask(req), srv.add_unmask)
     total, survivors = srv.result()
     return total, survivors, nbytes
+
+
+# ----------------------------------------------------------------------------- job settings
+
+UPDATE_TENSOR = "secagg"  # the one tensor of a secure round's Update: the masked vector
+PLAN_KEYS = ("secagg_len", "secagg_bound", "secagg_bits", "secagg_frac", "secagg_threshold",
+             "secagg_degree", "secagg_attempt")
+MAX_ATTEMPTS = 256
+
+
+def round_tag(rnd: int, attempt: int) -> int:
+    """The id one secure-aggregation instance runs under: a failed attempt is redone with fresh
+    keys under a new tag, so no message of the old one can be replayed into it."""
+    if not 0 <= attempt < MAX_ATTEMPTS:
+        raise SecAggError(f"attempt {attempt} out of range 0..{MAX_ATTEMPTS - 1}")
+    return int(rnd) * MAX_ATTEMPTS + int(attempt)
+
+
+def plan_params(length: int, bound: float, n_max: int, threshold: int, degree: int, attempt: int) -> dict:
+    """The round-plan params that tell devices how this round's secure aggregation runs. The
+    ring is 32 bits when it leaves 16 fraction bits for the sum of n_max inputs, else 64."""
+    try:
+        fx = FixedPoint.for_sum(n_max, bound, 32)
+        if fx.frac_bits < 16:
+            raise SecAggError("coarse")
+    except SecAggError:
+        fx = FixedPoint.for_sum(n_max, bound, 64)
+    return {"secagg_len": int(length), "secagg_bound": float(bound), "secagg_bits": fx.bits,
+            "secagg_frac": fx.frac_bits, "secagg_threshold": int(threshold), "secagg_degree": int(degree),
+            "secagg_attempt": int(attempt)}
+
+
+def config_from_plan(job: str, rnd: int, params: Mapping) -> Optional[SecAggConfig]:
+    """The SecAggConfig a plan's params describe; None when the round is not secure."""
+    if not params.get("secagg_len"):
+        return None
+    try:
+        return SecAggConfig(job=job, round=round_tag(rnd, int(params.get("secagg_attempt", 0))),
+                            length=int(params["secagg_len"]), threshold=int(params["secagg_threshold"]),
+                            degree=int(params.get("secagg_degree", 0)),
+                            fixed=FixedPoint(int(params["secagg_bits"]), int(params["secagg_frac"])),
+                            bound=float(params["secagg_bound"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SecAggError(f"the plan's secure-aggregation settings are incomplete or invalid: {e}") from None
+
+
+def to_wire(y: np.ndarray) -> np.ndarray:
+    """A ring vector as uint32 words (little-endian halves for a 64-bit ring)."""
+    return np.ascontiguousarray(y).astype(y.dtype.newbyteorder("<")).view("<u4").astype(np.uint32)
+
+
+def from_wire(words: np.ndarray, cfg: SecAggConfig) -> np.ndarray:
+    w = np.ascontiguousarray(np.asarray(words, dtype=np.uint32).reshape(-1))
+    dt = cfg.fixed.dtype
+    if w.size * 4 != cfg.length * dt.itemsize:
+        raise SecAggError(f"masked vector of {w.size} words; the round agreed on {cfg.length} x {dt.itemsize} bytes")
+    return w.astype("<u4").view(dt.newbyteorder("<")).astype(dt)

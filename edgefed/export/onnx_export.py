@@ -348,7 +348,10 @@ def _check(path: Path, feeds: list[dict], refs: list[list[np.ndarray]], expected
         pairs = list(zip(got, ref))[: 1 if rtol > 1e-3 else None]
         for i, (g, r) in enumerate(pairs):
             # label_logits are not averaged over the batch: a bit looser than the loss
-            tol, at = (rtol, atol) if i == 0 else (max(rtol, 1e-3), 10 * atol)
+            # ... and judged against their own scale: logits near 0 among logits of +-30 differ
+            # by float32 reassociation (~1e-5 of the scale) between torch and ORT kernels
+            scale = float(np.max(np.abs(r))) if np.size(r) else 0.0
+            tol, at = (rtol, atol) if i == 0 else (max(rtol, 1e-3), max(10 * atol, 1e-5 * scale))
             if not np.allclose(g, r, rtol=tol, atol=at):
                 what = sess.get_outputs()[i].name
                 point = "initial" if k == 0 else "perturbed"

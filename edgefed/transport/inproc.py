@@ -2,10 +2,14 @@
 
 Same semantics as MQTT where the engine can tell: topic filters with + and #, retained
 messages (an empty retained payload clears), last will on an abnormal disconnect (crash()),
-the same payload bytes. Delivery is reliable, so QoS is accepted and ignored.
+the same payload bytes. Delivery is reliable while subscribers keep up.
 
 Two delivery modes:
-- threaded (default): each client has a dispatcher thread, like MqttTransport;
+- threaded (default): each client has a dispatcher thread, like MqttTransport, with the same
+  bounded queue (max_inbound_messages, max_inbound_bytes, inbound_block_timeout: per client,
+  defaults per broker). When a subscriber's queue is full, a QoS-0 message to it is dropped and
+  a QoS-1/2 publish waits (outside the broker lock) up to inbound_block_timeout s for room,
+  then drops that copy (base.Dispatcher). Messages of one publisher keep their order.
 - synchronous: no threads; the publishing thread runs the callbacks from a broker-wide FIFO.
   A callback that publishes does not recurse: its message is queued and delivered after it
   returns, so a long simulation never grows the stack. Callbacks must not block waiting for
@@ -17,18 +21,29 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .base import (Callback, Dispatcher, NotConnected, PublishHandle, Transport, TransportError,
-                   check_topic_filter, check_topic_name, log, topic_matches)
+from .base import (DEFAULT_INBOUND_BLOCK_TIMEOUT, DEFAULT_MAX_INBOUND_BYTES,
+                   DEFAULT_MAX_INBOUND_MESSAGES, Callback, Dispatcher, NotConnected, PublishHandle,
+                   Transport, TransportError, check_inbound_limits, check_topic_filter,
+                   check_topic_name, log, topic_matches)
+
+_Pending = List[Tuple[Dispatcher, Callback, str, bytes, int]]  # waits for room, outside the lock
+_LIMIT_NAMES = ("max_inbound_messages", "max_inbound_bytes", "inbound_block_timeout")
 
 
 class InProcBroker:
     _named: Dict[str, "InProcBroker"] = {}
     _named_lock = threading.Lock()
 
-    def __init__(self, synchronous: bool = False):
+    def __init__(self, synchronous: bool = False, *,
+                 max_inbound_messages: int = DEFAULT_MAX_INBOUND_MESSAGES,
+                 max_inbound_bytes: int = DEFAULT_MAX_INBOUND_BYTES,
+                 inbound_block_timeout: float = DEFAULT_INBOUND_BLOCK_TIMEOUT):
         self.synchronous = synchronous
+        # defaults for the clients' inbound queues (threaded mode), see base.Dispatcher
+        self.inbound_limits = check_inbound_limits(max_inbound_messages, max_inbound_bytes,
+                                                   inbound_block_timeout)
         self._lock = threading.RLock()
         self._clients: Dict[str, "InProcTransport"] = {}
         self._retained: Dict[str, bytes] = {}
@@ -39,15 +54,24 @@ class InProcBroker:
         self.published = 0  # messages accepted (for tests and simulation stats)
 
     @classmethod
-    def named(cls, name: str, synchronous: bool = False) -> "InProcBroker":
-        """A process-wide broker by name, so `inproc://name` URLs meet the same broker."""
+    def named(cls, name: str, synchronous: bool = False, **inbound_limits: float) -> "InProcBroker":
+        """A process-wide broker by name, so `inproc://name` URLs meet the same broker.
+        `inbound_limits` (max_inbound_messages=, ...) set its clients' queue limits when it is
+        created; asking an existing broker for other limits is an error, not silently ignored."""
         with cls._named_lock:
             if name not in cls._named:
-                cls._named[name] = cls(synchronous=synchronous)
+                cls._named[name] = cls(synchronous=synchronous, **inbound_limits)  # type: ignore[arg-type]
+            elif inbound_limits:
+                b = cls._named[name]
+                want = check_inbound_limits(**{**dict(zip(_LIMIT_NAMES, b.inbound_limits)),
+                                               **inbound_limits})
+                if want != b.inbound_limits:
+                    raise ValueError(f"in-process broker {name!r} already exists with inbound "
+                                     f"limits {b.inbound_limits}, not {want}")
             return cls._named[name]
 
-    def client(self, client_id: Optional[str] = None) -> "InProcTransport":
-        return InProcTransport(self, client_id)
+    def client(self, client_id: Optional[str] = None, **inbound_limits: float) -> "InProcTransport":
+        return InProcTransport(self, client_id, **inbound_limits)  # type: ignore[arg-type]
 
     def retained(self, topic: str) -> Optional[bytes]:
         with self._lock:
@@ -67,10 +91,11 @@ class InProcBroker:
                 del self._clients[t.client_id]
             will = t._will if abnormal else None
         if will is not None:
-            topic, payload, _, retain = will
-            self._publish(topic, payload, retain)
+            topic, payload, qos, retain = will
+            self._publish(topic, payload, retain, qos)
 
-    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+    def _publish(self, topic: str, payload: bytes, retain: bool, qos: int = 1) -> None:
+        pending: _Pending = []
         with self._lock:
             self.published += 1
             if retain:
@@ -81,21 +106,35 @@ class InProcBroker:
             for c in self._clients.values():
                 for flt, cb in c._subs.items():
                     if topic_matches(flt, topic):
-                        self._enqueue(c, cb, topic, payload)
+                        self._enqueue(c, cb, topic, payload, qos, pending)
+        self._wait_for_room(pending)
         self._drain()
 
     def _deliver_retained(self, c: "InProcTransport", flt: str, cb: Callback) -> None:
+        pending: _Pending = []
         with self._lock:
             for topic, payload in self._retained.items():
                 if topic_matches(flt, topic):
-                    self._enqueue(c, cb, topic, payload)
+                    self._enqueue(c, cb, topic, payload, 1, pending)
+        self._wait_for_room(pending)
         self._drain()
 
-    def _enqueue(self, c: "InProcTransport", cb: Callback, topic: str, payload: bytes) -> None:
+    def _enqueue(self, c: "InProcTransport", cb: Callback, topic: str, payload: bytes, qos: int,
+                 pending: _Pending) -> None:
+        d = c._dispatcher
         if self.synchronous:
             self._sync_q.append((cb, topic, payload))
-        elif c._dispatcher is not None:
-            c._dispatcher.submit(cb, topic, payload)
+        elif d is None:
+            return
+        elif qos == 0:
+            d.submit(cb, topic, payload, qos=0)  # queued, or dropped when full: never waits
+        elif not d.try_submit(cb, topic, payload):
+            pending.append((d, cb, topic, payload, qos))  # full: wait, but not holding the lock
+
+    @staticmethod
+    def _wait_for_room(pending: _Pending) -> None:
+        for d, cb, topic, payload, qos in pending:
+            d.submit(cb, topic, payload, qos=qos)
 
     def _drain(self) -> None:
         if not self.synchronous or getattr(self._tls, "draining", False):
@@ -129,9 +168,14 @@ class InProcBroker:
 
 
 class InProcTransport(Transport):
-    def __init__(self, broker: InProcBroker, client_id: Optional[str] = None):
+    def __init__(self, broker: InProcBroker, client_id: Optional[str] = None, *,
+                 max_inbound_messages: Optional[int] = None, max_inbound_bytes: Optional[int] = None,
+                 inbound_block_timeout: Optional[float] = None):
         self.broker = broker
         self.client_id = client_id or f"inproc-{next(broker._ids)}"
+        given = (max_inbound_messages, max_inbound_bytes, inbound_block_timeout)
+        self.inbound_limits = check_inbound_limits(*(b if v is None else v
+                                                     for v, b in zip(given, broker.inbound_limits)))
         self._subs: Dict[str, Callback] = {}
         self._will: Optional[Tuple[str, bytes, int, bool]] = None
         self._dispatcher: Optional[Dispatcher] = None
@@ -141,11 +185,23 @@ class InProcTransport(Transport):
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def dropped(self) -> int:
+        """Inbound messages dropped because this client's callback queue was full."""
+        d = self._dispatcher
+        return d.dropped if d is not None else 0
+
+    @property
+    def queued_bytes(self) -> int:
+        """Inbound payload + topic bytes waiting for this client's callbacks."""
+        d = self._dispatcher
+        return d.queued_bytes if d is not None else 0
+
     def connect(self, timeout: float = 10.0) -> None:
         if self._connected:
             return
         if not self.broker.synchronous:
-            self._dispatcher = Dispatcher(f"edgefed-inproc-{self.client_id}")
+            self._dispatcher = Dispatcher(f"edgefed-inproc-{self.client_id}", *self.inbound_limits)
         self._connected = True
         self.broker._attach(self)
         with self.broker._lock:
@@ -163,7 +219,7 @@ class InProcTransport(Transport):
         check_topic_name(topic)
         if not self._connected:
             raise NotConnected(f"{self.client_id}: publish() before connect()")
-        self.broker._publish(topic, bytes(payload), retain)
+        self.broker._publish(topic, bytes(payload), retain, qos)
         h = PublishHandle()
         h._complete()
         return h

@@ -6,7 +6,10 @@
   session expiry for MQTT 5, whose default of 0 would end the session at disconnect).
 - paho's network thread reconnects with exponential backoff; subscriptions the broker no
   longer knows (session_present False) are re-sent on every connect.
-- Callbacks run on our own dispatcher thread, so they may publish and wait for PUBACK.
+- Callbacks run on our own dispatcher thread, so they may publish and wait for PUBACK. Its
+  queue is bounded (max_inbound_messages, max_inbound_bytes): past it QoS-0 messages are
+  dropped, QoS-1/2 ones hold paho's network thread (TCP back-pressure) for at most
+  inbound_block_timeout s and are then dropped (base.Dispatcher says why).
 - Credentials and TLS (docs/security.md): username/password from keyword arguments, the URL
   (mqtt://user:pass@host, percent-decoded; ?password_file=...) or the environment
   (EDGEFED_MQTT_USERNAME, EDGEFED_MQTT_PASSWORD, EDGEFED_MQTT_PASSWORD_FILE), in that order of
@@ -30,9 +33,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .base import (BrokerUnreachable, Callback, Dispatcher, NotConnected, PublishHandle,
-                   PublishTimeout, Transport, TransportError, check_topic_filter, check_topic_name, log,
-                   topic_matches)
+from .base import (DEFAULT_INBOUND_BLOCK_TIMEOUT, DEFAULT_MAX_INBOUND_BYTES,
+                   DEFAULT_MAX_INBOUND_MESSAGES, BrokerUnreachable, Callback, Dispatcher, NotConnected,
+                   PublishHandle, PublishTimeout, Transport, TransportError, check_inbound_limits,
+                   check_topic_filter, check_topic_name, log, topic_matches)
 
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason (a 3.1.1 broker's rc 1 is mapped to this by paho)
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
@@ -253,7 +257,10 @@ class MqttTransport(Transport):
                  username: Optional[str] = None, password: Optional[str] = None,
                  password_file: Optional[str] = None, ca: Optional[str] = None,
                  cert: Optional[str] = None, key: Optional[str] = None,
-                 verify_hostname: bool = True):
+                 verify_hostname: bool = True,
+                 max_inbound_messages: int = DEFAULT_MAX_INBOUND_MESSAGES,
+                 max_inbound_bytes: int = DEFAULT_MAX_INBOUND_BYTES,
+                 inbound_block_timeout: float = DEFAULT_INBOUND_BLOCK_TIMEOUT):
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError("protocol must be 'auto', '5' or '3.1.1'")
         self.scheme, self.host, self.port = parse_url(url)
@@ -261,6 +268,8 @@ class MqttTransport(Transport):
         self.credentials = resolve_credentials(url, username=username, password=password,
                                                password_file=password_file, ca=ca, cert=cert, key=key)
         self.verify_hostname = verify_hostname
+        self.inbound_limits = check_inbound_limits(max_inbound_messages, max_inbound_bytes,
+                                                   inbound_block_timeout)
         self._tls: Optional[ssl.SSLContext] = None
         self._fatal: Optional[BrokerRefused] = None  # a refusal after a reconnect: stop, explain
         # Persistent sessions need a stable id; without one a session could never be resumed.
@@ -340,7 +349,7 @@ class MqttTransport(Transport):
             self._tls_context()  # bad files fail here, before any network
         self.credentials.read_password()
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(f"edgefed-dispatch-{self.client_id}")
+            self._dispatcher = Dispatcher(f"edgefed-dispatch-{self.client_id}", *self.inbound_limits)
         deadline = time.monotonic() + timeout
         if self.protocol == "auto":
             first = _NEGOTIATED.get((self.host, self.port)) or self._probe(deadline)
@@ -514,8 +523,9 @@ class MqttTransport(Transport):
         d = self._dispatcher
         if d is None:  # closing
             return
-        for cb in targets:
-            d.submit(cb, topic, bytes(msg.payload))
+        payload = bytes(msg.payload)  # paho 2 gives bytes already: no copy
+        for cb in targets:  # may wait (bounded) when the queue is full: back-pressure, see Dispatcher
+            d.submit(cb, topic, payload, qos=msg.qos)
 
     def _on_publish(self, client, userdata, mid, reason, properties) -> None:
         err = None
@@ -544,6 +554,18 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def dropped(self) -> int:
+        """Inbound messages dropped because the callback queue was full."""
+        d = self._dispatcher
+        return d.dropped if d is not None else 0
+
+    @property
+    def queued_bytes(self) -> int:
+        """Inbound payload + topic bytes waiting for the callbacks."""
+        d = self._dispatcher
+        return d.queued_bytes if d is not None else 0
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

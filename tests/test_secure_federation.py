@@ -17,11 +17,11 @@ def data():
     return train[:300], held
 
 
-def _job(name, artifact, secure, *, n=4, rounds=3, timeout=60.0, **params):
+def _job(name, artifact, secure, *, n=4, rounds=3, timeout=60.0, method="fedkseed", **params):
     p = {"clip": 10.0, **params}
     if secure:
         p.update(secure_aggregation=1, secagg_max_devices=8, secagg_window=5.0)
-    return JobConfig(job=name, method="fedkseed", artifact=str(artifact), rounds=rounds, devices_per_round=n,
+    return JobConfig(job=name, method=method, artifact=str(artifact), rounds=rounds, devices_per_round=n,
                      min_devices=n - 1, round_timeout=timeout, lr=1e-2, eps=1e-3, local_steps=4, batch_size=8,
                      k=512, seed_pool_id=3, params=p)
 
@@ -34,11 +34,12 @@ def _run(job, art, train, held, tmp_path, n=4, agent_cls=None):
     return res, starter
 
 
-def test_secure_job_matches_the_plain_job_and_replicas_are_identical(tiny_artifacts, data, tmp_path):
+@pytest.mark.parametrize("method", ["fedkseed", "fedmezo"])
+def test_secure_job_matches_the_plain_job_and_replicas_are_identical(tiny_artifacts, data, tmp_path, method):
     train, held = data
     art = tiny_artifacts["lora"]
-    plain, _ = _run(_job("plain", art, False), art, train, held, tmp_path / "plain")
-    secure, starter = _run(_job("secure", art, True), art, train, held, tmp_path / "secure")
+    plain, _ = _run(_job(f"plain-{method}", art, False, method=method), art, train, held, tmp_path / "plain")
+    secure, starter = _run(_job(f"secure-{method}", art, True, method=method), art, train, held, tmp_path / "secure")
     assert secure.rounds_completed == 3
     for agent in starter.agents:  # the server's delta is what everyone applies: bit-identical
         np.testing.assert_array_equal(agent.model.params, secure.final_params)
@@ -53,7 +54,7 @@ def test_secure_job_matches_the_plain_job_and_replicas_are_identical(tiny_artifa
     from edgefed_server.store import Store
     with Store(tmp_path / "secure" / "server.sqlite") as st:
         for rnd in range(3):
-            for _dev, _mid, raw in st.accepted_updates("secure", rnd):
+            for _dev, _mid, raw in st.accepted_updates(f"secure-{method}", rnd):
                 u = decode(raw)
                 assert u.seeds.size == 0 and [t.name for t in u.tensors] == ["secagg"]
                 assert u.tensors[0].data.dtype == np.uint32

@@ -12,7 +12,7 @@ from ..security import dp
 from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
-                   check_num_samples)
+                   SecureSpec, check_num_samples)
 from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, seed_pool, zo_config,
                        zo_plan_params)
 
@@ -41,6 +41,17 @@ def delta_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
         return (dcfg.clip + dcfg.noise_std * (root + DP_TAIL)) * (1 + 1e-3) + root * 2.0 ** -24 * (dcfg.clip + 1.0)
     return (abs(float(plan.lr)) * probe_bound(job) * steps * (root + 10.0) * (1 + 1e-3)
             + steps * q * root * _ROUNDING_SLACK)
+
+
+def _artifact_trainables(job: JobConfig) -> int:
+    """The trainable count from the job's artifact manifest (a secure round's vector length)."""
+    import json
+    from pathlib import Path
+    try:
+        return int(json.loads((Path(job.artifact) / "manifest.json").read_text())["n_trainable"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"secure aggregation needs the job's artifact on the server to size the vectors: "
+                         f"{job.artifact}/manifest.json: {e}") from None
 
 
 class FedMeZOClient(ClientAlgorithm):
@@ -77,6 +88,12 @@ class FedMeZOClient(ClientAlgorithm):
         for t in tensors:
             if t.name == "cum_delta":
                 model.params += t.data.reshape(-1)
+
+    def secure_vector(self, result: ClientResult, plan: RoundPlan) -> np.ndarray:
+        """[w * delta, w]: the sample-weighted delta and the weight (their sums give the mean)."""
+        w = float(result.num_samples)
+        d = result.tensors[0].data.reshape(-1).astype(np.float64)
+        return np.concatenate([w * d, [w]])
 
 
 class FedMeZOServer(ServerStrategy):
@@ -131,12 +148,28 @@ class FedMeZOServer(ServerStrategy):
             avg = total / dp_denominator(job, len(ordered))
         else:
             avg = aggregate_dense([u.tensors[0].data for u in ordered], [u.num_samples for u in ordered], cfg)
+        return self._apply(state, plan, avg)
+
+    @staticmethod
+    def _apply(state: MethodState, plan: RoundPlan, avg: np.ndarray):
         avg32 = avg.astype(np.float32)
         cum = state.arrays.get("cum_delta")
         state.arrays["cum_delta"] = avg32.copy() if cum is None else (cum + avg32).astype(np.float32)
         state.scalars["n"] = int(avg32.size)
         state.scalars["rounds_aggregated"] = int(state.scalars.get("rounds_aggregated", 0)) + 1
         return state, RoundDelta(round=plan.round, tensors=[Tensor(DELTA, avg32)])
+
+    def secure_spec(self, job: JobConfig, plan: RoundPlan) -> SecureSpec:
+        n = _artifact_trainables(job)
+        cap = int(plan.local_steps) * int(plan.batch_size)
+        return SecureSpec(length=n + 1, bound=float(cap) * delta_norm_bound(job, plan, n))
+
+    def aggregate_secure(self, job, state: MethodState, plan: RoundPlan, total: np.ndarray,
+                         updates: Sequence[Update]):
+        weight = float(total[-1])
+        if not weight > 0:
+            raise ValueError(f"secure sum carries total weight {weight}; expected the survivors' samples")
+        return self._apply(state.copy(), plan, total[:-1] / weight)
 
     def full_state(self, job, state: MethodState) -> list[Tensor]:
         cum = state.arrays.get("cum_delta")

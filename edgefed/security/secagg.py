@@ -799,10 +799,11 @@ def round_tag(rnd: int, attempt: int) -> int:
 
 def plan_params(length: int, bound: float, n_max: int, threshold: int, degree: int, attempt: int) -> dict:
     """The round-plan params that tell devices how this round's secure aggregation runs. The
-    ring is 32 bits when it leaves 16 fraction bits for the sum of n_max inputs, else 64."""
+    ring is 32 bits when it leaves 24 fraction bits for the sum of n_max inputs, else 64 (the
+    bounds are worst cases, so typical values sit far below them: precision matters)."""
     try:
         fx = FixedPoint.for_sum(n_max, bound, 32)
-        if fx.frac_bits < 16:
+        if fx.frac_bits < 24:
             raise SecAggError("coarse")
     except SecAggError:
         fx = FixedPoint.for_sum(n_max, bound, 64)

@@ -1026,60 +1026,6 @@ class MessageIds:
             return self._last
 
 
-class DedupWindow:
-    """Recently seen (device, msg_id) pairs, so QoS-1 redeliveries are processed once.
-
-    Per device it keeps the last `per_device` ids; an id at or below the highest evicted one
-    counts as seen (ids are monotonic per device). Devices are evicted least-recently-used.
-    Thread-safe. Record an id only after the update was persisted (`add`), so a crash in between
-    lets the redelivery through.
-    """
-
-    def __init__(self, per_device: int = 1024, max_devices: int = 100_000):
-        self.per_device = per_device
-        self.max_devices = max_devices
-        self._dev: "OrderedDict[str, Tuple[set, deque, list]]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    def seen(self, device: str, msg_id: int) -> bool:
-        with self._lock:
-            entry = self._dev.get(device)
-            return entry is not None and (msg_id in entry[0] or msg_id <= entry[2][0])
-
-    def add(self, device: str, msg_id: int) -> None:
-        with self._lock:
-            self._add_locked(device, msg_id)
-
-    def _add_locked(self, device: str, msg_id: int) -> bool:
-        """Record; False if it was already seen."""
-        entry = self._dev.get(device)
-        if entry is None:
-            entry = self._dev[device] = (set(), deque(), [-1])
-            if len(self._dev) > self.max_devices:
-                self._dev.popitem(last=False)
-        else:
-            self._dev.move_to_end(device)
-        ids, order, floor = entry
-        if msg_id in ids or msg_id <= floor[0]:
-            return False
-        ids.add(msg_id)
-        order.append(msg_id)
-        while len(order) > self.per_device:
-            old = order.popleft()
-            ids.discard(old)
-            floor[0] = max(floor[0], old)
-        return True
-
-    def check_and_add(self, device: str, msg_id: int) -> bool:
-        """True if (device, msg_id) was seen before; records it otherwise (atomically)."""
-        with self._lock:
-            return not self._add_locked(device, msg_id)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(e[0]) for e in self._dev.values())
-
-
 __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "MAGIC", "TOPIC_ROOT", "Limits", "DEFAULT_LIMITS",
     "ProtocolError", "MessageTooLarge", "TruncatedMessage", "BadMagic", "UnsupportedVersion",
@@ -1087,4 +1033,4 @@ __all__ = [
     "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "RoundDelta", "MessageType",
     "AckStatus", "Message", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
     "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
-    "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds", "DedupWindow"]
+    "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds"]

@@ -60,8 +60,8 @@ class LocalTrainer:
             for t in range(steps):
                 rows = gen.choice(len(examples), size=bs, replace=False)
                 batch = self.model.encode([examples[i] for i in rows])
-                lr = self.cfg.lr_at(step_offset + t) / q
-                eps = self.cfg.eps_at(step_offset + t)
+                lr = self.cfg.lr / q
+                eps = self.cfg.eps
                 for j in self.pool.sample(gen, q, probs):
                     noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
                     probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,

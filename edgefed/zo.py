@@ -15,7 +15,7 @@ import numpy as np
 
 from . import kernels, rng
 
-__all__ = ["SeedPool", "Schedule", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step",
+__all__ = ["SeedPool", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step",
            "ScalarAccumulator", "pro_probabilities"]
 
 
@@ -72,36 +72,6 @@ def pro_probabilities(abs_sum: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """A value over steps, a pure function of the step so the server can replay it.
-
-    kind: constant | linear (to min_ratio*base at total) | cosine; warmup steps ramp up linearly."""
-    base: float
-    kind: str = "constant"
-    total: int = 1
-    warmup: int = 0
-    min_ratio: float = 0.0
-
-    def __post_init__(self):
-        if self.kind not in ("constant", "linear", "cosine"):
-            raise ValueError(f"schedule kind must be constant, linear or cosine, not {self.kind!r}")
-        if not math.isfinite(self.base):
-            raise ValueError("schedule base value must be finite")
-
-    def __call__(self, step: int) -> float:
-        if self.warmup and step < self.warmup:
-            return self.base * (step + 1) / self.warmup
-        if self.kind == "constant":
-            return self.base
-        frac = min(1.0, max(0.0, (step - self.warmup) / max(1, self.total - self.warmup)))
-        if self.kind == "linear":
-            shape = 1.0 - frac
-        else:
-            shape = 0.5 * (1.0 + math.cos(math.pi * frac))
-        return self.base * (self.min_ratio + (1.0 - self.min_ratio) * shape)
-
-
 @dataclass
 class ZOConfig:
     lr: float = 1e-3
@@ -110,14 +80,7 @@ class ZOConfig:
     dist: str = "normal"
     clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
     noise_std: float = 0.0        # DP-ZO: N(0, noise_std^2) added to each clipped g (0: off)
-    lr_schedule: Schedule | None = None
-    eps_schedule: Schedule | None = None
 
-    def lr_at(self, step: int) -> float:
-        return self.lr_schedule(step) if self.lr_schedule else self.lr
-
-    def eps_at(self, step: int) -> float:
-        return self.eps_schedule(step) if self.eps_schedule else self.eps
 
 
 @dataclass

@@ -207,7 +207,7 @@ class Server:
 
     def __init__(self, transport, store: Store, job: JobConfig, *,
                  strategy: Optional[ServerStrategy] = None, http_port: Optional[int] = None,
-                 late_policy: str = "reject", allow_unknown_devices: bool = False,
+                 allow_unknown_devices: bool = False,
                  clock: Callable[[], float] = time.time, logger: Optional[logging.Logger] = None,
                  history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
                  limits: Limits = DEFAULT_LIMITS,
@@ -216,16 +216,12 @@ class Server:
         if int(job.rounds) < 1 or not float(job.round_timeout) > 0:
             raise ValueError(f"job {job.job!r}: rounds must be >= 1 and round_timeout > 0 "
                              f"(got {job.rounds}, {job.round_timeout})")
-        if late_policy != "reject":
-            raise ValueError(f"late_policy {late_policy!r} is not supported; 'reject' (ack LATE, "
-                             f"store as late, never aggregate) is the only policy")
         self.transport = transport
         self.store = store
         self.job = job
         self._strategy_given = strategy is not None
         self.strategy = strategy if strategy is not None else get_method(job.method).server()
         self.http_port = http_port
-        self.late_policy = late_policy
         self.allow_unknown_devices = allow_unknown_devices
         self.clock = clock
         self.log = logger or logging.getLogger("edgefed.server")

@@ -294,34 +294,6 @@ def test_validate_update_against_plan():
         P.validate_update(P.Update("job", 4, "d", "fedkseed", 1, 8, [5], [0.0]), plan)
 
 
-def test_dedup_window():
-    w = P.DedupWindow(per_device=4, max_devices=2)
-    assert not w.check_and_add("a", 1)
-    assert w.check_and_add("a", 1)  # QoS-1 redelivery
-    assert not w.check_and_add("b", 1)  # keyed by device too
-    assert w.seen("a", 1) and not w.seen("a", 2)
-    for i in range(2, 10):
-        assert not w.check_and_add("a", i)
-    assert w.seen("a", 3)  # evicted from the window but below its floor: still a duplicate
-    assert not w.seen("a", 10)
-    w.add("c", 5)  # third device evicts the least recently used one ("b")
-    assert not w.seen("b", 1) and w.seen("a", 9) and w.seen("c", 5)
-
-
-def test_dedup_window_thread_safe():
-    import threading
-    w = P.DedupWindow()
-    fresh = []
-
-    def worker():
-        fresh.append(sum(not w.check_and_add("d", i) for i in range(2000)))
-
-    ts = [threading.Thread(target=worker) for _ in range(4)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    assert sum(fresh) == 2000  # every id counted as new exactly once
-
-
 def test_message_ids_monotonic():
     ids = P.MessageIds()
     seq = [ids.next() for _ in range(1000)]

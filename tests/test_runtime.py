@@ -13,7 +13,7 @@ from edgefed.data import load_rotten_tomatoes
 from edgefed.device_config import DeviceConfig, list_device_configs, load_device_config
 from edgefed.runtime import DeviceModel, MemoryBudgetError, load_checkpoint, save_checkpoint
 from edgefed.trainer import LocalTrainer
-from edgefed.zo import (DivergedError, Schedule, SeedPool, ZOConfig, pro_probabilities,
+from edgefed.zo import (DivergedError, SeedPool, ZOConfig, pro_probabilities,
                         two_point_step)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,15 +140,6 @@ def test_seed_pool_is_deterministic_and_pro_sampling_prefers_large_scalars():
     assert p.sum() == pytest.approx(1.0) and p[0] > 2 * p[500]
     draws = a.sample(np.random.default_rng(0), 20_000, p)
     assert (draws < 10).mean() > 2 * 10 / 1024
-
-
-def test_schedules_are_pure_functions_of_the_step():
-    s = Schedule(1e-3, "cosine", total=100, warmup=10, min_ratio=0.1)
-    assert s(0) == pytest.approx(1e-4) and s(10) == pytest.approx(1e-3)
-    assert s(100) == pytest.approx(1e-4) and s(55) == Schedule(1e-3, "cosine", 100, 10, 0.1)(55)
-    assert Schedule(2.0, "linear", total=4)(2) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="schedule kind"):
-        Schedule(1.0, "exp")
 
 
 DEVICE_MODULES = ["edgefed.kernels", "edgefed.rng", "edgefed.zo", "edgefed.runtime", "edgefed.trainer",

@@ -65,7 +65,7 @@ setup(
         # Parquet files and saved `datasets` directories (devices read JSONL/CSV/TSV without it).
         "formats": ["pyarrow>=12"],
         # Pinned: transport/broker.py overrides amqtt 0.12's private _initialize_client_session.
-        "server": ["cryptography>=41", "pycryptodome>=3.19", "amqtt>=0.12.1,<0.13", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
+        "server": ["cryptography>=41", "pycryptodome>=3.19", "prometheus_client>=0.17", "amqtt>=0.12.1,<0.13", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.5", "rouge-score>=0.1.2",
                    "pyarrow>=12", "dp-accounting>=0.6,<0.7"],
         # The DP accountant alone (the aggregation server imports it only for dp_mode jobs).
         "dp": ["dp-accounting>=0.6,<0.7"],

@@ -481,6 +481,8 @@ class Server:
             m = self._metrics_copy()
             m.update(round=self.round, devices_online=self._online(), job=self.job.job,
                      devices_registered=len(self.devices))
+            dp = {k: v for k, v in self._strategy_summary().items() if k.startswith("dp_")}
+            m.update(dp)
         inb = self.inbound()
         m.update(inbound_bytes=inb["bytes"], inbound_messages=inb["messages"],
                  inbound_peak_bytes=inb["peak_bytes"], inbound_budget_bytes=inb["budget_bytes"])

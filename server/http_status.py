@@ -42,85 +42,91 @@ def status_json(engine: Any) -> dict:
     return st
 
 
-def _esc(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+# (name, kind, help, [(labels, snapshot key)]): the exposition itself is prometheus_client's.
+_METRICS = [
+    ("edgefed_round", "gauge", "Current (open) round; equals the number of aggregated rounds.", [({}, "round")]),
+    ("edgefed_updates_accepted", "counter", "Updates accepted since the server started.", [({}, "accepted")]),
+    ("edgefed_updates_late", "counter", "Updates for closed rounds (acked late, not aggregated).", [({}, "late")]),
+    ("edgefed_updates_duplicate", "counter", "Re-delivered or second updates (acked again).", [({}, "duplicates")]),
+    ("edgefed_devices_online", "gauge", "Devices whose last Status is not offline.", [({}, "devices_online")]),
+    ("edgefed_bytes_received", "counter", "Bytes of accepted updates.", [({}, "bytes_received")]),
+    ("edgefed_last_round_duration_seconds", "gauge", "Duration of the last aggregated round.",
+     [({}, "last_round_duration")]),
+    ("edgefed_train_loss", "gauge", "Sample-weighted mean train loss of the last aggregated round.",
+     [({}, "train_loss")]),
+    ("edgefed_round_extensions", "counter", "Deadlines extended for lack of quorum.", [({}, "extensions")]),
+    ("edgefed_sync_replies", "counter", "Sync replies sent (delta or full).", [({}, "sync_replies")]),
+    ("edgefed_store_errors", "counter", "Batches whose commit failed (not acked).", [({}, "store_errors")]),
+    ("edgefed_devices_registered", "gauge", "Devices registered for the job (max_devices caps it).",
+     [({}, "devices_registered")]),
+    ("edgefed_devices_refused", "counter", "Statuses/updates of new devices refused past max_devices.",
+     [({}, "devices_refused")]),
+    ("edgefed_inbound_queued_bytes", "gauge", "Bytes taken from the transport, not yet handled.",
+     [({}, "inbound_bytes")]),
+    ("edgefed_inbound_peak_bytes", "gauge", "Peak of edgefed_inbound_queued_bytes.", [({}, "inbound_peak_bytes")]),
+    ("edgefed_inbound_budget_bytes", "gauge", "Byte budget of the inbound queue.", [({}, "inbound_budget_bytes")]),
+    ("edgefed_inbound_dropped", "counter", "Messages dropped (not acked) because the inbound queue was full.",
+     [({}, "inbound_dropped")]),
+    ("edgefed_updates_stored", "counter", "Late/duplicate updates stored, by kind and how.",
+     [({"kind": "late", "how": "raw"}, "late_raw_stored"), ({"kind": "late", "how": "digest"}, "late_digest_stored"),
+      ({"kind": "late", "how": "not_stored"}, "late_not_stored"),
+      ({"kind": "duplicate", "how": "digest"}, "duplicates_digest_stored"),
+      ({"kind": "duplicate", "how": "not_stored"}, "duplicates_not_stored")]),
+    ("edgefed_log_lines_suppressed", "counter", "Client-caused log lines suppressed by rate limiting.",
+     [({}, "log_lines_suppressed")]),
+    ("edgefed_secagg_restarts", "counter", "Secure-aggregation attempts that failed and were redone.",
+     [({}, "secagg_restarts")]),
+    ("edgefed_secagg_rejected", "counter", "Secure-aggregation stage messages rejected.", [({}, "secagg_rejected")]),
+]
 
 
-def _num(v: Any) -> str:
+def _value(v: Any) -> float:
     try:
-        f = float(v)
+        return float(v)
     except (TypeError, ValueError):
-        return "NaN"
-    if math.isnan(f):
-        return "NaN"
-    if math.isinf(f):
-        return "+Inf" if f > 0 else "-Inf"
-    return repr(int(f)) if f.is_integer() and abs(f) < 2 ** 53 else repr(f)
+        return math.nan
+
+
+class _SnapshotCollector:
+    """Server.metrics_snapshot() as Prometheus metric families, labelled by job."""
+
+    def __init__(self, m: dict):
+        self.m = m
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+        m, job = self.m, str(self.m.get("job", ""))
+        for name, kind, help_, samples in _METRICS:
+            keys = ["job", *samples[0][0].keys()]
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_, labels=keys)
+            for labels, key in samples:
+                fam.add_metric([job, *labels.values()], _value(m.get(key, 0)))
+            yield fam
+        rej = CounterMetricFamily("edgefed_updates_rejected",
+                                  "Messages rejected since the server started, by reason class.",
+                                  labels=["job", "reason"])
+        for reason, n in sorted((m.get("rejected") or {"none": 0}).items()):
+            rej.add_metric([job, str(reason)], _value(n))
+        yield rej
+        dur = SummaryMetricFamily("edgefed_round_duration_seconds", "Plan published -> round aggregated.",
+                                  labels=["job"])
+        dur.add_metric([job], count_value=_value(m.get("round_duration_count", 0)),
+                       sum_value=_value(m.get("round_duration_sum", 0.0)))
+        yield dur
+        if "dp_epsilon" in m:  # differential privacy: the budget spent so far, at the job's delta
+            eps = GaugeMetricFamily("edgefed_dp_epsilon", "Epsilon spent after the aggregated rounds, at dp_delta.",
+                                    labels=["job", "mode", "delta"])
+            eps.add_metric([job, str(m.get("dp_mode", "")), repr(float(m.get("dp_delta", 0.0)))],
+                           _value(m["dp_epsilon"]))
+            yield eps
 
 
 def render_metrics(m: dict) -> str:
-    """Prometheus text format from Server.metrics_snapshot()."""
-    job = _esc(m.get("job", ""))
-    lab = f'job="{job}"'
-    out = []
-
-    def metric(name: str, kind: str, help_: str, samples: list) -> None:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for suffix, labels, value in samples:
-            out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
-
-    metric("edgefed_round", "gauge", "Current (open) round; equals the number of aggregated rounds.",
-           [("", lab, m.get("round", 0))])
-    metric("edgefed_updates_accepted_total", "counter", "Updates accepted since the server started.",
-           [("", lab, m.get("accepted", 0))])
-    rejected = m.get("rejected", {}) or {}
-    metric("edgefed_updates_rejected_total", "counter",
-           "Messages rejected since the server started, by reason class.",
-           [("", f'{lab},reason="{_esc(r)}"', n) for r, n in sorted(rejected.items())]
-           or [("", f'{lab},reason="none"', 0)])
-    metric("edgefed_updates_late_total", "counter", "Updates for closed rounds (acked late, not aggregated).",
-           [("", lab, m.get("late", 0))])
-    metric("edgefed_updates_duplicate_total", "counter", "Re-delivered or second updates (acked again).",
-           [("", lab, m.get("duplicates", 0))])
-    metric("edgefed_devices_online", "gauge", "Devices whose last Status is not offline.",
-           [("", lab, m.get("devices_online", 0))])
-    metric("edgefed_bytes_received_total", "counter", "Bytes of accepted updates.",
-           [("", lab, m.get("bytes_received", 0))])
-    metric("edgefed_round_duration_seconds", "summary", "Plan published -> round aggregated.",
-           [("_sum", lab, m.get("round_duration_sum", 0.0)),
-            ("_count", lab, m.get("round_duration_count", 0))])
-    metric("edgefed_last_round_duration_seconds", "gauge", "Duration of the last aggregated round.",
-           [("", lab, m.get("last_round_duration", 0.0))])
-    metric("edgefed_train_loss", "gauge", "Sample-weighted mean train loss of the last aggregated round.",
-           [("", lab, m.get("train_loss", float("nan")))])
-    metric("edgefed_round_extensions_total", "counter", "Deadlines extended for lack of quorum.",
-           [("", lab, m.get("extensions", 0))])
-    metric("edgefed_sync_replies_total", "counter", "Sync replies sent (delta or full).",
-           [("", lab, m.get("sync_replies", 0))])
-    metric("edgefed_store_errors_total", "counter", "Batches whose commit failed (not acked).",
-           [("", lab, m.get("store_errors", 0))])
-    metric("edgefed_devices_registered", "gauge", "Devices registered for the job (max_devices caps it).",
-           [("", lab, m.get("devices_registered", 0))])
-    metric("edgefed_devices_refused_total", "counter", "Statuses/updates of new devices refused past max_devices.",
-           [("", lab, m.get("devices_refused", 0))])
-    metric("edgefed_inbound_queued_bytes", "gauge", "Bytes taken from the transport, not yet handled.",
-           [("", lab, m.get("inbound_bytes", 0))])
-    metric("edgefed_inbound_peak_bytes", "gauge", "Peak of edgefed_inbound_queued_bytes.",
-           [("", lab, m.get("inbound_peak_bytes", 0))])
-    metric("edgefed_inbound_budget_bytes", "gauge", "Byte budget of the inbound queue.",
-           [("", lab, m.get("inbound_budget_bytes", 0))])
-    metric("edgefed_inbound_dropped_total", "counter", "Messages dropped (not acked) because the inbound queue was full.",
-           [("", lab, m.get("inbound_dropped", 0))])
-    metric("edgefed_updates_stored_total", "counter", "Late/duplicate updates stored, by kind and how.",
-           [("", f'{lab},kind="late",how="raw"', m.get("late_raw_stored", 0)),
-            ("", f'{lab},kind="late",how="digest"', m.get("late_digest_stored", 0)),
-            ("", f'{lab},kind="late",how="not_stored"', m.get("late_not_stored", 0)),
-            ("", f'{lab},kind="duplicate",how="digest"', m.get("duplicates_digest_stored", 0)),
-            ("", f'{lab},kind="duplicate",how="not_stored"', m.get("duplicates_not_stored", 0))])
-    metric("edgefed_log_lines_suppressed_total", "counter", "Client-caused log lines suppressed by rate limiting.",
-           [("", lab, m.get("log_lines_suppressed", 0))])
-    return "\n".join(out) + "\n"
+    """Prometheus text format from Server.metrics_snapshot() (prometheus_client's exposition)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_SnapshotCollector(m))
+    return generate_latest(reg).decode("utf-8")
 
 
 PAGE = r"""<!doctype html>

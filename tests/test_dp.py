@@ -254,3 +254,24 @@ def test_dp_job_replays_bit_identically_and_devices_match_the_server(tiny_artifa
         finals.append(res.final_params)
     if runs == 2:  # central noise comes from (job seed, round, server secret): the same job, the same bits
         np.testing.assert_array_equal(finals[0], finals[1])
+
+
+def test_epsilon_is_on_the_metrics_page(tmp_path):
+    """/metrics carries the privacy spent so far at the job's delta, next to /status."""
+    from edgefed.transport import make_transport
+    from edgefed_server.engine import Server
+    from edgefed_server.http_status import render_metrics
+    from edgefed_server.store import Store
+    job = JobConfig(job="dp-metrics", method="fedkseed", artifact="", rounds=3, devices_per_round=3, min_devices=3,
+                    round_timeout=60.0, k=64, params={"dp_mode": "central", "dp_clip": 1.0,
+                                                      "dp_noise_multiplier": 1.0, "dp_population": 30})
+    with Store(tmp_path / "s.sqlite") as st:
+        srv = Server(make_transport("inproc://dp-metrics"), st, job, settle=0)
+        srv.start()
+        try:
+            text = render_metrics(srv.metrics_snapshot())
+        finally:
+            srv.stop()
+    line = [x for x in text.splitlines() if x.startswith("edgefed_dp_epsilon{")]
+    assert line == ['edgefed_dp_epsilon{delta="1e-05",job="dp-metrics",mode="central"} 0.0']
+    assert "edgefed_dp_epsilon" not in render_metrics({"job": "x"})  # a job without DP

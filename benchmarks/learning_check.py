@@ -279,7 +279,7 @@ def run_task(name: str, args) -> dict:
                     f" --eval-every {cfg['eval_every']} --seed {args.seed}"
                     + (f" --generate-n {cfg['generate_n']}" if cfg["generate_n"] else ""))
     if cfg["clip"]:
-        simulate_cmd += f"  # + job param clip={cfg['clip']:g} (no simulate flag)"
+        simulate_cmd += f" --param clip={cfg['clip']:g}"
     labels = list(base.labels)
     row = {
         "task": name, "kind": cfg["kind"], "template": best, "n_rows": len(records), "n_train": len(train),

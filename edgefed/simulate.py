@@ -73,7 +73,8 @@ def job_from_args(args, job_id: str, n_devices: int, artifact: Path) -> JobConfi
                      devices_per_round=n_devices, min_devices=max(1, n_devices // 2),
                      round_timeout=args.round_timeout, lr=args.lr, eps=args.eps,
                      local_steps=args.local_steps, batch_size=args.batch_size, k=args.k,
-                     seed_pool_id=args.seed, seed=args.seed, params={"pro": int(args.pro)})
+                     seed_pool_id=args.seed, seed=args.seed,
+                     params={"pro": int(args.pro), **dict(getattr(args, "param", None) or [])})
 
 
 def load_data(args):
@@ -160,6 +161,10 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--transport", default="inproc", help="inproc, auto (start a broker) or mqtt://host:port")
     add_job_args(p, rounds=5, local_steps=5, lr=1e-3, batch=8)
+    from .methods.base import parse_param
+    p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
+                   help="job knob (repeatable), as `edgefed server --param`: e.g. clip=10, aggregator=median, "
+                        "secure_aggregation=1, dp_mode=local")
 
 
 def run_simulate(args) -> int:

@@ -24,29 +24,9 @@ import threading
 import time
 from typing import Any, List, Optional
 
+from edgefed.methods.base import parse_param  # re-exported: the server CLI and `edgefed simulate` share it
+
 __all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args", "main"]
-
-
-def parse_param(text: str) -> tuple:
-    """'key=value' -> (key, int | float | str); true/false become 1/0."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param {text!r}: use key=value")
-    k, v = text.split("=", 1)
-    k = k.strip()
-    if not k:
-        raise argparse.ArgumentTypeError(f"--param {text!r}: empty key")
-    v = v.strip()
-    low = v.lower()
-    if low in ("true", "yes", "on"):
-        return k, 1
-    if low in ("false", "no", "off"):
-        return k, 0
-    for conv in (int, float):
-        try:
-            return k, conv(v)
-        except ValueError:
-            pass
-    return k, v
 
 
 def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -94,3 +94,18 @@ def test_secure_job_refuses_what_it_cannot_honour(tiny_artifacts, tmp_path):
         job = _job("bad", art, True, **bad)
         with Store(tmp_path / "s.sqlite") as st, pytest.raises(ValueError, match=why):
             Server(make_transport("inproc://bad"), st, job)
+
+
+def test_simulate_takes_job_params_from_the_command_line():
+    import argparse
+    from pathlib import Path
+
+    from edgefed.simulate import add_simulate_args, job_from_args
+    p = argparse.ArgumentParser()
+    add_simulate_args(p)
+    args = p.parse_args(["--param", "secure_aggregation=1", "--param", "secagg_window=2.5", "--param", "clip=10",
+                         "--param", "aggregator=mean", "--param", "pro=true"])
+    job = job_from_args(args, "j", 4, Path("art"))
+    assert job.params == {"pro": 1, "secure_aggregation": 1, "secagg_window": 2.5, "clip": 10, "aggregator": "mean"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--param", "no-equals-sign"])

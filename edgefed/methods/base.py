@@ -9,6 +9,7 @@ with dtype and shape).
 """
 from __future__ import annotations
 
+import argparse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 
 __all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
-           "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec"]
+           "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec", "parse_param"]
 
 
 @dataclass
@@ -50,6 +51,28 @@ class JobConfig:
         if unknown:
             raise ValueError(f"unknown job settings {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def parse_param(text: str) -> tuple:
+    """'key=value' -> (key, int | float | str); true/false become 1/0."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param {text!r}: use key=value")
+    k, v = text.split("=", 1)
+    k = k.strip()
+    if not k:
+        raise argparse.ArgumentTypeError(f"--param {text!r}: empty key")
+    v = v.strip()
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return k, 1
+    if low in ("false", "no", "off"):
+        return k, 0
+    for conv in (int, float):
+        try:
+            return k, conv(v)
+        except ValueError:
+            pass
+    return k, v
 
 
 @dataclass

@@ -4,7 +4,8 @@ and a broker launcher (Mosquitto or embedded amqtt).
 `make_transport(url, client_id)` picks the implementation from the URL:
   mqtt://host:port, mqtts://host:port  -> MqttTransport
   inproc://name                        -> InProcTransport on the process-wide broker `name`
-paho is imported only when an MQTT transport is used, so simulations do not need it.
+paho's client is imported only when an MQTT transport is used; the in-process broker uses
+paho's topic-filter matching (paho-mqtt is a required dependency either way).
 """
 from __future__ import annotations
 

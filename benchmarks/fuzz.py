@@ -241,6 +241,93 @@ def t_mqtt_url(r):
     return url, run
 
 
+_SA = None
+
+
+def _secagg():
+    """One signed secure-aggregation round's messages (5 devices), for mutation."""
+    global _SA
+    if _SA is None:
+        import numpy as np
+
+        from edgefed.security import secagg as S
+        from edgefed.security.signing import Signer
+        cfg = S.SecAggConfig(job="fz", round=1, length=16, threshold=0, fixed=S.FixedPoint(32, 16), bound=1.0)
+        ss = Signer.generate("server")
+        sig = {f"d{i}": Signer.generate(f"d{i}") for i in range(5)}
+        keys = {d: s.public_key() for d, s in sig.items()}
+        srv = S.SecAggServer(cfg, signer=ss, device_keys=keys, graph_seed=1)
+        cl = {d: S.SecAggClient(d, cfg, signer=sig[d], server_key=ss.public_key()) for d in sig}
+        adv = {d: c.advertise() for d, c in cl.items()}
+        for a in adv.values():
+            srv.add_advertise(a)
+        roster = srv.roster()
+        shares = {d: c.share_keys(roster) for d, c in cl.items()}
+        for x in shares.values():
+            srv.add_shares(x)
+        fwd = srv.forward("d0")
+        _SA = {"S": S, "cfg": cfg, "ss": ss, "keys": keys, "adv": adv, "roster": roster, "shares": shares,
+               "fwd": fwd, "np": np}
+    return _SA
+
+
+def _mutate(r, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(r.randint(1, 6)):
+        op, p = r.random(), r.randrange(len(b) + 1)
+        if op < 0.7 and p < len(b):
+            b[p] ^= r.randint(1, 255)
+        elif op < 0.85:
+            b[p:p] = rbytes(r, r.randint(1, 8))
+        else:
+            del b[p:p + r.randint(1, 8)]
+    return bytes(b)
+
+
+def t_secagg_server_mutated(r):
+    """A mutated advertisement or share message from a registered device, at a fresh server."""
+    sa = _secagg()
+    S = sa["S"]
+    kind = r.choice(["adv", "shares"])
+    src = r.choice(sorted(sa[kind]))
+    bad = _mutate(r, sa[kind][src])
+
+    def run():
+        srv = S.SecAggServer(sa["cfg"], signer=sa["ss"], device_keys=sa["keys"], graph_seed=1)
+        try:
+            if kind == "adv":
+                srv.add_advertise(bad)
+            else:
+                for a in sa["adv"].values():
+                    srv.add_advertise(a)
+                srv.roster()
+                srv.add_shares(bad)
+        except S.SecAggError as e:
+            raise Rejected(str(e)) from None
+        raise AssertionError("a mutated signed secure-aggregation message was taken")
+    return bad, run
+
+
+def t_secagg_client_mutated(r):
+    """A mutated roster or forward from the server, at a device of the round."""
+    sa = _secagg()
+    S = sa["S"]
+    kind = r.choice(["roster", "fwd"])
+    bad = _mutate(r, sa[kind])
+
+    def run():
+        c = S.SecAggClient("d0", sa["cfg"], server_key=sa["ss"].public_key())
+        try:
+            if kind == "roster":
+                c.share_keys(bad)
+            else:
+                c.masked_vector(bad, sa["np"].zeros(16))
+        except S.SecAggError as e:
+            raise Rejected(str(e)) from None
+        raise AssertionError("a mutated signed server message was acted on")
+    return bad, run
+
+
 TARGETS = {
     "decode/random-bytes": t_decode_random,
     "decode/header+random-body": t_decode_header_random_body,
@@ -251,6 +338,8 @@ TARGETS = {
     "read_records/sft": t_read_records("sft"),
     "read_records/dpo": t_read_records("dpo"),
     "mqtt/url": t_mqtt_url,
+    "secagg/server-mutated": t_secagg_server_mutated,
+    "secagg/client-mutated": t_secagg_client_mutated,
 }
 
 

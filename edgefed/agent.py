@@ -22,6 +22,7 @@ from typing import Sequence
 
 from . import protocol as P
 from .methods import get_method
+from .methods.fedkseed import SNAPSHOT_LIMIT_BYTES  # restores up to this size are exact copies
 from .transport.base import Transport, TransportError
 
 __all__ = ["DeviceAgent", "AgentStats"]
@@ -43,6 +44,7 @@ class AgentStats:
     syncs: int = 0
     full_syncs: int = 0
     last_round: int = -1
+    errors: int = 0               # rounds skipped after a failed step / bad delta (error status sent)
     losses: list = field(default_factory=list)
 
 
@@ -247,7 +249,12 @@ class DeviceAgent:
             self._client = method.client()
         pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
         self._last_pparams = pparams
-        if not self._sync_to(plan, pparams):
+        try:
+            if not self._sync_to(plan, pparams):
+                return
+        except (P.ProtocolError, ValueError, RuntimeError, NotImplementedError) as exc:
+            # a delta or state that does not fit: start over from the artifact, sync from round 0
+            self._fail_round(plan, f"could not apply the global update: {exc}", reset=True)
             return
         sa = self._start_secure(plan)
         if sa is False:
@@ -257,7 +264,12 @@ class DeviceAgent:
         # not on the job id, so re-running a job under a new id reproduces it.
         run = plan.params.get("run_seed", self.job)
         seed = zlib.crc32(f"{run}/{self.device}/{plan.round}".encode())
-        result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
+        try:
+            result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
+        except Exception as exc:  # DivergedError (NaN loss), a failed step: skip the round, carry on
+            exact = bool(np.isfinite(self.model.params).all()) and self.model.params.nbytes <= SNAPSHOT_LIMIT_BYTES
+            self._fail_round(plan, f"training failed: {type(exc).__name__}: {exc}", reset=not exact)
+            return
         self.stats.rounds_trained += 1
         self.stats.last_round = plan.round
         self.stats.losses.append(result.train_loss)
@@ -276,6 +288,20 @@ class DeviceAgent:
             self.log.info("%s: round %d %s (%s) loss %.4f, %d B up", self.device, plan.round,
                           ack.status.name.lower(), ack.reason, result.train_loss, len(data))
         self._status("idle")
+
+    def _fail_round(self, plan: P.RoundPlan, reason: str, reset: bool) -> None:
+        """Publish an `error` status with the reason and skip this round. reset: the parameters may
+        no longer be the global state (a half-applied delta, an inexact restore): go back to the
+        artifact's and resync from round 0 at the next plan (deltas replayed in order: exact)."""
+        self.stats.errors += 1
+        self._done_rounds.add(_plan_key(plan))
+        self.log.error("%s: round %d skipped: %s%s", self.device, plan.round, reason,
+                       "; resyncing from the artifact" if reset else "")
+        if reset:
+            self.model.reset_params()
+            self.start_round = 0
+        self.stats.last_round = plan.round
+        self._status("error", reason)
 
     def _start_secure(self, plan: P.RoundPlan):
         """A secure round: new keys, advertised before training (the key exchange overlaps it).

@@ -285,7 +285,7 @@ class Server:
         self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
         self._check_secure_job()
         self.metrics: Dict[str, Any] = {
-            "secagg_restarts": 0, "secagg_rejected": 0,
+            "secagg_restarts": 0, "secagg_rejected": 0, "device_errors": 0,
             "accepted": 0, "late": 0, "duplicates": 0, "rejected": {}, "bytes_received": 0,
             "messages": 0, "sync_replies": 0, "sync_full": 0, "extensions": 0,
             "round_duration_sum": 0.0, "round_duration_count": 0, "last_round_duration": 0.0,
@@ -1044,9 +1044,18 @@ class Server:
         if prev is None:
             self._warn("announce", "device %s announced itself (%s, class %s)", self._safe(msg.device),
                        self._safe(msg.state), self._safe(msg.device_class or "-"), level=logging.INFO)
+        if msg.state == "error":  # the device skips this round (its reason in the text) and resyncs
+            self.metrics["device_errors"] += 1
+            self._warn("device_error", "device %s reports an error in round %d: %s", self._safe(msg.device),
+                       msg.round, self._safe(msg.text))
         if self.done or self.plan is None:
             return
-        if info["online"]:
+        if msg.state == "error":
+            if msg.device not in self.accepted and msg.device in self.expected:
+                self.expected.discard(msg.device)
+                self.log.info("device %s skips round %d; target now %d", self._safe(msg.device), self.round,
+                              self._target())
+        elif info["online"]:
             if self._countable(msg.device):
                 self.expected.add(msg.device)
         elif msg.device not in self.accepted and msg.device in self.expected:

@@ -74,6 +74,8 @@ _METRICS = [
       ({"kind": "duplicate", "how": "not_stored"}, "duplicates_not_stored")]),
     ("edgefed_log_lines_suppressed", "counter", "Client-caused log lines suppressed by rate limiting.",
      [({}, "log_lines_suppressed")]),
+    ("edgefed_device_errors", "counter", "Error statuses from devices (a failed step, NaN loss, bad delta).",
+     [({}, "device_errors")]),
     ("edgefed_secagg_restarts", "counter", "Secure-aggregation attempts that failed and were redone.",
      [({}, "secagg_restarts")]),
     ("edgefed_secagg_rejected", "counter", "Secure-aggregation stage messages rejected.", [({}, "secagg_rejected")]),

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 import zlib
@@ -59,7 +58,7 @@ from edgefed.data import (SENTIMENT_TEMPLATE, iid_split, label_targets, load_rot
 from edgefed.methods import JobConfig, get_method  # noqa: E402
 from edgefed.methods.fedkseed import probe_bound  # noqa: E402
 from edgefed.metrics import paired_gain  # noqa: E402
-from edgefed.transport import make_transport  # noqa: E402
+from edgefed.simulate import thread_devices  # noqa: E402
 
 ATTACKS = ("none", "scaled", "flip", "random")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
@@ -111,7 +110,10 @@ class ByzantineAgent(DeviceAgent):
 
     attack = "scaled"
     bound = 1e4
-    sent: list  # per round: honest and reported scalar sizes
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list = []  # per round: honest and reported scalar sizes
 
     def _serve(self, plan):
         if not getattr(self._client, "byzantine", False):
@@ -138,42 +140,12 @@ class ByzantineAgent(DeviceAgent):
 
 
 def devices(base, job: str, shards, attackers: set, attack: str, bound: float):
-    """Like edgefed.simulate.thread_devices (virtual devices as threads sharing one graph), with
+    """edgefed.simulate.thread_devices (virtual devices as threads sharing one graph), with a
     ByzantineAgent at the indices in `attackers` when attack != 'none'."""
-    def start(url: str):
-        stop = threading.Event()
-        workers, errors = [], []
-        for i, shard in enumerate(shards):
-            dev = f"sim-{i:03d}"
-            byz = attack != "none" and i in attackers
-            cls = ByzantineAgent if byz else DeviceAgent
-            agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, base.fork(), shard,
-                        device_class="x86-sim")
-            if byz:
-                agent.attack, agent.bound, agent.sent = attack, bound, []
-            start.agents.append(agent)
-
-            def run(a=agent):
-                try:
-                    a.run(stop=stop)
-                except Exception as e:  # noqa: BLE001 - reported to the job, which stops with it
-                    errors.append(f"{a.device} failed: {type(e).__name__}: {e}")
-                    raise
-            th = threading.Thread(target=run, name=dev, daemon=True)
-            th.start()
-            workers.append(th)
-
-        def halt():
-            end = time.time() + 30  # agents leave by themselves once the job is done
-            for th in workers:
-                th.join(timeout=max(0.1, end - time.time()))
-            stop.set()
-            for th in workers:
-                th.join(timeout=10)
-        halt.failure = lambda: errors[0] if errors else None
-        return halt
-    start.agents = []
-    return start
+    byz = type("Byzantine", (ByzantineAgent,), {"attack": attack, "bound": bound})
+    return thread_devices(base, job, shards,
+                          agent_cls=[byz if attack != "none" and i in attackers else DeviceAgent
+                                     for i in range(len(shards))])
 
 
 # ----------------------------------------------------------------------------- one job

@@ -123,7 +123,8 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
     signing/ folder of `edgefed certs` for devices sim-000.. (sign; pass the server
     ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned.
-    agent_cls: a DeviceAgent subclass (fault-injection tests)."""
+    agent_cls: a DeviceAgent subclass for every device, or a list of one per shard (fault
+    injection, Byzantine devices)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -136,7 +137,8 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
                 from .security.signing import DeviceSigning
                 signing = DeviceSigning.from_files(Path(signing_dir) / f"{dev}.key",
                                                    Path(signing_dir) / "server.pub", dev)
-            agent = (agent_cls or DeviceAgent)(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
+            cls = agent_cls[i] if isinstance(agent_cls, (list, tuple)) else (agent_cls or DeviceAgent)
+            agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
                                 shard, device_class="x86-sim", signing=signing)
             start.agents.append(agent)
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)

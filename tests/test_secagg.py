@@ -58,19 +58,24 @@ def test_too_many_dropouts_fail_with_a_clear_error():
         run_in_memory(cfg, inputs, drop={Stage.MASKED: ["dev00", "dev01", "dev02"]})
 
 
+def _to_masked_inputs(srv, clients, inputs, senders=None):
+    """Advertise, roster, shares, forwards; then masked inputs from `senders` (default: all)."""
+    for c in clients.values():
+        srv.add_advertise(c.advertise())
+    roster = srv.roster()
+    for c in clients.values():
+        srv.add_shares(c.share_keys(roster))
+    for d in (senders if senders is not None else clients):
+        srv.add_masked(clients[d].masked_input(srv.forward(d), inputs[d]))
+
+
 def test_a_masked_input_reveals_nothing_alone():
     """One device's masked vector is uniform noise to the server: uncorrelated with its input."""
     inputs = _inputs(4, 4096, 1.0, seed=9)
     cfg = _cfg(4, length=4096, bound=1.0)
     srv = SecAggServer(cfg, graph_seed=1)
     clients = {d: SecAggClient(d, cfg) for d in inputs}
-    for c in clients.values():
-        srv.add_advertise(c.advertise())
-    roster = srv.roster()
-    for c in clients.values():
-        srv.add_shares(c.share_keys(roster))
-    for d, c in clients.items():
-        srv.add_masked(c.masked_input(srv.forward(d), inputs[d]))
+    _to_masked_inputs(srv, clients, inputs)
     seen = cfg.fixed.decode(srv.masked["dev00"])
     assert abs(np.corrcoef(seen, inputs["dev00"])[0, 1]) < 0.1
     raw = srv.masked["dev00"].astype(np.float64)  # uniform over the whole ring, like any key stream
@@ -91,13 +96,7 @@ def _setup(n=5, **kw):
 
 def test_device_refuses_to_reveal_both_secrets_of_a_peer():
     cfg, inputs, srv, clients, server_signer, _ = _setup()
-    for c in clients.values():
-        srv.add_advertise(c.advertise())
-    roster = srv.roster()
-    for c in clients.values():
-        srv.add_shares(c.share_keys(roster))
-    for d, c in clients.items():
-        srv.add_masked(c.masked_input(srv.forward(d), inputs[d]))
+    _to_masked_inputs(srv, clients, inputs)
     honest = srv.unmask_request()
     clients["dev00"].unmask(honest)  # reveals dev01's self-mask share (dev01 survived)
     # a curious server now claims dev01 dropped, to get its key share too
@@ -115,13 +114,7 @@ def test_device_refuses_to_reveal_both_secrets_of_a_peer():
 
 def test_unmask_request_below_threshold_is_refused():
     cfg, inputs, srv, clients, *_ = _setup(n=5, threshold=3)
-    for c in clients.values():
-        srv.add_advertise(c.advertise())
-    roster = srv.roster()
-    for c in clients.values():
-        srv.add_shares(c.share_keys(roster))
-    for d in ("dev00", "dev01"):
-        srv.add_masked(clients[d].masked_input(srv.forward(d), inputs[d]))
+    _to_masked_inputs(srv, clients, inputs, senders=("dev00", "dev01"))
     with pytest.raises(SecAggError, match="at least 3"):
         srv.unmask_request()  # the server itself will not unmask 2 inputs
 

@@ -274,6 +274,18 @@ class Dispatcher:
 class Transport(ABC):
     """Publish/subscribe of bytes. Use as a context manager: `with make_transport(url) as t:`."""
 
+    _dispatcher: Optional[Dispatcher] = None  # set by implementations once they deliver messages
+
+    @property
+    def dropped(self) -> int:
+        """Inbound messages dropped because the callback queue was full."""
+        return self._dispatcher.dropped if self._dispatcher is not None else 0
+
+    @property
+    def queued_bytes(self) -> int:
+        """Inbound payload + topic bytes waiting for the callbacks."""
+        return self._dispatcher.queued_bytes if self._dispatcher is not None else 0
+
     @abstractmethod
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (blocking until the session is up or raising BrokerUnreachable)."""

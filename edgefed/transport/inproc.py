@@ -185,18 +185,6 @@ class InProcTransport(Transport):
     def connected(self) -> bool:
         return self._connected
 
-    @property
-    def dropped(self) -> int:
-        """Inbound messages dropped because this client's callback queue was full."""
-        d = self._dispatcher
-        return d.dropped if d is not None else 0
-
-    @property
-    def queued_bytes(self) -> int:
-        """Inbound payload + topic bytes waiting for this client's callbacks."""
-        d = self._dispatcher
-        return d.queued_bytes if d is not None else 0
-
     def connect(self, timeout: float = 10.0) -> None:
         if self._connected:
             return

@@ -555,18 +555,6 @@ class MqttTransport(Transport):
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    @property
-    def dropped(self) -> int:
-        """Inbound messages dropped because the callback queue was full."""
-        d = self._dispatcher
-        return d.dropped if d is not None else 0
-
-    @property
-    def queued_bytes(self) -> int:
-        """Inbound payload + topic bytes waiting for the callbacks."""
-        d = self._dispatcher
-        return d.queued_bytes if d is not None else 0
-
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 

@@ -34,6 +34,7 @@ from edgefed.security import broker_auth as BA
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.broker import find_mosquitto
+from helpers import wait_for as _wait_for
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.skipif(
     find_mosquitto() is None, reason="mosquitto binary not found (apt-get install mosquitto)")]
@@ -45,12 +46,7 @@ ENV_VARS = (M.ENV_USERNAME, M.ENV_PASSWORD, M.ENV_PASSWORD_FILE, M.ENV_CA, M.ENV
 
 
 def wait_for(cond, timeout=20.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
+    return _wait_for(cond, timeout, step)
 
 
 class FixedSigner:

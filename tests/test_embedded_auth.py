@@ -13,19 +13,11 @@ from edgefed.security.certs import generate
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.mqtt import BrokerRefused
+from helpers import wait_for
 
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=10.0)
 JOB, OTHER = "jobA", "jobB"
 ENV_VARS = (M.ENV_USERNAME, M.ENV_PASSWORD, M.ENV_PASSWORD_FILE, M.ENV_CA, M.ENV_CERT, M.ENV_KEY)
-
-
-def wait_for(pred, timeout=5.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 class Inbox:

@@ -19,6 +19,7 @@ from edgefed.security.certs import generate
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.broker import find_mosquitto
+from helpers import wait_for
 
 HAVE_MOSQUITTO = find_mosquitto() is not None
 needs_mosquitto = [pytest.mark.mosquitto, pytest.mark.skipif(
@@ -26,15 +27,6 @@ needs_mosquitto = [pytest.mark.mosquitto, pytest.mark.skipif(
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=10.0)
 JOB, OTHER = "jobA", "jobB"
 ENV_VARS = (M.ENV_USERNAME, M.ENV_PASSWORD, M.ENV_PASSWORD_FILE, M.ENV_CA, M.ENV_CERT, M.ENV_KEY)
-
-
-def wait_for(pred, timeout=5.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 class Inbox:

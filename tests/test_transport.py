@@ -15,6 +15,7 @@ from edgefed.transport import (BrokerUnreachable, InProcBroker, InProcTransport,
 from edgefed.transport import mqtt as M
 from edgefed.transport.base import check_topic_filter
 from edgefed.transport.broker import find_mosquitto, free_port
+from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MOSQUITTO = find_mosquitto() is not None
@@ -22,15 +23,6 @@ needs_mosquitto = [pytest.mark.mosquitto, pytest.mark.skipif(
     not HAVE_MOSQUITTO, reason="mosquitto binary not found (apt-get install mosquitto); CI installs it")]
 KINDS = [pytest.param("mosquitto", marks=needs_mosquitto), "embedded"]
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=15.0)
-
-
-def wait_for(pred, timeout=10.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 class Inbox:

@@ -18,17 +18,9 @@ import pytest
 
 from edgefed.transport import InProcBroker, start_broker, topic_matches
 from edgefed.transport.base import Dispatcher
+from helpers import wait_for
 
 MiB = 1 << 20
-
-
-def wait_for(pred, timeout=10.0, step=0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def rss() -> int:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from . import protocol as P
 from .methods import get_method
-from .methods.fedkseed import SNAPSHOT_LIMIT_BYTES  # restores up to this size are exact copies
+from .replica import DIGEST_PREFIX, artifact_id, params_digest
 from .transport.base import Transport, TransportError
 
 __all__ = ["DeviceAgent", "AgentStats"]
@@ -45,6 +45,7 @@ class AgentStats:
     full_syncs: int = 0
     last_round: int = -1
     errors: int = 0               # rounds skipped after a failed step / bad delta (error status sent)
+    resyncs: int = 0              # parameter digests that differed from the plan's (resynced)
     losses: list = field(default_factory=list)
 
 
@@ -89,6 +90,8 @@ class DeviceAgent:
         self._secure = None
         self._secure_lock = threading.Lock()
         self._forwards: "queue.Queue[tuple[int, bytes]]" = queue.Queue()
+        self._artifact_warned = False
+        self._last_state: P.JobState | None = None
         self.final_round: int | None = None  # set when the job finished: our parameters are its result
 
     # -- messages in ------------------------------------------------------------------
@@ -110,8 +113,11 @@ class DeviceAgent:
             self._acks.put(msg)
         elif isinstance(msg, P.SyncReply):
             self._syncs.put(msg)
-        elif isinstance(msg, P.JobState) and msg.params.get("done"):
-            self._finished.set()
+        elif isinstance(msg, P.JobState):
+            self._last_state = msg
+            self._check_artifact(msg)
+            if msg.params.get("done"):
+                self._finished.set()
 
     def _on_secagg(self, topic: str, payload: bytes) -> None:
         """Stage messages of secure aggregation (edgefed.security.secagg): answer the roster and
@@ -228,6 +234,17 @@ class DeviceAgent:
         if self._client is None or self._last_pparams is None:
             return
         if self._request_sync(self._last_pparams):
+            st = self._last_state
+            if st is not None and st.round == self.start_round and st.digest.startswith(DIGEST_PREFIX) \
+                    and params_digest(self.model.params) != st.digest:
+                self.stats.resyncs += 1
+                self.log.error("%s: final parameters differ from the global model (%s): resyncing from the "
+                               "artifact", self.device, st.digest)
+                self.model.reset_params()
+                self.start_round = 0
+                if not self._request_sync(self._last_pparams) or params_digest(self.model.params) != st.digest:
+                    self.log.error("%s: still not the global model after a full resync", self.device)
+                    return
             self.final_round = self.start_round
             self.log.info("%s: job finished; parameters at the final global state (round %d)",
                           self.device, self.start_round)
@@ -250,7 +267,7 @@ class DeviceAgent:
         pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
         self._last_pparams = pparams
         try:
-            if not self._sync_to(plan, pparams):
+            if not self._sync_to(plan, pparams) or not self._check_state(plan, pparams):
                 return
         except (P.ProtocolError, ValueError, RuntimeError, NotImplementedError) as exc:
             # a delta or state that does not fit: start over from the artifact, sync from round 0
@@ -267,8 +284,9 @@ class DeviceAgent:
         try:
             result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
         except Exception as exc:  # DivergedError (NaN loss), a failed step: skip the round, carry on
-            exact = bool(np.isfinite(self.model.params).all()) and self.model.params.nbytes <= SNAPSHOT_LIMIT_BYTES
-            self._fail_round(plan, f"training failed: {type(exc).__name__}: {exc}", reset=not exact)
+            # local_train restores its snapshot also when a step fails; anything else: start over
+            intact = bool(np.isfinite(self.model.params).all())
+            self._fail_round(plan, f"training failed: {type(exc).__name__}: {exc}", reset=not intact)
             return
         self.stats.rounds_trained += 1
         self.stats.last_round = plan.round
@@ -288,6 +306,41 @@ class DeviceAgent:
             self.log.info("%s: round %d %s (%s) loss %.4f, %d B up", self.device, plan.round,
                           ack.status.name.lower(), ack.reason, result.train_loss, len(data))
         self._status("idle")
+
+    def _check_state(self, plan: P.RoundPlan, pparams: dict) -> bool:
+        """The plan's digest of the global trainables against ours: on a mismatch, back to the
+        artifact and a resync from round 0 (exact: the same deltas in the same order)."""
+        want = plan.params.get("state_digest")
+        if not want:
+            return True
+        got = params_digest(self.model.params)
+        if got == want:
+            return True
+        self.stats.resyncs += 1
+        self.log.error("%s: parameters differ from the global model at the start of round %d (%s, server %s): "
+                       "resyncing from the artifact", self.device, plan.round, got, want)
+        self.model.reset_params()
+        self.start_round = 0
+        if not self._sync_to(plan, pparams):
+            return False
+        got = params_digest(self.model.params)
+        if got != want:
+            self._fail_round(plan, f"parameters still differ from the server's after a full resync ({got} != "
+                                   f"{want}): is this device running another artifact?", reset=True)
+            return False
+        self.log.info("%s: back on the global model at round %d after a resync", self.device, plan.round)
+        return True
+
+    def _check_artifact(self, state: P.JobState) -> None:
+        """JobState.model names the artifact the job runs: say so once if ours is another one."""
+        if not state.model or self._artifact_warned:
+            return
+        mine = artifact_id(str(getattr(self.model, "dir", "")))
+        if mine and "@" in state.model and mine != state.model:
+            self._artifact_warned = True
+            self.log.error("%s: this device holds artifact %s, the job runs %s: copy the job's artifact here",
+                           self.device, mine, state.model)
+            self._status("error", f"artifact {mine} differs from the job's {state.model}")
 
     def _fail_round(self, plan: P.RoundPlan, reason: str, reset: bool) -> None:
         """Publish an `error` status with the reason and skip this round. reset: the parameters may

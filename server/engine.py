@@ -40,6 +40,8 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, Checksum
                               Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
                               check_topic, decode, parse_topic, validate_update)
 
+from edgefed.replica import TrainablesReplica, artifact_id
+
 from .secure_round import SecureRound, SecureRoundFailed
 from .store import ResumeInfo, Store, StoreError
 
@@ -159,23 +161,6 @@ def state_digest(tensors: Sequence[Tensor]) -> str:
     return h.hexdigest()
 
 
-def artifact_id(path: str) -> str:
-    """The id devices must match: '<dir name>@<sha256 of the ONNX file, 16 hex>' when the
-    artifact's manifest is readable, else the path as given."""
-    if not path:
-        return ""
-    try:
-        import json
-        from pathlib import Path
-        p = Path(path)
-        m = json.loads((p / "manifest.json").read_text())
-        onnx = m.get("files", {}).get("onnx", "model.onnx")
-        digest = m.get("sha256", {}).get(onnx, "")
-        return f"{p.name}@{digest[:16]}" if digest else p.name
-    except (OSError, ValueError):
-        return path[-256:]
-
-
 def _is_status_topic(topic: str) -> bool:
     parts = topic.split("/")
     return len(parts) >= 2 and parts[-2] == "status"
@@ -283,6 +268,7 @@ class Server:
         self.digest = ""
         self.error: Optional[str] = None
         self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
+        self.replica: Optional[TrainablesReplica] = None  # the global trainables (state digest)
         self._check_secure_job()
         self.metrics: Dict[str, Any] = {
             "secagg_restarts": 0, "secagg_rejected": 0, "device_errors": 0,
@@ -313,6 +299,8 @@ class Server:
         resume = self.store.load_resume(self.job.job)
         if resume is not None:
             self._resume(resume)
+        else:
+            self._open_replica(0)
         # Statuses first: retained ones tell us who is online before the plan's target is set.
         self._subscribe(self.topics.all_statuses())
         if self.settle > 0:
@@ -571,6 +559,7 @@ class Server:
         self.model_id = artifact_id(self.job.artifact)
         self.state = r.state
         self.round = r.round
+        self._open_replica(r.round)
         self.history = list(r.history)
         for d in r.devices:
             self.devices[d["device"]] = self._device_info(
@@ -596,6 +585,23 @@ class Server:
         self.expected = self._countable_online() | set(self.accepted)
         self.log.info("resuming job %s at round %d with %d accepted updates (%s)", self.job.job,
                       self.round, len(self.accepted), ", ".join(sorted(self.accepted)) or "none")
+
+    def _open_replica(self, rounds: int) -> None:
+        """The global trainables at `rounds` aggregated rounds (artifact + stored deltas), whose
+        digest every plan carries so devices can prove they hold the same bits. Off with
+        --param state_check=0, or when the server cannot read the artifact."""
+        self.replica = None
+        if not int(self.job.params.get("state_check", 1) or 0) or not self.job.artifact:
+            return
+        pparams = {**self.job.params, "k": self.job.k, "seed_pool_id": self.job.seed_pool_id,
+                   "dist": self.job.params.get("dist", "normal")}
+        try:
+            rep = TrainablesReplica(self.job.artifact, get_method(self.job.method).client(), pparams)
+            rep.rebuild(self.store.load_deltas(self.job.job, 0, rounds - 1) if rounds > 0 else [])
+        except (OSError, ValueError, KeyError, StoreError) as e:
+            self.log.warning("no parameter digest for devices to check (%s); devices cannot detect drift", e)
+            return
+        self.replica = rep
 
     def _drain_now(self) -> None:
         """Handle what is queued on the calling thread (before the engine thread exists)."""
@@ -1157,6 +1163,8 @@ class Server:
             if _is_store_error(e):
                 raise
             del outbox[mark:]
+            if self.replica is not None and self.replica.rounds != self.round:
+                self._open_replica(self.round)
             self.error = f"aggregation of round {self.round} failed: {e!r}"
             self.log.exception("aggregation of round %d failed; the round stays open", self.round)
 
@@ -1194,6 +1202,9 @@ class Server:
         assert self.state is not None
         pf = self.strategy.plan_round(self.job, self.state, rnd)
         plan = self._plan_from(rnd, pf, delta, deadline)
+        if self.replica is not None and self.replica.rounds == rnd:
+            # the global trainables at the start of this round: devices check theirs against it
+            plan = dataclasses.replace(plan, params={**plan.params, "state_digest": self.replica.digest()})
         if self._secure_on():
             plan = dataclasses.replace(plan, params={**plan.params, **self._secure_params(plan, 0)})
         return plan
@@ -1231,6 +1242,8 @@ class Server:
         agg_s = time.perf_counter() - t0
         delta = RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
                            coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
+        if self.replica is not None:  # rebuilt from the store if anything below fails
+            self.replica.apply(delta)
         weights = np.array([u.num_samples for u in updates], np.float64)
         losses = np.array([u.train_loss for u in updates], np.float64)
         loss = float((weights * losses).sum() / weights.sum()) if weights.sum() > 0 else float("nan")
@@ -1309,7 +1322,10 @@ class Server:
 
     def _refresh_digest(self) -> None:
         try:
-            self.digest = state_digest(self.strategy.full_state(self.job, self.state)) if self.state else ""
+            if self.replica is not None:
+                self.digest = self.replica.digest()
+            else:
+                self.digest = state_digest(self.strategy.full_state(self.job, self.state)) if self.state else ""
         except Exception as e:  # a digest is informational
             self.log.debug("no state digest: %s", e)
             self.digest = ""

@@ -50,3 +50,68 @@ def test_device_skips_a_failed_round_and_ends_on_the_global_model(tiny_artifacts
     assert "sim-001" not in res.server_summary["history"][1 if fault == "nan_loss" else 2]["devices"]
     for a in agents:  # the device that failed is back on the global model, bit for bit
         np.testing.assert_array_equal(a.model.params, res.final_params)
+
+
+def test_drift_is_detected_by_the_plan_digest_and_repaired(tiny_artifacts, tmp_path, caplog):
+    """One flipped bit in a device's trainables after round 1: the next plan's digest of the
+    global trainables catches it, the device resyncs from the artifact, every replica ends
+    bit-identical to the server's."""
+    import logging
+
+    from edgefed.agent import DeviceAgent
+
+    class BitFlip(DeviceAgent):
+        def _serve(self, plan):
+            super()._serve(plan)
+            if plan.round == 1 and self.device == "sim-002":
+                p = self.model.params
+                p[7] = np.nextafter(p[7], np.float32(np.inf))  # one ulp: the smallest drift there is
+
+    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=30, seed=0)
+    art = tiny_artifacts["lora"]
+    job = JobConfig(job="drift", method="fedkseed", artifact=str(art), rounds=3, devices_per_round=0,
+                    min_devices=3, round_timeout=30.0, lr=1e-2, eps=1e-3, local_steps=4, batch_size=8, k=256)
+    base = DeviceModel(art, threads=1, batch_size=8, seq_len=32, check_memory=False)
+    starter = thread_devices(base, job.job, iid_split(train[:240], 3), agent_cls=BitFlip)
+    with caplog.at_level(logging.INFO, logger="edgefed.agent"):
+        res = run_federation(job, art, held, broker_url="inproc://drift", start_devices=starter,
+                             out_dir=tmp_path, eval_n=10, progress=False)
+    assert res.rounds_completed == 3
+    assert [a.stats.resyncs for a in starter.agents] == [0, 0, 1]
+    assert any("sim-002: parameters differ from the global model at the start of round 2" in r.getMessage()
+               for r in caplog.records)
+    for a in starter.agents:
+        np.testing.assert_array_equal(a.model.params, res.final_params)
+
+
+def test_large_trainables_are_restored_exactly_from_a_file(tiny_artifacts, tmp_path, monkeypatch):
+    """Trainables over the in-memory limit (full-parameter SmolLM2) are snapshotted to a file
+    for the restore after local training: exact, so no device ever needs a resync."""
+    from edgefed.methods import fedkseed
+    monkeypatch.setattr(fedkseed, "SNAPSHOT_LIMIT_BYTES", 0)
+    monkeypatch.setenv("EDGEFED_SNAPSHOT_DIR", str(tmp_path))
+    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=30, seed=0)
+    art = tiny_artifacts["full"]
+    job = JobConfig(job="big-restore", method="fedkseed", artifact=str(art), rounds=3, devices_per_round=0,
+                    min_devices=3, round_timeout=30.0, lr=1e-2, eps=1e-3, local_steps=6, batch_size=8, k=256)
+    base = DeviceModel(art, threads=1, batch_size=8, seq_len=32, check_memory=False)
+    starter = thread_devices(base, job.job, iid_split(train[:240], 3))
+    res = run_federation(job, art, held, broker_url="inproc://big-restore", start_devices=starter,
+                         out_dir=tmp_path / "run", eval_n=10, progress=False)
+    assert res.rounds_completed == 3 and not np.array_equal(res.final_params, base.params)
+    assert [a.stats.resyncs for a in starter.agents] == [0, 0, 0]
+    assert not list(tmp_path.glob("edgefed-snapshot-*"))  # every snapshot file removed
+    for a in starter.agents:
+        np.testing.assert_array_equal(a.model.params, res.final_params)
+
+
+def test_snapshot_round_trips_through_a_file(tmp_path):
+    from edgefed.snapshot import ParamSnapshot
+    p = np.random.default_rng(0).standard_normal(5_000_001).astype(np.float32)
+    want = p.copy()
+    with ParamSnapshot(p, memory_limit=0, directory=tmp_path) as snap:
+        assert snap.path is not None and snap.path.stat().st_size == p.nbytes
+        p += 1.0
+        snap.restore(p)
+    np.testing.assert_array_equal(p, want)
+    assert not list(tmp_path.iterdir())

@@ -145,7 +145,8 @@ def test_seed_pool_is_deterministic_and_pro_sampling_prefers_large_scalars():
 DEVICE_MODULES = ["edgefed.kernels", "edgefed.rng", "edgefed.zo", "edgefed.runtime", "edgefed.trainer",
                   "edgefed.data", "edgefed.device_config", "edgefed.protocol", "edgefed.transport",
                   "edgefed.transport.mqtt", "edgefed.transport.inproc", "edgefed.export.artifact",
-                  "edgefed.agent", "edgefed.methods", "edgefed.metrics", "edgefed.cli"]
+                  "edgefed.agent", "edgefed.methods", "edgefed.metrics", "edgefed.cli", "edgefed.replica",
+                  "edgefed.security.secagg", "edgefed.security.signing"]
 
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)

@@ -16,6 +16,7 @@ from .. import kernels
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security import dp
 from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
+from ..snapshot import MEMORY_LIMIT_BYTES, ParamSnapshot
 from ..trainer import LocalTrainer
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
@@ -30,9 +31,9 @@ DEFAULT_SCALAR_BOUND = 1e4
 # float32 rounding slack when checking device scalars against a bound
 _REL_TOL = 1e-6
 
-# Trainables up to this size are restored from a copy after local training (exact);
-# bigger ones (full-parameter) are restored by replaying the local steps negated.
-SNAPSHOT_LIMIT_BYTES = 64 << 20
+# Trainables up to this size are copied in memory for the restore after local training; bigger
+# ones (full-parameter) to a file (edgefed.snapshot): exact either way.
+SNAPSHOT_LIMIT_BYTES = MEMORY_LIMIT_BYTES
 
 # Gaussian tail used to size bounds that DP noise must fit in: P(|N(0, s^2)| > DP_TAIL s) < e^-50.
 DP_TAIL = 10.0
@@ -153,21 +154,17 @@ class FedKSeedClient(ClientAlgorithm):
             cfg.clip = min(cfg.clip, dcfg.clip) if cfg.clip > 0 else dcfg.clip
             cfg.noise_std = dcfg.noise_std
             noise_gen = dp.device_rng(self.noise_seed)
-        snapshot = model.params.copy() if model.params.nbytes <= SNAPSHOT_LIMIT_BYTES else None
+        snapshot = ParamSnapshot(model.params, memory_limit=SNAPSHOT_LIMIT_BYTES)
         trainer = LocalTrainer(model, pool, cfg, progress=progress)
         acc = ScalarAccumulator(plan.k)
         try:
             trainer.train(examples, plan.local_steps, batch_size=plan.batch_size, seed=seed,
                           probs=plan.seed_probs, desc=f"round {plan.round}", acc=acc, noise_gen=noise_gen)
         finally:
-            # Back to the global state (also after a failed step): the aggregated delta is
-            # what moves this device forward.
-            if snapshot is not None:
-                model.params[:] = snapshot
-            else:
-                hist = acc.history[::-1]
-                kernels.replay(model.buffers, [pool.seed(p.seed_index) for p in hist],
-                               [-p.coeff for p in hist], cfg.dist)
+            # Back to the global state (also after a failed step), bit for bit: the aggregated
+            # delta is what moves this device forward.
+            snapshot.restore(model.params)
+            snapshot.close()
         idx, g = acc.arrays()
         return ClientResult(num_samples=plan.local_steps * min(plan.batch_size, len(examples)),
                             seeds=idx, scalars=g, train_loss=acc.mean_loss())

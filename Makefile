@@ -12,4 +12,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_speed.py

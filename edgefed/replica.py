@@ -16,9 +16,10 @@ import numpy as np
 from .export.artifact import read_manifest, read_trainable, trainable_views
 from .protocol import RoundDelta
 
-__all__ = ["params_digest", "artifact_id", "TrainablesReplica", "DIGEST_PREFIX"]
+__all__ = ["params_digest", "artifact_id", "TrainablesReplica", "DIGEST_PREFIX", "TRAINABLES_TENSOR"]
 
 DIGEST_PREFIX = "params-sha256:"
+TRAINABLES_TENSOR = "trainables"  # a full-state sync that carries the global trainables themselves
 
 
 def params_digest(params: np.ndarray) -> str:

@@ -40,7 +40,7 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, Checksum
                               Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
                               check_topic, decode, parse_topic, validate_update)
 
-from edgefed.replica import TrainablesReplica, artifact_id
+from edgefed.replica import TRAINABLES_TENSOR, TrainablesReplica, artifact_id
 
 from .secure_round import SecureRound, SecureRoundFailed
 from .store import ResumeInfo, Store, StoreError
@@ -1104,7 +1104,16 @@ class Server:
                    level=logging.INFO)
         return SyncReply(job=self.job.job, device=req.device, from_round=min(s, cur), to_round=cur,
                          request_id=req.request_id, full=True,
-                         state=self.strategy.full_state(self.job, self.state)).encode(self.limits, signer=self._signer)
+                         state=self._full_state()).encode(self.limits, signer=self._signer)
+
+    def _full_state(self) -> List[Tensor]:
+        """The global trainables themselves when the server holds them and they fit a message
+        (exact by construction), else the method's own full state (FedKSeed: cumulative
+        coefficients, replayed in one pass: equal up to float32 rounding)."""
+        if self.replica is not None and self.replica.rounds == self.round \
+                and self.replica.params.nbytes + 4096 <= self.limits.max_message_bytes:
+            return [Tensor(TRAINABLES_TENSOR, self.replica.params.copy())]
+        return self.strategy.full_state(self.job, self.state)
 
     def _load_deltas(self, first: int, last: int) -> List[RoundDelta]:
         missing = [r for r in range(first, last + 1) if r not in self._deltas]

@@ -95,7 +95,8 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
     ev0 = glob.evaluate(subset) if len(subset) < len(heldout) else before
     history = [{"round": 0, "train_loss": None, "eval_metric": primary(ev0, kind), "eval_loss": ev0["loss"],
                 "eval_n": len(subset), "metric": metric}]
-    print(f"  before: {metric} {primary(before, kind):.4f}, loss {before['loss']:.4f}", file=sys.stderr)
+    print(f"  before: {metric} {primary(before, kind):.4f}" + (f", loss {before['loss']:.4f}" if metric != "loss" else ""),
+          file=sys.stderr)
 
     store = Store(out / "server.sqlite")
     transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}")

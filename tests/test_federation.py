@@ -198,8 +198,9 @@ def test_device_killed_mid_job_the_others_finish(tiny_artifacts, data, tmp_path)
     procs: list = []
 
     def kill_dev2(stop):
-        while not stop.is_set() and not _logs_say(tmp_path, 1, "round 0 accepted"):
-            time.sleep(0.2)
+        # after all three had round 0 accepted (dev2 may be the slowest), i.e. during round 1
+        while not stop.is_set() and not _logs_say(tmp_path, 3, "round 0 accepted"):
+            time.sleep(0.1)
         if procs:
             procs[2].send_signal(signal.SIGKILL)
 

@@ -138,6 +138,8 @@ SUBCOMMANDS = {
              *_delegate("edgefed.demo", "add_demo_args", "run_demo")),
     "certs": ("make a CA, server and device certificates, Mosquitto password file and ACL for a job",
               *_delegate("edgefed.security.certs", "add_certs_args", "run_certs")),
+    "doctor": ("check this machine as a device: Python, onnxruntime, kernels, memory, broker, clock",
+               *_delegate("edgefed.doctor", "add_doctor_args", "run_doctor")),
     "zero-shot": ("score candidate templates on held-out data before training (host)",
                   *_delegate("edgefed.zero_shot", "add_zero_shot_args", "run_zero_shot")),
 }

@@ -146,7 +146,7 @@ DEVICE_MODULES = ["edgefed.kernels", "edgefed.rng", "edgefed.zo", "edgefed.runti
                   "edgefed.data", "edgefed.device_config", "edgefed.protocol", "edgefed.transport",
                   "edgefed.transport.mqtt", "edgefed.transport.inproc", "edgefed.export.artifact",
                   "edgefed.agent", "edgefed.methods", "edgefed.metrics", "edgefed.cli", "edgefed.replica",
-                  "edgefed.security.secagg", "edgefed.security.signing"]
+                  "edgefed.security.secagg", "edgefed.security.signing", "edgefed.doctor"]
 
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)

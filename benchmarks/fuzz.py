@@ -281,6 +281,8 @@ def _mutate(r, data: bytes) -> bytes:
             b[p:p] = rbytes(r, r.randint(1, 8))
         else:
             del b[p:p + r.randint(1, 8)]
+    if bytes(b) == data:  # a delete and an insert that cancelled out: still the valid message
+        b[-1] ^= 0xFF
     return bytes(b)
 
 

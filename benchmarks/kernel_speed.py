@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     bw = rows.get("bandwidth (theta += c)", {}).get("elems_per_s")
     npr = rows["numpy-rng baseline"]["elems_per_s"]
     print(f"\nEdgeFed kernels: {n / 1e6:.0f}M float32 params in {len(bufs)} tensors, "
-          f"{kernels.get_num_threads()} threads, backend={kernels.backend()}, {platform.machine()}")
+          f"{kernels.get_num_threads()} threads, backend={kernels.backend()}, SIMD {kernels.simd_path()}, {platform.machine()}")
     hdr = f"{'kernel':<26}{'M elem/s':>10}{'x torch':>9}{'x numpy':>9}{'% bandw':>9}  note"
     print(hdr)
     print("-" * len(hdr))
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
         status = "n/a" if got is None else ("PASS" if got >= want else "MISS")
         print(f"  {status:<5}{name}: {'-' if got is None else f'{got:.2f}'}")
     result = {"params": n, "tensors": len(bufs), "threads": kernels.get_num_threads(),
-              "backend": kernels.backend(), "machine": platform.machine(), "rows": rows,
+              "backend": kernels.backend(), "simd": kernels.simd_path(), "machine": platform.machine(), "rows": rows,
               "replay_speedup_vs_separate": replay_ratio,
               "targets": {k_: {"value": v, "target": t, "met": v is not None and v >= t}
                           for k_, (v, t) in targets.items()}}

@@ -89,5 +89,8 @@ PYBIND11_MODULE(_kernels, m) {
         "theta += c; the memory-bandwidth probe of the benchmark");
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);
+  m.def("simd_path", []() { return std::string(simd_path()); },
+        "widest SIMD set the kernels were compiled for (avx512f, avx2, sse2, neon, scalar)");
+  m.def("native_build", &native_build, "whether the kernels were tuned for the build machine (-march=native)");
   m.attr("TILE") = kTile;
 }

@@ -195,6 +195,28 @@ size_t first_segment(const std::vector<Segment>& segs, uint64_t elem) {
 
 void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
 
+const char* simd_path() {
+#if defined(__AVX512F__)
+  return "avx512f";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__SSE2__)
+  return "sse2";
+#elif defined(__ARM_NEON) || defined(__ARM_NEON__)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
+
+bool native_build() {
+#ifdef EDGEFED_NATIVE_BUILD
+  return true;
+#else
+  return false;
+#endif
+}
+
 int get_num_threads() {
   const int n = g_threads.load();
   return n > 0 ? n : hardware_threads();

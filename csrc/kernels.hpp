@@ -22,6 +22,11 @@ constexpr int kTileBlocks = kTile / 4;  // Philox blocks per tile
 
 void set_num_threads(int n);
 int get_num_threads();
+// The widest SIMD instruction set this translation unit was compiled for ("avx512f", "avx2",
+// "sse2", "neon" or "scalar") and whether it was tuned for the build machine (-march=native):
+// results are bit-identical on every path; speed is not.
+const char* simd_path();
+bool native_build();
 
 // z(seed)[tile*kTile .. +kTile) into out.
 void generate_tile(uint64_t seed, uint32_t stream, uint64_t tile, Dist dist, float* out);

@@ -53,7 +53,7 @@ def _onnxruntime(cfg) -> Check:
 def _kernels() -> Check:
     from . import kernels
     b = kernels.backend()
-    found = f"{b} backend, {kernels.get_num_threads()} threads, {platform.machine()}"
+    found = f"{b} backend, SIMD {kernels.simd_path()}, {kernels.get_num_threads()} threads, {platform.machine()}"
     if b != "cpp":
         why = ("EDGEFED_KERNELS=numpy is set" if os.environ.get("EDGEFED_KERNELS") == "numpy"
                else "the compiled extension did not load")
@@ -71,6 +71,10 @@ def _kernels() -> Check:
             return Check("kernels", False, found + f" ({dist} output differs from the numpy reference)",
                          "this build is not bit-exact: rebuild with EDGEFED_NATIVE=0 (no -march=native) and "
                          "without -ffast-math; devices would drift from each other")
+    if kernels.simd_path().endswith("+native"):
+        return Check("kernels", True, found + ", bit-exact against the numpy reference",
+                     "built with -march=native: a wheel of this build runs only on CPUs like this one; "
+                     "build with EDGEFED_NATIVE=0 to copy it across a fleet", warn=True)
     return Check("kernels", True, found + ", bit-exact against the numpy reference")
 
 

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised by test_kernels via a
                   "which is much slower. Reinstall edgefed with gcc and cmake present "
                   "(`pip install .`) to build them.", RuntimeWarning, stacklevel=2)
 
-__all__ = ["perturb", "zo_update", "replay", "fill", "set_num_threads", "get_num_threads",
+__all__ = ["perturb", "zo_update", "replay", "fill", "set_num_threads", "get_num_threads", "simd_path",
            "backend", "DISTRIBUTIONS", "KernelInputError"]
 
 DISTRIBUTIONS = rng.DISTRIBUTIONS
@@ -44,6 +44,16 @@ def backend() -> str:
     if os.environ.get("EDGEFED_KERNELS") == "numpy":
         return "numpy"
     return "cpp" if _ext is not None else "numpy"
+
+
+def simd_path() -> str:
+    """The kernels' SIMD instruction set ('avx512f', 'avx2', 'sse2', 'neon', 'scalar'), with
+    '+native' when built with -march=native (tuned for the build machine: do not copy such a
+    wheel to another CPU), or 'numpy' for the fallback. Results are bit-identical on every path."""
+    if backend() != "cpp":
+        return "numpy"
+    path = getattr(_ext, "simd_path", lambda: "unknown")()
+    return path + ("+native" if getattr(_ext, "native_build", lambda: False)() else "")
 
 
 def set_num_threads(n: int) -> None:

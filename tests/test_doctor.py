@@ -36,3 +36,13 @@ def test_cli_exit_code_says_ready_or_not():
     assert bad.returncode == 1 and "FAIL  broker" in bad.stdout and "fix:" in bad.stdout
     ok = subprocess.run([sys.executable, "-m", "edgefed.cli", "doctor"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.strip().endswith("ready")
+
+
+def test_the_kernels_say_which_simd_path_they_were_built_for():
+    from edgefed import kernels
+    path = kernels.simd_path()
+    assert path.split("+")[0] in ("avx512f", "avx2", "sse2", "neon", "scalar", "numpy")
+    c = _by_name(run_checks())
+    assert f"SIMD {path}" in c["kernels"].found
+    if path.endswith("+native"):  # tuned for this CPU: doctor says not to copy the wheel around
+        assert c["kernels"].warn and "EDGEFED_NATIVE=0" in c["kernels"].fix

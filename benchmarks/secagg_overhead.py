@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edgefed.security.secagg import (SecAggClient, SecAggConfig, SecAggServer, plan_params,  # noqa: E402
-                                     config_from_plan)
+from edgefed.security.secagg import (SecAggClient, SecAggServer, config_from_plan,  # noqa: E402
+                                     plan_params)
 from edgefed.security.signing import Signer  # noqa: E402
 
 VECTORS = {  # name: (length, bound, plain bytes per device)
@@ -54,41 +54,38 @@ def protocol_round(n: int, length: int, bound: float, dropout: float, seed: int 
     srv = SecAggServer(cfg, signer=ss, device_keys={d: s.public_key() for d, s in signers.items()})
     cl = {d: SecAggClient(d, cfg, signer=signers[d], server_key=ss.public_key()) for d in ids}
     drop = set(ids[:int(round(dropout * n))])
-    t_dev = {d: 0.0 for d in ids}
+    spent = {d: 0.0 for d in (*ids, "server")}  # seconds of crypto and encoding, per party
     up = {d: 0 for d in ids}
     down = {d: 0 for d in ids}
 
-    def dev(d, fn, *a):
+    def timed(who, fn, *a):
         t0 = time.perf_counter()
         out = fn(*a)
-        t_dev[d] += time.perf_counter() - t0
+        spent[who] += time.perf_counter() - t0
         return out
 
-    t_srv = 0.0
-    for d in ids:
-        m = dev(d, cl[d].advertise)
+    def send(d, make, *a, to):
+        """A device's message: made (timed for the device), counted, taken by the server (timed)."""
+        m = timed(d, make, *a)
         up[d] += len(m)
-        t0 = time.perf_counter(); srv.add_advertise(m); t_srv += time.perf_counter() - t0
-    t0 = time.perf_counter(); roster = srv.roster(); t_srv += time.perf_counter() - t0
+        timed("server", to, m)
+
+    for d in ids:
+        send(d, cl[d].advertise, to=srv.add_advertise)
+    roster = timed("server", srv.roster)
     for d in ids:
         down[d] += len(roster)
-        m = dev(d, cl[d].share_keys, roster)
-        up[d] += len(m)
-        t0 = time.perf_counter(); srv.add_shares(m); t_srv += time.perf_counter() - t0
+        send(d, cl[d].share_keys, roster, to=srv.add_shares)
     alive = [d for d in ids if d not in drop]
     for d in alive:
-        t0 = time.perf_counter(); fwd = srv.forward(d); t_srv += time.perf_counter() - t0
+        fwd = timed("server", srv.forward, d)
         down[d] += len(fwd)
-        m = dev(d, cl[d].masked_input, fwd, xs[d])
-        up[d] += len(m)
-        t0 = time.perf_counter(); srv.add_masked(m); t_srv += time.perf_counter() - t0
-    t0 = time.perf_counter(); req = srv.unmask_request(); t_srv += time.perf_counter() - t0
+        send(d, cl[d].masked_input, fwd, xs[d], to=srv.add_masked)
+    req = timed("server", srv.unmask_request)
     for d in alive:
         down[d] += len(req)
-        m = dev(d, cl[d].unmask, req)
-        up[d] += len(m)
-        t0 = time.perf_counter(); srv.add_unmask(m); t_srv += time.perf_counter() - t0
-    t0 = time.perf_counter(); total, surv = srv.result(); t_srv += time.perf_counter() - t0
+        send(d, cl[d].unmask, req, to=srv.add_unmask)
+    total, surv = timed("server", srv.result)
     err = float(np.max(np.abs(total - sum(xs[d] for d in surv))))
     # the plain baseline: the server's weighted mean of the same float32 vectors
     t0 = time.perf_counter()
@@ -98,8 +95,8 @@ def protocol_round(n: int, length: int, bound: float, dropout: float, seed: int 
     a = alive
     return {"n": n, "length": length, "dropout": dropout, "degree": _degree(n), "bits": cfg.fixed.bits,
             "frac_bits": cfg.fixed.frac_bits, "up_bytes": float(np.mean([up[d] for d in a])),
-            "down_bytes": float(np.mean([down[d] for d in a])), "device_s": float(np.mean([t_dev[d] for d in a])),
-            "server_s": t_srv, "plain_server_s": t_plain, "max_abs_error": err}
+            "down_bytes": float(np.mean([down[d] for d in a])), "device_s": float(np.mean([spent[d] for d in a])),
+            "server_s": spent["server"], "plain_server_s": t_plain, "max_abs_error": err}
 
 
 def job_compare(rounds: int = 4) -> list[dict]:

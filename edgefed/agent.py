@@ -15,10 +15,10 @@ import queue
 import threading
 import time
 import zlib
-
-import numpy as np
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
 
 from . import protocol as P
 from .methods import get_method
@@ -236,12 +236,7 @@ class DeviceAgent:
         if self._request_sync(self._last_pparams):
             st = self._last_state
             if st is not None and st.round == self.start_round and st.digest.startswith(DIGEST_PREFIX) \
-                    and params_digest(self.model.params) != st.digest:
-                self.stats.resyncs += 1
-                self.log.error("%s: final parameters differ from the global model (%s): resyncing from the "
-                               "artifact", self.device, st.digest)
-                self.model.reset_params()
-                self.start_round = 0
+                    and self._drifted(st.digest, "at the end of the job"):
                 if not self._request_sync(self._last_pparams) or params_digest(self.model.params) != st.digest:
                     self.log.error("%s: still not the global model after a full resync", self.device)
                     return
@@ -311,16 +306,8 @@ class DeviceAgent:
         """The plan's digest of the global trainables against ours: on a mismatch, back to the
         artifact and a resync from round 0 (exact: the same deltas in the same order)."""
         want = plan.params.get("state_digest")
-        if not want:
+        if not want or not self._drifted(want, f"at the start of round {plan.round}"):
             return True
-        got = params_digest(self.model.params)
-        if got == want:
-            return True
-        self.stats.resyncs += 1
-        self.log.error("%s: parameters differ from the global model at the start of round %d (%s, server %s): "
-                       "resyncing from the artifact", self.device, plan.round, got, want)
-        self.model.reset_params()
-        self.start_round = 0
         full_before = self.stats.full_syncs
         if not self._sync_to(plan, pparams):
             return False
@@ -334,6 +321,19 @@ class DeviceAgent:
                                    f"{want}): is this device running another artifact?", reset=True)
             return False
         self.log.info("%s: back on the global model at round %d after a resync", self.device, plan.round)
+        return True
+
+    def _drifted(self, want: str, where: str) -> bool:
+        """Whether our trainables differ from the global model's digest `want`; if so, say so, go
+        back to the artifact's trainables and to round 0, for the caller to resync."""
+        got = params_digest(self.model.params)
+        if got == want:
+            return False
+        self.stats.resyncs += 1
+        self.log.error("%s: parameters differ from the global model %s (%s, server %s): resyncing from the "
+                       "artifact", self.device, where, got, want)
+        self.model.reset_params()
+        self.start_round = 0
         return True
 
     def _check_artifact(self, state: P.JobState) -> None:

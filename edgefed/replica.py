@@ -56,14 +56,17 @@ class TrainablesReplica:
         self.client = method_client
         self.plan_params = dict(plan_params)
         self.rounds = 0
+        self._digest: str | None = None  # of the current params: the plan and JobState both carry it
 
     def reset_params(self) -> None:
         self.params[:] = read_trainable(self.dir, self.manifest)
         self.rounds = 0
+        self._digest = None
 
     def apply(self, delta: RoundDelta) -> None:
         if delta.round != self.rounds:
             raise ValueError(f"delta of round {delta.round}, replica at round {self.rounds}")
+        self._digest = None
         self.client.apply_delta(self, delta, self.plan_params)
         self.rounds += 1
 
@@ -74,4 +77,7 @@ class TrainablesReplica:
             self.apply(d)
 
     def digest(self) -> str:
-        return params_digest(self.params)
+        """params_digest of the trainables, hashed once per round (a second over full SmolLM2)."""
+        if self._digest is None:
+            self._digest = params_digest(self.params)
+        return self._digest

@@ -634,13 +634,16 @@ class Server:
         if type(self.strategy).secure_spec is ServerStrategy.secure_spec:
             raise ValueError(f"method {self.job.method!r} has no secure aggregation mode")
 
+    def _secagg_max_devices(self) -> int:
+        """The largest cohort of a secure round: it sizes the fixed-point scale and caps the roster."""
+        return int(self.job.params.get("secagg_max_devices", 0) or self.rlimits.max_devices)
+
     def _secure_params(self, plan: RoundPlan, attempt: int) -> dict:
         from edgefed.security.secagg import plan_params
         spec = self.strategy.secure_spec(self.job, plan)
         p = self.job.params
-        n_max = int(p.get("secagg_max_devices", 0) or self.rlimits.max_devices)
-        return plan_params(spec.length, spec.bound, n_max, int(p.get("secagg_threshold", 0) or 0),
-                           int(p.get("secagg_degree", 0) or 0), attempt)
+        return plan_params(spec.length, spec.bound, self._secagg_max_devices(),
+                           int(p.get("secagg_threshold", 0) or 0), int(p.get("secagg_degree", 0) or 0), attempt)
 
     def _open_secure(self, plan: Optional[RoundPlan], now: float) -> None:
         """A SecureRound for the plan that was just set (None when the round is not secure)."""
@@ -651,12 +654,9 @@ class Server:
         cfg = config_from_plan(self.job.job, plan.round, plan.params)
         window = float(self.job.params.get("secagg_window", 0) or min(30.0, self.job.round_timeout / 4))
         keys = self._verifier.devices if self._verifier is not None else None
-        self.secure = SecureRound(cfg, self.topics, clock=self.clock, window=window,
-                                  expected=set(self.expected),
-                                  max_devices=int(self.job.params.get("secagg_max_devices", 0) or
-                                                  self.rlimits.max_devices),
+        self.secure = SecureRound(cfg, self.topics, clock=self.clock, window=window, opened_at=now,
+                                  expected=set(self.expected), max_devices=self._secagg_max_devices(),
                                   signer=self._signer, device_keys=keys, logger=self.log)
-        self.secure.stage_deadline = now + window
 
     def _restart_secure(self, now: float, outbox: list, reason: str) -> None:
         """Redo this round's secure aggregation under a new attempt: fresh keys, devices train
@@ -1112,7 +1112,7 @@ class Server:
         coefficients, replayed in one pass: equal up to float32 rounding)."""
         if self.replica is not None and self.replica.rounds == self.round \
                 and self.replica.params.nbytes + 4096 <= self.limits.max_message_bytes:
-            return [Tensor(TRAINABLES_TENSOR, self.replica.params.copy())]
+            return [Tensor(TRAINABLES_TENSOR, self.replica.params)]  # encoded at once, on this thread
         return self.strategy.full_state(self.job, self.state)
 
     def _load_deltas(self, first: int, last: int) -> List[RoundDelta]:

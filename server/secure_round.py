@@ -14,7 +14,7 @@ under attempt a+1 with fresh keys (devices train again; nothing of a failed atte
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class SecureRoundFailed(RuntimeError):
 
 class SecureRound:
     def __init__(self, cfg: SecAggConfig, topics: Topics, *, clock: Callable[[], float], window: float,
-                 expected: Set[str], max_devices: int, signer=None,
+                 opened_at: float, expected: Set[str], max_devices: int, signer=None,
                  device_keys: Optional[Mapping[str, object]] = None, logger: Optional[logging.Logger] = None):
         self.cfg = cfg
         self.topics = topics
@@ -42,9 +42,7 @@ class SecureRound:
         self.log = logger or logging.getLogger("edgefed.server")
         self.sa = SecAggServer(cfg, signer=signer, device_keys=device_keys)
         self.stage = "advertise"
-        self.stage_deadline = clock() + self.window
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.stage_deadline = opened_at + self.window
 
     # ------------------------------------------------------------------ inbound
     def on_message(self, device: str, payload: bytes, outbox: list) -> None:
@@ -52,7 +50,6 @@ class SecureRound:
         m = decode_message(payload, max_bytes=1 << 22)
         if m.sender != device:
             raise SecAggError(f"message from {m.sender!r} arrived on {device!r}'s topic")
-        self.bytes_in += len(payload)
         if m.stage == Stage.ADVERTISE:
             if self.stage != "advertise":
                 raise SecAggError(f"advertisement from {device} after the roster was sent")
@@ -89,16 +86,16 @@ class SecureRound:
         return device in self.sa.shares
 
     # ------------------------------------------------------------------ stages out
-    def _publish(self, outbox: list, topic: str, data: bytes, copies: int = 1) -> None:
-        outbox.append((topic, data, False))
-        self.bytes_out += len(data) * copies
+    @staticmethod
+    def _publish(outbox: list, topic: str, data: bytes) -> None:
+        outbox.append((topic, data, False))  # the stage's bytes are counted by SecAggServer
 
     def _roster(self, outbox: list) -> None:
         try:
             data = self.sa.roster()
         except SecAggError as e:
             raise SecureRoundFailed(f"key advertisement: {e}") from None
-        self._publish(outbox, self.topics.secagg_all(), data, len(self.sa.adverts))
+        self._publish(outbox, self.topics.secagg_all(), data)
         self.stage, self.stage_deadline = "shares", self.clock() + self.window
         self.log.info("secure round %d: roster of %d devices sent", self.cfg.round, len(self.sa.adverts))
 
@@ -116,7 +113,7 @@ class SecureRound:
             data = self.sa.unmask_request()
         except SecAggError as e:
             raise SecureRoundFailed(f"masked inputs: {e}") from None
-        self._publish(outbox, self.topics.secagg_all(), data, len(self.sa.survivors))
+        self._publish(outbox, self.topics.secagg_all(), data)
         self.stage, self.stage_deadline = "unmask", self.clock() + self.window
 
     # ------------------------------------------------------------------ clock
@@ -150,4 +147,4 @@ class SecureRound:
     def summary(self) -> dict:
         return {"stage": self.stage, "advertised": len(self.sa.adverts), "shared": len(self.sa.shares),
                 "masked": len(self.sa.masked), "unmasked": len(self.sa.unmasks),
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+                "bytes_in": self.sa.bytes_in, "bytes_out": self.sa.bytes_out}

@@ -45,10 +45,9 @@ def delta_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
 
 def _artifact_trainables(job: JobConfig) -> int:
     """The trainable count from the job's artifact manifest (a secure round's vector length)."""
-    import json
-    from pathlib import Path
+    from ..export.artifact import read_manifest
     try:
-        return int(json.loads((Path(job.artifact) / "manifest.json").read_text())["n_trainable"])
+        return int(read_manifest(job.artifact)["n_trainable"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"secure aggregation needs the job's artifact on the server to size the vectors: "
                          f"{job.artifact}/manifest.json: {e}") from None

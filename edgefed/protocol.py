@@ -194,17 +194,81 @@ def _check_text(value: Any, what: str, limits: Limits) -> str:
 
 # --------------------------------------------------------------------------- value types
 
+# Tensor element types on the wire: name -> (wire code, numpy dtype of Tensor.data). bf16 has no
+# numpy type; its data are the raw uint16 bit patterns (the top half of a float32).
+TENSOR_DTYPES: Dict[str, Tuple[int, np.dtype]] = {
+    "f32": (1, np.dtype("<f4")), "u32": (2, np.dtype("<u4")), "f16": (3, np.dtype("<f2")),
+    "bf16": (4, np.dtype("<u2")), "i8": (5, np.dtype("i1"))}
+_CODE_DTYPE = {code: name for name, (code, _) in TENSOR_DTYPES.items()}
+_FLOAT_DTYPES = ("f32", "f16", "bf16")
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (u >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> float32 (exact)."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 @dataclass(eq=False)
 class Tensor:
-    """A named float32 tensor (LoRA factor, soft prompt, full-state chunk), or uint32 (a
-    secure-aggregation masked vector: ring elements, not numbers)."""
+    """A named array: f32 (LoRA factors, deltas, full-state chunks), f16 / bf16 (halved update
+    bytes), i8 (quantised payloads; their scales travel as an f32 tensor of their own) or u32 (a
+    secure-aggregation masked vector: ring elements, not numbers).
+
+    `dtype` is inferred from the data (float32, uint32, float16, int8; anything else numeric is
+    cast to float32) except for bf16, which numpy lacks: pass dtype="bf16" with uint16 bit
+    patterns, or build one with Tensor.bf16(name, floats)."""
 
     name: str
     data: np.ndarray
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         a = np.asarray(self.data)
-        self.data = np.ascontiguousarray(a if a.dtype == np.uint32 else a.astype(np.float32, copy=False))
+        if self.dtype == "bf16":
+            if a.dtype != np.uint16:
+                raise InvalidField(f"tensor {self.name!r}: bf16 data must be uint16 bit patterns "
+                                   f"(use Tensor.bf16(name, floats)), got {a.dtype}")
+        elif self.dtype in ("", "f32", "u32", "f16", "i8"):
+            inferred = {np.dtype(np.uint32): "u32", np.dtype(np.float16): "f16",
+                        np.dtype(np.int8): "i8"}.get(a.dtype, "f32")
+            if self.dtype and self.dtype != inferred and not (self.dtype == "f32" and a.dtype.kind in "fiub"):
+                raise InvalidField(f"tensor {self.name!r}: dtype {self.dtype!r} does not match data of {a.dtype}")
+            self.dtype = self.dtype or inferred
+            if self.dtype == "f32":
+                a = a.astype(np.float32, copy=False)
+        else:
+            raise InvalidField(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of "
+                               f"{sorted(TENSOR_DTYPES)}")
+        self.data = np.ascontiguousarray(a)
+
+    @classmethod
+    def bf16(cls, name: str, values: np.ndarray) -> "Tensor":
+        return cls(name, bf16_bits(values), "bf16")
+
+    @classmethod
+    def encode_as(cls, name: str, values: np.ndarray, dtype: str) -> "Tensor":
+        """values (float) on the wire as dtype f32 | f16 | bf16 (rounded to nearest)."""
+        if dtype == "bf16":
+            return cls.bf16(name, values)
+        if dtype in ("f32", "f16"):
+            return cls(name, np.asarray(values, dtype=np.float32 if dtype == "f32" else np.float16))
+        raise InvalidField(f"tensor {name!r}: cannot encode floats as {dtype!r}; use f32, f16 or bf16")
+
+    def float32(self) -> np.ndarray:
+        """The values as float32 (exact for f16 / bf16 / i8; u32 ring elements have no float meaning)."""
+        if self.dtype == "bf16":
+            return bf16_to_f32(self.data)
+        if self.dtype == "u32":
+            raise InvalidField(f"tensor {self.name!r} holds u32 ring elements, not numbers")
+        return self.data.astype(np.float32, copy=False)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -223,7 +287,7 @@ class RoundDelta:
 
 Param = Union[int, float, str]
 
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<u4")}  # wire dtype codes; 0 = absent (optional)
+_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<u4")}  # wire dtype codes of plain arrays; 0 = absent
 _DTYPE_CODE = {"f4": 1, "u4": 2}
 _PARAM_INT, _PARAM_FLOAT, _PARAM_STR = 1, 2, 3
 
@@ -259,7 +323,9 @@ class _Writer:
             self.str(t.name, what + ".name")
             self.parts.append(struct.pack("<B", t.data.ndim))
             self.parts.append(struct.pack(f"<{t.data.ndim}I", *t.data.shape))
-            self.array(t.data.reshape(-1), "u4" if t.data.dtype == np.uint32 else "f4", what)
+            code, dt = TENSOR_DTYPES[t.dtype]
+            self.parts.append(struct.pack("<BI", code, t.data.size))
+            self.parts.append(np.ascontiguousarray(t.data, dtype=dt).tobytes())
 
     def params(self, p: Dict[str, Param], what: str) -> None:
         self.pack("H", len(p), what)
@@ -348,12 +414,23 @@ class _Reader:
             shape = self.unpack(f"{ndim}I", f"{what}[{i}].shape") if ndim else ()
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
             count = math.prod(shape)
-            code = "u4" if self.buf[self.pos:self.pos + 1] == bytes([_DTYPE_CODE["u4"]]) else "f4"
-            data = self.array(code, f"{what}[{i}] ({name})", self.limits.max_message_bytes // 4)
-            if data.size != count:
+            code, size = self.unpack("BI", f"{what}[{i}] ({name}) dtype")
+            dname = _CODE_DTYPE.get(code)
+            if dname is None:
+                raise InvalidField(f"{what}[{i}] ({name}) has unknown dtype code {code} (this build "
+                                   f"knows {sorted(TENSOR_DTYPES)}); upgrade edgefed")
+            dt = TENSOR_DTYPES[dname][1]
+            if size > self.limits.max_message_bytes // dt.itemsize:
+                raise MessageTooLarge(f"{what}[{i}] ({name}) has {size} elements; the message limit "
+                                      f"is {self.limits.max_message_bytes} bytes")
+            if size != count:
                 raise InvalidField(f"{what}[{i}] ({name}): shape {shape} needs {count} values, "
-                                   f"payload has {data.size}")
-            out.append(Tensor(name, data.reshape(shape)))
+                                   f"payload has {size}")
+            self._need(size * dt.itemsize, f"{what}[{i}] ({name})")
+            data = np.frombuffer(self.buf, dtype=dt, count=size, offset=self.pos).astype(
+                dt.newbyteorder("="), copy=True)
+            self.pos += size * dt.itemsize
+            out.append(Tensor(name, data.reshape(shape), dname))
         return out
 
     def params(self, what: str) -> Dict[str, Param]:
@@ -501,8 +578,8 @@ def _check_tensors(ts: List[Tensor], what: str, limits: Limits) -> None:
         if t.data.ndim > limits.max_tensor_ndim:
             raise MessageTooLarge(f"{what}[{i}] ({t.name}) has {t.data.ndim} dims; limit "
                                   f"{limits.max_tensor_ndim}")
-        if t.data.dtype == np.float32:
-            _check_all_finite(t.data, f"{what}[{i}] ({t.name}) flat index ")
+        if t.dtype in _FLOAT_DTYPES:
+            _check_all_finite(t.float32(), f"{what}[{i}] ({t.name}) flat index ")
 
 
 def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
@@ -1030,7 +1107,7 @@ __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "MAGIC", "TOPIC_ROOT", "Limits", "DEFAULT_LIMITS",
     "ProtocolError", "MessageTooLarge", "TruncatedMessage", "BadMagic", "UnsupportedVersion",
     "ChecksumMismatch", "InvalidField", "SignatureError", "Signature", "signing_input",
-    "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "RoundDelta", "MessageType",
+    "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "TENSOR_DTYPES", "bf16_bits", "bf16_to_f32", "RoundDelta", "MessageType",
     "AckStatus", "Message", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
     "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
     "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds"]

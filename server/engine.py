@@ -950,8 +950,8 @@ class Server:
             except (ProtocolError, SecAggError) as e:
                 raise _Reject("secagg", str(e)) from None
         else:
-            if any(t.data.dtype != np.float32 for t in msg.tensors):
-                raise _Reject("strategy", f"update from {device} carries a non-float32 tensor; only secure "
+            if any(t.dtype == "u32" for t in msg.tensors):
+                raise _Reject("strategy", f"update from {device} carries a u32 tensor; only secure "
                               f"rounds carry masked (uint32) vectors")
             try:
                 self.strategy.validate_update(self.job, self.state, self.plan, msg)

@@ -379,3 +379,44 @@ def test_docs_match_schema():
         rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", m.group(1), re.M)
         assert rows == list(cls.SCHEMA), f"{cls.__name__}: docs {rows} != code {list(cls.SCHEMA)}"
     assert f"version {P.PROTOCOL_VERSION}" in doc and P.MAGIC.decode() in doc
+
+
+# -- tensor dtypes --------------------------------------------------------------------------
+
+def test_tensors_keep_their_dtype_on_the_wire_and_bf16_rounds_to_nearest_even():
+    import ml_dtypes  # the reference bfloat16 (a dependency of onnx on hosts)
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 33)) * 100).astype(np.float32)
+    ts = [P.Tensor("f32", x), P.Tensor.bf16("bf16", x), P.Tensor("f16", x.astype(np.float16)),
+          P.Tensor("i8", rng.integers(-128, 128, 50).astype(np.int8)),
+          P.Tensor("u32", rng.integers(0, 2**32, 7, dtype=np.uint64).astype(np.uint32))]
+    upd = P.Update(job="j", round=1, device="d", method="m", msg_id=5, num_samples=3, tensors=ts)
+    back = P.decode(upd.encode(), expect=P.Update)
+    for a, b in zip(ts, back.tensors):
+        assert (a.name, a.dtype, a.shape) == (b.name, b.dtype, b.shape)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+    assert np.array_equal(back.tensors[1].data, x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.array_equal(back.tensors[1].float32(), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    # bytes: half-precision payloads are half the size
+    size = {t.dtype: len(P.Update(job="j", round=1, device="d", method="m", msg_id=5, num_samples=3,
+                                   tensors=[t]).encode()) for t in ts[:3]}
+    assert size["bf16"] - 4 * 33 * 2 < size["f32"] - 4 * 33 * 4 + 8
+
+
+def test_non_finite_half_precision_values_and_unknown_dtype_codes_are_refused():
+    bad = np.array([1.0, np.inf], np.float32)
+    with pytest.raises(P.InvalidField, match="must be finite"):
+        P.Update(job="j", round=1, device="d", method="m", msg_id=5, num_samples=3,
+                 tensors=[P.Tensor.bf16("t", bad)]).encode()
+    with pytest.raises(P.InvalidField, match="bf16 data must be uint16"):
+        P.Tensor("t", bad, "bf16")
+    raw = bytearray(P.Update(job="j", round=1, device="d", method="m", msg_id=5, num_samples=3,
+                             tensors=[P.Tensor("t", np.ones(2, np.float16))]).encode())
+    i = bytes(raw).index(b"\x03\x02\x00\x00\x00")  # dtype code 3 (f16), count 2
+    raw[i] = 9
+    body = bytes(raw[:-4])
+    import zlib
+    raw[-4:] = zlib.crc32(body).to_bytes(4, "little")
+    with pytest.raises(P.InvalidField, match="unknown dtype code 9"):
+        P.decode(bytes(raw))

@@ -19,7 +19,8 @@ import numpy as np
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 
 __all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
-           "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec", "parse_param"]
+           "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec", "parse_param",
+           "RoundAccumulator", "BufferedAccumulator"]
 
 
 @dataclass
@@ -128,6 +129,36 @@ def check_num_samples(plan: RoundPlan, update: Update) -> None:
                            f"batch_size {plan.batch_size} = {cap}")
 
 
+class RoundAccumulator(ABC):
+    """One round's aggregation as updates stream in: the engine calls add() for each accepted
+    update in arrival order (the store keeps that order, so a replay adds them the same way) and
+    finalize() once at the deadline. A streaming accumulator keeps running sums only, so server
+    memory does not grow with the number of devices; the engine keeps no Update after add()."""
+
+    @abstractmethod
+    def add(self, update: Update) -> None: ...
+
+    @abstractmethod
+    def finalize(self) -> tuple[MethodState, RoundDelta]:
+        """The new state and the delta devices apply (called once, with >= 1 update added)."""
+
+
+class BufferedAccumulator(RoundAccumulator):
+    """The default: hold the round's updates and call strategy.aggregate() with them ordered by
+    device id (what robust statistics such as a coordinate-wise median need anyway)."""
+
+    def __init__(self, strategy: "ServerStrategy", job: JobConfig, state: MethodState, plan: RoundPlan):
+        self.strategy, self.job, self.state, self.plan = strategy, job, state, plan
+        self.updates: list[Update] = []
+
+    def add(self, update: Update) -> None:
+        self.updates.append(update)
+
+    def finalize(self) -> tuple[MethodState, RoundDelta]:
+        ordered = sorted(self.updates, key=lambda u: u.device)
+        return self.strategy.aggregate(self.job, self.state, self.plan, ordered)
+
+
 class ServerStrategy(ABC):
     """Server side of a method: pure numpy, deterministic (a replay of the accepted-update
     log through aggregate() must give the same state)."""
@@ -147,6 +178,10 @@ class ServerStrategy(ABC):
                   updates: Sequence[Update]) -> tuple[MethodState, RoundDelta]:
         """Fold the round's accepted updates (in a fixed order: by device id) into the state;
         return the new state and the delta devices apply to reach it."""
+
+    def start_round(self, job: JobConfig, state: MethodState, plan: RoundPlan) -> RoundAccumulator:
+        """The accumulator for one round; override to aggregate as updates stream in."""
+        return BufferedAccumulator(self, job, state, plan)
 
     def full_state(self, job: JobConfig, state: MethodState) -> list[Tensor]:
         """Everything a device far behind needs to rebuild the global state from the artifact."""

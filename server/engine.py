@@ -13,8 +13,10 @@ Round state machine (docs/server.md has the policies in prose):
       -> collect accepted updates (one per device)
       -> close when accepted >= target, or at the deadline when accepted >= min_devices;
          below quorum at the deadline: deadline += round_timeout, same plan re-published
-      -> aggregate (updates ordered by device id), commit state+delta+close+open in one
-         transaction, publish plan r+1 (carrying the delta) and JobState.
+      -> each accepted update is stored, then added to the round's accumulator
+         (strategy.start_round; the default buffers and aggregates ordered by device id)
+      -> finalize, commit state+delta+close+open in one transaction, publish plan r+1
+         (carrying the delta) and JobState.
 
 The engine knows no method by name: everything method-specific goes through the strategy.
 """
@@ -33,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from edgefed.methods import JobConfig, MethodState, ServerStrategy, get_method
+from edgefed.methods.base import RoundAccumulator
 from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, ChecksumMismatch, JobState,
                               Limits, MessageTooLarge, ProtocolError, RoundDelta,
                               RoundMismatch, RoundPlan, SignatureError, Status, SyncReply,
@@ -175,6 +178,27 @@ def _is_store_error(e: BaseException) -> bool:
     return isinstance(e, StoreError) or type(e).__module__.startswith("sqlite3")
 
 
+@dataclasses.dataclass(frozen=True)
+class AcceptedMeta:
+    """What the engine keeps of an accepted update once the accumulator has it: enough for the
+    round's metrics and a secure round's aggregate_secure, never the payload (so a streaming
+    strategy's server memory does not grow with the devices)."""
+    device: str
+    round: int
+    msg_id: int
+    num_samples: int
+    train_loss: float
+
+    @classmethod
+    def of(cls, u: Update) -> "AcceptedMeta":
+        return cls(u.device, int(u.round), int(u.msg_id), int(u.num_samples), float(u.train_loss))
+
+    def stub(self, job: str, method: str) -> Update:
+        """An Update with the metadata only (aggregate_secure reads num_samples / train_loss)."""
+        return Update(job=job, round=self.round, device=self.device, method=method,
+                      msg_id=self.msg_id, num_samples=self.num_samples, train_loss=self.train_loss)
+
+
 class _Reject(Exception):
     """Internal: refuse an update with an Ack status, a metrics label and a reason."""
 
@@ -255,7 +279,8 @@ class Server:
         self.opened_at = 0.0
         self.extensions = 0
         self.done = False
-        self.accepted: Dict[str, Tuple[Update, int]] = {}  # device -> (update, raw size)
+        self.accepted: Dict[str, Tuple[AcceptedMeta, int]] = {}  # device -> (metadata, raw size)
+        self.acc: Optional[RoundAccumulator] = None  # the open round's aggregation (not secure rounds)
         self.expected: Set[str] = set()   # devices that count toward this round's target
         self.devices: Dict[str, dict] = {}
         self.proven: Set[str] = set()     # devices with an accepted update in this job
@@ -314,6 +339,7 @@ class Server:
                 self.round = 0
                 self._set_plan(self._build_plan(0, None, now + self.job.round_timeout), now)
                 self.store.start_job(self.job, self.state, self.plan_bytes, self.deadline, now)
+                self._open_acc()
                 self.log.info("job %s created: method %s, %d rounds, store %s", self.job.job,
                               self.job.method, self.job.rounds, self.store.path)
                 self.expected = self._countable_online()
@@ -578,13 +604,36 @@ class Server:
             self.plan_bytes = self.plan.encode(self.limits, signer=self._signer)
         self.deadline = r.deadline
         self.opened_at = r.opened_at
-        for device, _msg_id, raw in r.accepted:
-            upd = decode(raw, limits=self.limits, expect=Update)
-            self.accepted[device] = (upd, len(raw))  # type: ignore[assignment]
+        self._restore_accepted(r.accepted)
         self.proven = set(self.store.accepted_devices(self.job.job))
         self.expected = self._countable_online() | set(self.accepted)
         self.log.info("resuming job %s at round %d with %d accepted updates (%s)", self.job.job,
                       self.round, len(self.accepted), ", ".join(sorted(self.accepted)) or "none")
+
+    def _open_acc(self) -> None:
+        """A fresh accumulator for the open round (None for a secure round: its sum comes
+        from SecAgg, the updates it holds are masked)."""
+        self.acc = None
+        if self.done or self.plan is None or self.state is None or self.plan.params.get("secagg_len"):
+            return
+        self.acc = self.strategy.start_round(self.job, self.state, self.plan)
+
+    def _restore_accepted(self, rows: Sequence[Tuple[str, int, bytes]]) -> None:
+        """The open round's accepted updates from the store, in arrival order: their metadata,
+        and (re-)added to a fresh accumulator in the order the engine first added them."""
+        self._open_acc()
+        self.accepted = {}
+        for device, _msg_id, raw in rows:
+            upd = decode(raw, limits=self.limits, expect=Update)
+            assert isinstance(upd, Update)
+            if self.acc is not None:
+                self.acc.add(upd)
+            self.accepted[device] = (AcceptedMeta.of(upd), len(raw))
+
+    def _rebuild_acc(self) -> None:
+        """After an add() or finalize() that raised, the accumulator may hold partial sums:
+        start the round's accumulator again from the stored accepted updates."""
+        self._restore_accepted(self.store.accepted_updates(self.job.job, self.round))
 
     def _open_replica(self, rounds: int) -> None:
         """The global trainables at `rounds` aggregated rounds (artifact + stored deltas), whose
@@ -787,6 +836,7 @@ class Server:
         with self._lock:
             r = self.store.load_resume(self.job.job)
             self.accepted.clear()
+            self.acc = None
             self.devices.clear()
             self.proven.clear()
             self._raw_late.clear()
@@ -928,7 +978,7 @@ class Server:
             raise _Reject("future_round", f"update from {device} is for round {msg.round}, which has "
                           f"not started (current round {self.round})")
         if device in self.accepted:
-            first = self.accepted[device][0]
+            first = self.accepted[device][0]  # AcceptedMeta
             reason = (f"an update from {device} for round {msg.round} was already accepted "
                       f"(msg_id {first.msg_id}); one update per device and round")
             self.metrics["duplicates"] += 1
@@ -959,10 +1009,20 @@ class Server:
                 raise _Reject("strategy", str(e)) from None
             except Exception as e:
                 raise _Reject("strategy", f"{self.job.method} refused the update: {e!r}") from None
-        self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
-                                 AckStatus.ACCEPTED, "", accepted=True)
-        # in memory only after the row is written (inside the batch transaction)
-        self.accepted[device] = (msg, len(raw))
+        try:
+            with self.store.transaction():  # a savepoint: the row and the add() stand or fall together
+                self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
+                                         AckStatus.ACCEPTED, "", accepted=True)
+                if self.acc is not None:
+                    self.acc.add(msg)
+        except Exception as e:
+            if _is_store_error(e):
+                raise
+            self._rebuild_acc()  # the failed add() may have left partial sums behind
+            raise _Reject("strategy", f"{self.job.method} could not aggregate the update: {e!r}") from None
+        # in memory only after the row is written (inside the batch transaction); the Update
+        # itself is the accumulator's to keep or drop
+        self.accepted[device] = (AcceptedMeta.of(msg), len(raw))
         self.expected.add(device)
         self.proven.add(device)
         if device not in self.devices:  # allow_unknown_devices
@@ -1174,6 +1234,8 @@ class Server:
             del outbox[mark:]
             if self.replica is not None and self.replica.rounds != self.round:
                 self._open_replica(self.round)
+            if self.secure is None:
+                self._rebuild_acc()  # finalize() is called once per accumulator
             self.error = f"aggregation of round {self.round} failed: {e!r}"
             self.log.exception("aggregation of round %d failed; the round stays open", self.round)
 
@@ -1243,11 +1305,13 @@ class Server:
         if secure_sum is not None:
             total, survivors = secure_sum
             devices = sorted(survivors)
-            updates = [self.accepted[d][0] for d in devices]
-            new_state, delta = self.strategy.aggregate_secure(self.job, self.state, self.plan, total, updates)
+            stubs = [self.accepted[d][0].stub(self.job.job, self.job.method) for d in devices]
+            new_state, delta = self.strategy.aggregate_secure(self.job, self.state, self.plan, total, stubs)
         else:
-            updates = [self.accepted[d][0] for d in devices]
-            new_state, delta = self.strategy.aggregate(self.job, self.state, self.plan, updates)
+            if self.acc is None:
+                raise RuntimeError(f"round {rnd} has no open accumulator")
+            new_state, delta = self.acc.finalize()
+        updates = [self.accepted[d][0] for d in devices]
         agg_s = time.perf_counter() - t0
         delta = RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
                            coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
@@ -1260,6 +1324,9 @@ class Server:
         next_plan = None if finished else self._build_plan_for(rnd + 1, new_state, delta,
                                                                now + self.job.round_timeout)
         next_bytes = next_plan.encode(self.limits, signer=self._signer) if next_plan is not None else None
+        # the next round's accumulator too, so nothing can fail between the commit and the switch
+        next_acc = (self.strategy.start_round(self.job, new_state, next_plan)
+                    if next_plan is not None and not next_plan.params.get("secagg_len") else None)
         summary = self.strategy.summary(new_state)
         metrics = {
             "round": rnd, "n_updates": len(updates), "devices": devices,
@@ -1281,6 +1348,7 @@ class Server:
         self._deltas[rnd] = delta
         self._trim_cache()
         self.accepted = {}
+        self.acc = next_acc
         self._extra_rows, self._extra_rows_round, self._raw_late_round = {}, 0, 0
         self.history.append(metrics)
         self.round = rnd + 1  # after the history, for lock-free readers polling .round

@@ -1,8 +1,8 @@
 """Replay a job's accepted-update log through a fresh strategy.
 
-Strategies are deterministic and the engine aggregates each round's accepted updates ordered
-by device id, so folding the stored log again must reproduce the stored state exactly. Used
-by the crash tests and as an audit tool:
+Strategies are deterministic and the engine feeds each round's accepted updates to the round's
+accumulator (strategy.start_round) in arrival order, which the store keeps; replaying them the
+same way must reproduce the stored state exactly. Used by the crash tests and as an audit tool:
 
     python -m edgefed_server.replay --db server.db --job demo
 """
@@ -33,8 +33,8 @@ class ReplayResult:
 
 def replay_log(store: Store, job: str, strategy: Optional[ServerStrategy] = None,
                upto: Optional[int] = None) -> ReplayResult:
-    """Fold the accepted updates of every closed round (in order, through the stored plans)
-    into strategy.init_state(config). Returns the state at the start of the first unclosed round."""
+    """Fold the accepted updates of every closed round (in order, through the stored plans and
+    each round's accumulator) into strategy.init_state(config). Returns the state at the start of the first unclosed round."""
     cfg = store.load_job(job)
     if cfg is None:
         raise StoreError(f"job {job!r} is not in {store.path}")
@@ -51,11 +51,13 @@ def replay_log(store: Store, job: str, strategy: Optional[ServerStrategy] = None
         if raw_plan is None:
             raise StoreError(f"job {job!r}: round {rnd} has no stored plan")
         plan = decode(raw_plan, expect=RoundPlan)
-        rows = store.accepted_updates(job, rnd)  # ordered by device id
-        updates = [decode(raw, expect=Update) for _, _, raw in rows]
-        state, delta = strat.aggregate(cfg, state, plan, updates)  # type: ignore[arg-type]
+        rows = store.accepted_updates(job, rnd)  # arrival order, as the engine added them
+        acc = strat.start_round(cfg, state, plan)  # type: ignore[arg-type]
+        for _, _, raw in rows:
+            acc.add(decode(raw, expect=Update))  # type: ignore[arg-type]
+        state, delta = acc.finalize()
         res.deltas.append(delta)
-        res.n_updates.append(len(updates))
+        res.n_updates.append(len(rows))
         res.rounds = rnd + 1
     res.state = state
     return res

@@ -173,7 +173,7 @@ class ResumeInfo:
     plan: Optional[bytes]           # encoded RoundPlan of the open round (None when finished)
     deadline: float
     opened_at: float
-    accepted: List[Tuple[str, int, bytes]] = field(default_factory=list)  # (device, msg_id, raw)
+    accepted: List[Tuple[str, int, bytes]] = field(default_factory=list)  # (device, msg_id, raw), arrival order
     devices: List[dict] = field(default_factory=list)
     history: List[dict] = field(default_factory=list)  # metrics of closed rounds, in order
 
@@ -420,10 +420,12 @@ class Store:
                            "AND length(raw) > 0", (job, device))[0][0])
 
     def accepted_updates(self, job: str, rnd: int) -> List[Tuple[str, int, bytes]]:
-        """(device, msg_id, raw bytes) of the accepted updates of a round, ordered by device."""
+        """(device, msg_id, raw bytes) of the accepted updates of a round in arrival order (the
+        row id): the order the engine fed them to the round's accumulator, so a resume or a
+        replay feeds a streaming strategy the same sequence."""
         return [(d, i64_to_u64(m), bytes(raw)) for d, m, raw in self._q(
             "SELECT device, msg_id, raw FROM updates WHERE job=? AND round=? AND accepted=1 "
-            "ORDER BY device, msg_id", (job, int(rnd)))]
+            "ORDER BY id", (job, int(rnd)))]
 
     def update_log(self, job: str) -> List[dict]:
         """Every stored update row (accepted, late, duplicate-of-round), in arrival order."""

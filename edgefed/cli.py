@@ -39,6 +39,13 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar for local training")
     p.add_argument("--checkpoint", default=None, help="save the final trained parameters here "
                    "(raw float32 + JSON sidecar) when the job finishes")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: ONNX Runtime, forward passes only, no torch (Pis, Jetsons); torch: a host "
+                        "with the host extra runs the same artifact's graph in torch (CUDA + bf16 when "
+                        "present) and backprops: exact gradient projections in ZO jobs, backprop methods")
+    p.add_argument("--base-model", default=None, help="torch backend: the checkpoint the artifact was "
+                   "exported from (registry name or dir; default: the manifest's base_model)")
+    p.add_argument("--torch-device", default="auto", help="torch backend: cuda, cuda:1, cpu or auto")
     p.add_argument("--signing-key", default=None, metavar="FILE",
                    help="this device's Ed25519 key (signing/<device>.key from `edgefed certs`): "
                         "sign updates and statuses; needs --server-key")
@@ -56,7 +63,7 @@ def _device(args: argparse.Namespace) -> int:
     from .data_args import fields_from_args
     from .device_config import load_device_config
     from .export.artifact import read_manifest
-    from .runtime import DeviceModel, MemoryBudgetError, peak_rss_bytes, save_checkpoint
+    from .runtime import MemoryBudgetError, peak_rss_bytes, save_checkpoint
     from .transport import BrokerUnreachable, make_transport
 
     try:
@@ -78,12 +85,17 @@ def _device(args: argparse.Namespace) -> int:
         except (ValueError, OSError, ImportError) as exc:
             print(f"edgefed device: {exc}", file=sys.stderr)
             return 2
+    from .backends import load_model_backend
     try:
-        model = DeviceModel(args.artifact, cfg, threads=args.threads, batch_size=args.batch_size,
-                            seq_len=args.seq_len)
+        model = load_model_backend(args.backend, args.artifact, cfg, threads=args.threads,
+                                   batch_size=args.batch_size, seq_len=args.seq_len,
+                                   base_model=args.base_model, torch_device=args.torch_device)
     except MemoryBudgetError as exc:
         print(f"edgefed device: {exc}", file=sys.stderr)
         return 3
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"edgefed device: {exc}", file=sys.stderr)
+        return 2
     try:  # every row checked now (labels known to the artifact, fits seq_len), not mid-round
         checked = model.task.validate(examples)
     except ValueError as exc:
@@ -93,7 +105,7 @@ def _device(args: argparse.Namespace) -> int:
         print(f"edgefed device: {checked['truncated']} of {checked['n']} rows are longer than "
               f"{model.task.limit} tokens: their text is cut from its end (templates and answers are kept)",
               file=sys.stderr)
-    kernels.set_num_threads(model.threads)
+    kernels.set_num_threads(args.threads or cfg.threads)
     t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
     agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
                         progress=args.progress, signing=signing)

@@ -119,7 +119,8 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
                    signing_dir=None, agent_cls=None):
-    """Virtual devices as threads sharing one loaded graph (DeviceModel.fork). The returned
+    """Virtual devices as threads sharing one loaded graph (DeviceModel.fork; `base` may also be a
+    list of one model per shard, e.g. ONNX devices and torch hosts in one job). The returned
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
     signing/ folder of `edgefed certs` for devices sim-000.. (sign; pass the server
     ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned.
@@ -131,7 +132,7 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
         errors: list[str] = []
         for i, shard in enumerate(shards):
             dev = f"sim-{i:03d}"
-            model = base.fork()
+            model = (base[i] if isinstance(base, (list, tuple)) else base).fork()
             signing = None
             if signing_dir is not None:
                 from .security.signing import DeviceSigning

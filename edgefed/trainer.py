@@ -10,7 +10,8 @@ import numpy as np
 from .data import Example
 from .runtime import DeviceModel, save_checkpoint
 from .security.dp import device_rng
-from .zo import ScalarAccumulator, SeedPool, ZOConfig, two_point_step
+from .zo import (PROBES, DivergedError, ScalarAccumulator, SeedPool, ZOConfig, gradient_projection_step,
+                 two_point_step)
 
 __all__ = ["LocalTrainer", "progress_bar"]
 
@@ -37,6 +38,14 @@ class LocalTrainer:
     def __init__(self, model: DeviceModel, pool: SeedPool, cfg: ZOConfig, progress: bool = True):
         self.model, self.pool, self.cfg, self.progress = model, pool, cfg, progress
 
+    def _exact_probes(self) -> bool:
+        can = hasattr(self.model, "loss_and_grad")
+        if self.cfg.probe == "grad" and not can:
+            raise ValueError("probe=grad needs a model that can backprop (edgefed device --backend torch)")
+        if self.cfg.probe not in PROBES:
+            raise ValueError(f"probe={self.cfg.probe!r}: use one of {', '.join(PROBES)}")
+        return can and self.cfg.probe != "zo"
+
     def train(self, examples: Sequence[Example], steps: int, *, batch_size: int | None = None,
               seed: int = 0, probs: np.ndarray | None = None, step_offset: int = 0,
               checkpoint: str | Path | None = None, desc: str = "local ZO",
@@ -55,6 +64,8 @@ class LocalTrainer:
         noise_std = float(self.cfg.noise_std)
         if noise_std > 0 and noise_gen is None:
             noise_gen = device_rng()
+        exact = self._exact_probes()
+        scratch = np.empty(self.model.params.size, np.float32) if exact else None
         bar = progress_bar(steps, desc, self.progress)
         try:
             for t in range(steps):
@@ -62,11 +73,21 @@ class LocalTrainer:
                 batch = self.model.encode([examples[i] for i in rows])
                 lr = self.cfg.lr / q
                 eps = self.cfg.eps
+                grad = None
+                if exact:  # one backward pass serves every seed of the step
+                    loss, grad = self.model.loss_and_grad(batch)
+                    if not np.isfinite(loss):
+                        raise DivergedError(f"loss is {loss} at step {t}; parameters unchanged. Lower lr.")
                 for j in self.pool.sample(gen, q, probs):
                     noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
-                    probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
-                                           self.pool.seed(int(j)), int(j), eps, lr,
-                                           self.cfg.dist, self.cfg.clip, noise)
+                    if grad is not None:
+                        probe = gradient_projection_step(grad, loss, self.model.buffers, scratch,
+                                                         self.pool.seed(int(j)), int(j), lr,
+                                                         self.cfg.dist, self.cfg.clip, noise)
+                    else:
+                        probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
+                                               self.pool.seed(int(j)), int(j), eps, lr,
+                                               self.cfg.dist, self.cfg.clip, noise)
                     acc.add(probe)
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")

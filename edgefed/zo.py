@@ -16,7 +16,11 @@ import numpy as np
 from . import kernels, rng
 
 __all__ = ["SeedPool", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step",
-           "ScalarAccumulator", "pro_probabilities"]
+           "gradient_projection_step", "ScalarAccumulator", "pro_probabilities", "PROBES"]
+
+# How a step estimates <grad L, z>: "zo" two forward passes (any backend); "grad" one backward
+# pass and exact projections (torch hosts); "auto" the exact one where the model can backprop.
+PROBES = ("auto", "zo", "grad")
 
 
 class DivergedError(RuntimeError):
@@ -80,6 +84,7 @@ class ZOConfig:
     dist: str = "normal"
     clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
     noise_std: float = 0.0        # DP-ZO: N(0, noise_std^2) added to each clipped g (0: off)
+    probe: str = "auto"           # see PROBES
 
 
 
@@ -125,6 +130,25 @@ def two_point_step(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], 
         g = g + float(noise)
     kernels.zo_update(buffers, seed, eps, lr, g, dist)
     return ProbeResult(seed_index, g, g_raw, lp, lm, coeff=-lr * g)
+
+
+def gradient_projection_step(grad: np.ndarray, loss: float, buffers: Sequence[np.ndarray],
+                             scratch: np.ndarray, seed: int, seed_index: int, lr: float,
+                             dist: str = "normal", clip: float = 0.0, noise: float = 0.0) -> ProbeResult:
+    """The exact directional derivative g = <grad L, z(seed)> (what two_point_step estimates as
+    eps -> 0), then theta += -lr g z, in place. A host that can backprop reports the same kind of
+    (seed index, g) pair as a device, from one backward pass for all of a step's seeds; `scratch`
+    (float32, the size of theta) receives z."""
+    kernels.fill(scratch, seed, dist)
+    g_raw = float(np.dot(grad.astype(np.float64), scratch.astype(np.float64)))
+    if not math.isfinite(g_raw):
+        raise DivergedError(f"gradient projection is {g_raw} (seed index {seed_index}); parameters "
+                            "unchanged. Lower lr, or enable clipping.")
+    g = float(np.clip(g_raw, -clip, clip)) if clip > 0 else g_raw
+    if noise:
+        g = g + float(noise)
+    kernels.perturb(buffers, seed, -lr * g, dist)
+    return ProbeResult(seed_index, g, g_raw, loss, loss, coeff=-lr * g)
 
 
 @dataclass

@@ -59,6 +59,11 @@ def _resolve_model(model, tokenizer, model_name):
     return model, tokenizer, name
 
 
+def _source_dir(model) -> str:
+    src = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return str(Path(src).resolve()) if src and Path(src).is_dir() else ""
+
+
 def _plain_backend(tokenizer):
     """The `tokenizers` object devices will use, without HF padding/truncation settings."""
     from tokenizers import Tokenizer
@@ -216,6 +221,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
     qmethod = quant.normalize(quantize_frozen)
     if qmethod and ts.mode == "full":
         raise ValueError("quantize_frozen needs a frozen part: use lora or prompt mode")
+    base_model = str(model) if isinstance(model, (str, os.PathLike)) else _source_dir(model)
     model, tokenizer, model_name = _resolve_model(model, tokenizer, model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +313,8 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
 
     manifest = {
         "format": art.FORMAT, "format_version": art.FORMAT_VERSION, "model": model_name,
+        # where torch hosts load the frozen weights from (a registry name, or a local dir)
+        "base_model": base_model,
         "trainable_mode": ts.mode, "trainable_spec": trainable,
         "task": task_entry, "task_spec": task,
         "inputs": io_names, "outputs": out_names,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import (ClientAlgorithm, ClientResult, JobConfig, Method, MethodState, PlanFields,
                    ServerStrategy)
+from .fedavg import FedAvgClient, FedAvgServer
 from .fedkseed import FedKSeedClient, FedKSeedServer
 from .fedmezo import FedMeZOClient, FedMeZOServer
 
@@ -15,6 +16,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "ZO on any trainables; (seed index, scalar) pairs each way; add pro=1 for FedKSeed-Pro"),
     Method("fedmezo", FedMeZOClient, FedMeZOServer,
            "ZO on LoRA / prompt trainables; averaged parameter deltas each way"),
+    Method("fedavg", FedAvgClient, FedAvgServer,
+           "backprop on torch hosts (full / LoRA / prompt, any task); prox_mu=FedProx, "
+           "server_opt=avgm|adagrad|adam|yogi"),
 ]}
 
 

@@ -54,6 +54,7 @@ def zo_plan_params(job: JobConfig) -> dict:
     p = job.params
     return {"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
+            **({"probe": str(p["probe"])} if "probe" in p else {}),
             **dp.DPConfig.from_params(p).plan_params()}
 
 
@@ -137,7 +138,8 @@ def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
 
 def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
     return ZOConfig(lr=lr, eps=eps, n_perturb=int(params.get("n_perturb", 1)),
-                    dist=str(params.get("dist", "normal")), clip=float(params.get("clip", 0.0)))
+                    dist=str(params.get("dist", "normal")), clip=float(params.get("clip", 0.0)),
+                    probe=str(params.get("probe", "auto")))
 
 
 class FedKSeedClient(ClientAlgorithm):

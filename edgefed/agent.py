@@ -35,6 +35,14 @@ def _plan_key(plan: P.RoundPlan) -> tuple[int, int]:
 log = logging.getLogger("edgefed.agent")
 
 
+def batch_seed(job: str, device: str, plan: P.RoundPlan) -> int:
+    """The seed of a device's local batches in a round. It depends on the job's seed (when the
+    plan carries one), the device and the round, not on the job id, so re-running a job under
+    a new id reproduces it (and the transport-free loop, edgefed.research, draws the same)."""
+    run = plan.params.get("run_seed", job)
+    return zlib.crc32(f"{run}/{device}/{plan.round}".encode())
+
+
 @dataclass
 class AgentStats:
     rounds_trained: int = 0
@@ -272,10 +280,7 @@ class DeviceAgent:
         if sa is False:
             return
         self._status("training")
-        # Batches depend on the job's seed (when the plan carries one), the device and the round,
-        # not on the job id, so re-running a job under a new id reproduces it.
-        run = plan.params.get("run_seed", self.job)
-        seed = zlib.crc32(f"{run}/{self.device}/{plan.round}".encode())
+        seed = batch_seed(self.job, self.device, plan)
         try:
             result = self._client.local_train(self.model, self.examples, plan, seed, progress=self.progress)
         except Exception as exc:  # DivergedError (NaN loss), a failed step: skip the round, carry on

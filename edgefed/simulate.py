@@ -167,7 +167,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     from .methods.base import parse_param
     p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
                    help="job knob (repeatable), as `edgefed server --param`: e.g. clip=10, aggregator=median, "
-                        "secure_aggregation=1, dp_mode=local")
+                        "secure_aggregation=1, dp_mode=local, prox_mu=0.01, server_opt=adam")
+    p.add_argument("--torch-hosts", type=int, default=None, help="how many of the devices are torch hosts "
+                   "(backprop; the rest run ONNX Runtime). Default: all for backprop methods (fedavg), else 0")
+    p.add_argument("--torch-device", default="auto", help="torch hosts' device: cuda, cpu or auto")
+    p.add_argument("--inline", action="store_true", help="the transport-free loop (edgefed.research): no "
+                   "broker, no store, no threads; the same result as the full path, for quick method studies")
 
 
 def run_simulate(args) -> int:
@@ -193,6 +198,24 @@ def run_simulate(args) -> int:
     except ValueError as e:
         print(f"edgefed simulate: {e}", file=sys.stderr)
         return 2
+    needs_torch = args.method in ("fedavg",)
+    hosts = args.devices if args.torch_hosts is None and needs_torch else int(args.torch_hosts or 0)
+    if needs_torch and hosts < args.devices:
+        print(f"edgefed simulate: {args.method} trains by backprop: every device must be a torch host "
+              f"(--torch-hosts {args.devices})", file=sys.stderr)
+        return 2
+    models = base
+    if hosts:
+        try:
+            from .backends import load_model_backend
+            host = load_model_backend("torch", artifact, None, batch_size=args.batch_size,
+                                      seq_len=args.seq_len or base.seq_len, torch_device=args.torch_device)
+        except (RuntimeError, ValueError, OSError) as e:
+            print(f"edgefed simulate: {e}", file=sys.stderr)
+            return 2
+        models = [host if i < hosts else base for i in range(args.devices)]
+    if args.inline:
+        return _run_inline(args, job_from_args(args, job_id, args.devices, artifact), models, shards, held, base)
     broker = None
     url = f"inproc://{job_id}"
     if args.transport == "auto":
@@ -204,7 +227,7 @@ def run_simulate(args) -> int:
     job = job_from_args(args, job_id, args.devices, artifact)
     try:
         res = run_federation(job, artifact, held, broker_url=url, out_dir=out,
-                             start_devices=thread_devices(base, job_id, shards), eval_n=args.eval_n,
+                             start_devices=thread_devices(models, job_id, shards), eval_n=args.eval_n,
                              generate_n=args.generate_n, seq_len=args.seq_len,
                              eval_every=args.eval_every, progress=not args.no_progress,
                              title=f"simulation: {args.devices} devices, {args.method}, {args.split}")
@@ -215,6 +238,37 @@ def run_simulate(args) -> int:
         if broker is not None:
             broker.stop()
     print_report(res)
+    return 0
+
+
+def _run_inline(args, job, models, shards, held, evaluator) -> int:
+    """--inline: edgefed.research.run_inline, evaluating the global model with ONNX Runtime."""
+    from .research import run_inline
+
+    subset = list(held)[: args.eval_n]
+    evaluator = evaluator.fork()
+    kind = evaluator.task.primary
+
+    def score(params):
+        evaluator.params[:] = params
+        return evaluator.evaluate(subset)
+
+    before = score(evaluator.params.copy())
+    print(f"round   0: held-out[{len(subset)}] {kind} {before[kind]:.4f}, loss {before['loss']:.4f}")
+
+    def on_round(rnd, params, m):
+        line = f"round {rnd + 1:>3}: train loss {m['train_loss']:.4f}, {m['bytes_up']:.0f} B up per device"
+        if (rnd + 1) % args.eval_every == 0 or rnd + 1 == job.rounds:
+            ev = score(params)
+            line += f", held-out {kind} {ev[kind]:.4f}, loss {ev['loss']:.4f}"
+        print(line, flush=True)
+
+    forks = [(models[i] if isinstance(models, (list, tuple)) else models).fork() for i in range(len(shards))]
+    try:
+        run_inline(job, forks, shards, on_round=on_round)
+    except (ValueError, RuntimeError) as e:
+        print(f"edgefed simulate --inline: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

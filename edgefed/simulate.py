@@ -118,14 +118,15 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
 
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
-                   signing_dir=None, agent_cls=None):
+                   signing_dir=None, agent_cls=None, device_classes=None):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork; `base` may also be a
     list of one model per shard, e.g. ONNX devices and torch hosts in one job). The returned
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
     signing/ folder of `edgefed certs` for devices sim-000.. (sign; pass the server
     ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned.
     agent_cls: a DeviceAgent subclass for every device, or a list of one per shard (fault
-    injection, Byzantine devices)."""
+    injection, Byzantine devices). device_classes: the class each device announces (per-device
+    plans assign settings by class; default x86-sim)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -140,7 +141,8 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
                                                    Path(signing_dir) / "server.pub", dev)
             cls = agent_cls[i] if isinstance(agent_cls, (list, tuple)) else (agent_cls or DeviceAgent)
             agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
-                                shard, device_class="x86-sim", signing=signing)
+                                shard, device_class=device_classes[i] if device_classes else "x86-sim",
+                                signing=signing)
             start.agents.append(agent)
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)
             th.start()

@@ -27,7 +27,8 @@ from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
                    ServerStrategy, check_num_samples)
 
-__all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES"]
+__all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
+           "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
 
 DELTA = "delta"
 OPTIMIZERS = ("adamw", "sgd")
@@ -37,7 +38,7 @@ UPDATE_DTYPES = ("f32", "bf16", "f16")
 _ADAM_STEP_BOUND = 10.0
 
 
-def _plan_settings(params: dict) -> dict:
+def plan_settings(params: dict) -> dict:
     opt = str(params.get("optimizer", "adamw")).lower()
     if opt not in OPTIMIZERS:
         raise ValueError(f"optimizer={opt!r}: use one of {', '.join(OPTIMIZERS)}")
@@ -63,58 +64,78 @@ def backprop_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
     explicit = float(job.params.get("update_norm_bound", 0.0))
     if explicit > 0:
         return explicit
-    s = _plan_settings(plan.params)
+    s = plan_settings(plan.params)
     steps, lr = int(plan.local_steps), abs(float(plan.lr))
     bound = steps * lr * (s["grad_clip"] if s["optimizer"] == "sgd" else _ADAM_STEP_BOUND * float(np.sqrt(n)))
     return bound * (1 + 2.0 ** -7) * (1 + 1e-6) + 1e-30
+
+
+def start_tensor(model):
+    """The global trainables as a torch tensor to optimise (a copy; model.params is untouched)."""
+    if not hasattr(model, "trainable_tensor"):
+        raise RuntimeError("this method trains by backprop: run this host with `edgefed device --backend torch` "
+                           "(ONNX devices train forward-only: join a fedkseed or fedmezo job)")
+    return model.trainable_tensor(True)
+
+
+def backprop_steps(model, examples, plan: RoundPlan, seed: int, flat, s: dict, progress: bool = False):
+    """plan.local_steps optimiser steps on `flat` (in place): AdamW or SGD, FedProx's proximal term
+    around flat's starting value, total-gradient clipping. Returns (losses, batch size)."""
+    import torch
+
+    from ..trainer import progress_bar
+    from ..zo import DivergedError
+
+    if not examples:
+        raise ValueError("no training examples on this host: check --data")
+    bs = min(int(plan.batch_size), len(examples))
+    gen = np.random.default_rng(seed)  # the same batch order rule as the ZO trainer
+    start = flat.detach().clone()
+    opt = (torch.optim.AdamW([flat], lr=plan.lr, weight_decay=s["weight_decay"]) if s["optimizer"] == "adamw"
+           else torch.optim.SGD([flat], lr=plan.lr, weight_decay=s["weight_decay"]))
+    losses = []
+    bar = progress_bar(plan.local_steps, f"round {plan.round}", progress)
+    try:
+        for t in range(int(plan.local_steps)):
+            rows = gen.choice(len(examples), size=bs, replace=False)
+            batch = model.encode([examples[i] for i in rows])
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss_tensor(batch, flat)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"loss is {float(loss)} at local step {t}; nothing was sent. Lower lr.")
+            total = loss
+            if s["prox_mu"] > 0:  # FedProx: stay near the global model
+                total = total + 0.5 * s["prox_mu"] * (flat - start).pow(2).sum()
+            total.backward()
+            if s["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_([flat], s["grad_clip"])
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+    return losses, bs
+
+
+def finite_delta(flat, start) -> np.ndarray:
+    from ..zo import DivergedError
+
+    delta = (flat.detach() - start).float().cpu().numpy()
+    if not np.all(np.isfinite(delta)):
+        raise DivergedError("the local delta has non-finite values; nothing was sent. Lower lr.")
+    return delta
 
 
 class FedAvgClient(ClientAlgorithm):
     """Local backprop on a TorchModel (edgefed.backends.torch_model)."""
 
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
-        if not hasattr(model, "trainable_tensor"):
-            raise RuntimeError("fedavg trains by backprop: run this host with `edgefed device --backend torch` "
-                               "(ONNX devices train forward-only: join a fedkseed or fedmezo job)")
-        import torch
-
-        from ..trainer import progress_bar
-        from ..zo import DivergedError
-
-        s = _plan_settings(plan.params)
-        if not examples:
-            raise ValueError("no training examples on this host: check --data")
-        bs = min(int(plan.batch_size), len(examples))
-        gen = np.random.default_rng(seed)  # the same batch order rule as the ZO trainer
-        flat = model.trainable_tensor(True)
+        s = plan_settings(plan.params)
+        flat = start_tensor(model)
         start = flat.detach().clone()
-        opt = (torch.optim.AdamW([flat], lr=plan.lr, weight_decay=s["weight_decay"]) if s["optimizer"] == "adamw"
-               else torch.optim.SGD([flat], lr=plan.lr, weight_decay=s["weight_decay"]))
-        losses = []
-        bar = progress_bar(plan.local_steps, f"round {plan.round}", progress)
-        try:
-            for t in range(int(plan.local_steps)):
-                rows = gen.choice(len(examples), size=bs, replace=False)
-                batch = model.encode([examples[i] for i in rows])
-                opt.zero_grad(set_to_none=True)
-                loss = model.loss_tensor(batch, flat)
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"loss is {float(loss)} at local step {t}; nothing was sent. Lower lr.")
-                total = loss
-                if s["prox_mu"] > 0:  # FedProx: stay near the global model
-                    total = total + 0.5 * s["prox_mu"] * (flat - start).pow(2).sum()
-                total.backward()
-                if s["grad_clip"] > 0:
-                    torch.nn.utils.clip_grad_norm_([flat], s["grad_clip"])
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        finally:
-            bar.close()
-        delta = (flat.detach() - start).float().cpu().numpy()
-        if not np.all(np.isfinite(delta)):
-            raise DivergedError("the local delta has non-finite values; nothing was sent. Lower lr.")
+        losses, bs = backprop_steps(model, examples, plan, seed, flat, s, progress)
+        delta = finite_delta(flat, start)
         return ClientResult(num_samples=int(plan.local_steps) * bs,
                             tensors=[Tensor.encode_as(DELTA, delta, s["update_dtype"])],
                             train_loss=float(np.mean(losses)))
@@ -162,7 +183,7 @@ class FedAvgServer(ServerStrategy):
         bound = float(job.params.get("update_norm_bound", 0.0))
         if not np.isfinite(bound) or bound < 0:
             raise ValueError(f"update_norm_bound={bound} must be finite and >= 0 (0: derived)")
-        _plan_settings(job.params)
+        plan_settings(job.params)
         if str(job.params.get("dp_mode", "off")) != "off":
             raise ValueError("fedavg has no DP mode yet; DP-ZO runs with fedkseed / fedmezo")
         return MethodState(scalars={"rounds_aggregated": 0, "n": 0}, arrays={})

@@ -200,6 +200,9 @@ def _product_fro_norm(A: np.ndarray, B: np.ndarray) -> float:
     return float(np.linalg.norm(R_B @ R_A.T))
 
 
+product_fro_norm = _product_fro_norm
+
+
 def sparsity_weights(As: Sequence, Bs: Sequence) -> np.ndarray:
     """HetLoRA's sparsity-weighted aggregation: client i weighs ||B_i A_i||_F / sum_j ||B_j A_j||_F,
     so clients whose update is larger count more (an update that barely moved, e.g. a client

@@ -1,12 +1,14 @@
 """Chunked transfer of encoded EdgeFed messages that exceed the broker's message limit.
 
 An encoded message (protocol.Message.encode(), bytes) that carries a full model delta can be
-larger than what the broker accepts in one MQTT message (protocol Limits.max_message_bytes,
-4 MiB by default). The sender splits it with split() into chunks of at most max_chunk_bytes
+larger than what the broker accepts in one MQTT message (the transports' max_payload_bytes,
+4 MiB by default; protocol Limits.max_message_bytes is a separate, logical limit on the whole
+message). The sender splits it with split() into chunks of at most max_chunk_bytes
 each, header and CRC included, and publishes them as separate MQTT messages on the topic the
 whole message would have used; the receiver feeds every payload that is_chunk() to a
 Reassembler, which returns the whole message bytes once the last chunk is in. Only those bytes
-reach protocol.decode().
+reach protocol.decode(). The transports do both (edgefed.transport.base.Chunker), so their
+callers publish and receive whole messages only.
 
 Chunk wire format (little-endian), CHUNK_HEADER = struct "<4sBBHQIIQQ32sI", 76 bytes:
 

@@ -4,15 +4,26 @@ Payloads are opaque bytes (edgefed.protocol messages). Callbacks run on one disp
 thread per transport, never on the network thread, so a callback may itself publish and wait
 for the acknowledgement without deadlocking the client. The dispatcher's queue is bounded in
 messages and bytes (Dispatcher: what is dropped when full, and why).
+
+Chunking (Chunker): every transport respects a per-message limit, `max_payload_bytes` (the
+broker's; default 4 MiB). publish() splits a larger payload into EDGC chunks
+(edgefed.chunking) and publishes them in order on the same topic; on the receiving side chunks
+go through the dispatcher queue like any message (so its byte budget counts them) and are fed,
+on the dispatcher thread, to a Reassembler keyed by topic; the subscribers' callbacks get the
+whole message once its last chunk is in. Callers publish and receive whole messages only.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from edgefed.chunking import CHUNK_OVERHEAD, ChunkError, Reassembler, split
 
 log = logging.getLogger("edgefed.transport")
 
@@ -96,6 +107,62 @@ class PublishHandle:
         if self.error is not None:
             raise self.error
         return self
+
+
+class _PartHandle(PublishHandle):
+    """One chunk of a ChunkedPublishHandle: completing it reports to the whole."""
+
+    def __init__(self, whole: "ChunkedPublishHandle", mid: int = 0):
+        super().__init__(mid)
+        self._whole = whole
+
+    def _complete(self, error: Optional[BaseException] = None) -> None:
+        super()._complete(error)
+        self._whole._part_done(error)
+
+
+class ChunkedPublishHandle(PublishHandle):
+    """Completion of a publish sent as `count` chunks: done once every chunk is acknowledged,
+    or failed with the first chunk's error. `mid` is the first chunk's, `mids` all of them."""
+
+    def __init__(self, count: int):
+        super().__init__(0)
+        self.count = count
+        self.mids: List[int] = []
+        self._left = count
+        self._lock = threading.Lock()
+
+    def part(self, mid: int) -> PublishHandle:
+        """A handle for the next chunk (published with message id `mid`)."""
+        if not self.mids:
+            self.mid = mid
+        self.mids.append(mid)
+        return _PartHandle(self, mid)
+
+    def _part_done(self, error: Optional[BaseException]) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            if error is None:
+                self._left -= 1
+                if self._left > 0:
+                    return
+        self._complete(error)
+
+    @property
+    def acknowledged(self) -> int:
+        """Chunks acknowledged so far."""
+        return self.count - self._left
+
+    def wait(self, timeout: Optional[float] = None) -> "PublishHandle":
+        try:
+            return super().wait(timeout)
+        except PublishTimeout:
+            last = self.mids[-1] if self.mids else 0
+            raise PublishTimeout(
+                f"chunked publish (mids {self.mid}..{last}): {self.acknowledged} of {self.count} "
+                f"chunks acknowledged within {timeout} s; the rest stay queued and are resent "
+                f"after a reconnect") from None
 
 
 DEFAULT_MAX_INBOUND_MESSAGES = 10_000  # per transport (dispatcher)
@@ -271,10 +338,206 @@ class Dispatcher:
         return self._unfinished == 0
 
 
+# = protocol.Limits.max_message_bytes' default: every message valid by default goes out unchunked
+DEFAULT_MAX_PAYLOAD_BYTES = 4 << 20
+_CHUNK_WARN_INTERVAL = 5.0  # s between two chunk-error (or lost-stream) warnings of one transport
+REASSEMBLY_OPTIONS = ("reassembly_max_message_bytes", "reassembly_max_streams_per_sender",
+                      "reassembly_max_bytes_per_sender", "reassembly_max_bytes_total",
+                      "reassembly_ttl_s")
+
+
+def check_max_payload_bytes(max_payload_bytes: int) -> int:
+    """The broker's per-message limit a transport respects, checked: an integer above the
+    chunk overhead (a chunk carries CHUNK_OVERHEAD = 80 bytes of header and CRC)."""
+    v = max_payload_bytes
+    if isinstance(v, bool) or not isinstance(v, int) or v <= CHUNK_OVERHEAD:
+        raise ValueError(f"max_payload_bytes={v!r} must be an integer above {CHUNK_OVERHEAD} (the "
+                         f"chunk header and CRC); use the broker's per-message limit, e.g. 1 MiB "
+                         f"= {1 << 20}")
+    return v
+
+
+class _Throttle:
+    """At most one log line per `interval` s; says how many were held back in between."""
+
+    def __init__(self, interval: float = _CHUNK_WARN_INTERVAL):
+        self.interval = interval
+        self._last = -float("inf")
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int = 1) -> int:
+        """Record n events; return how many to report now (0: stay quiet)."""
+        with self._lock:
+            self._held += n
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                return 0
+            self._last, held, self._held = now, self._held, 0
+            return held
+
+
+class Chunker:
+    """A transport's chunking: splits outgoing payloads over `max_payload_bytes`, reassembles
+    inbound chunks per topic (Reassembler, sender = topic), counts and logs.
+
+    Stream ids are a per-transport counter starting at a random u64, so they never repeat
+    within a transport and a restarted publisher does not collide with its own streams still in
+    flight at the receiver. Reassembler limits: `reassembly_*` options (edgefed.chunking
+    defaults), or a ready `reassembler` (e.g. one with a fake clock in tests).
+    Thread-safe."""
+
+    def __init__(self, name: str, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 reassembler: Optional[Reassembler] = None, *,
+                 reassembly_max_message_bytes: Optional[int] = None,
+                 reassembly_max_streams_per_sender: Optional[int] = None,
+                 reassembly_max_bytes_per_sender: Optional[int] = None,
+                 reassembly_max_bytes_total: Optional[int] = None,
+                 reassembly_ttl_s: Optional[float] = None):
+        self.name = name
+        self.max_payload_bytes = check_max_payload_bytes(max_payload_bytes)
+        opts = {k: v for k, v in (("max_message_bytes", reassembly_max_message_bytes),
+                                  ("max_streams_per_sender", reassembly_max_streams_per_sender),
+                                  ("max_bytes_per_sender", reassembly_max_bytes_per_sender),
+                                  ("max_bytes_total", reassembly_max_bytes_total),
+                                  ("ttl_s", reassembly_ttl_s)) if v is not None}
+        if reassembler is not None and opts:
+            raise ValueError("give either reassembler= or reassembly_* options, not both")
+        self.reassembler = reassembler if reassembler is not None else Reassembler(**opts)
+        self._ids = itertools.count(secrets.randbits(64))
+        self._lock = threading.Lock()
+        self.chunks_sent = 0
+        self.messages_chunked = 0
+        self.chunks_received = 0
+        self.messages_reassembled = 0
+        self.chunk_errors = 0
+        self.streams_lost = 0
+        self._errors_by_reason: Dict[str, int] = {}
+        self._warn_errors = _Throttle()
+        self._warn_lost = _Throttle()
+
+    # ------------------------------------------------------------------ outbound
+    def split(self, topic: str, payload: bytes, retain: bool) -> Optional[List[bytes]]:
+        """The chunks to publish instead of payload, or None when it fits in one message.
+        A retained payload that does not fit is refused (ValueError): retained chunks would
+        overwrite each other on the topic, and a late subscriber would get only the last one."""
+        n = len(payload)
+        if n <= self.max_payload_bytes:
+            return None
+        if retain:
+            raise ValueError(f"retained publish to {_log_topic(topic)} is {n} bytes, over "
+                             f"max_payload_bytes={self.max_payload_bytes}: retained messages cannot "
+                             f"be chunked (each chunk would replace the previous one on the topic); "
+                             f"keep retained messages under the limit or raise max_payload_bytes")
+        sid = next(self._ids) & 0xFFFFFFFFFFFFFFFF
+        return split(payload, sid, self.max_payload_bytes)
+
+    def check_will(self, topic: str, payload: bytes) -> None:
+        """The broker publishes a will as one message: it must fit unchunked."""
+        if len(payload) > self.max_payload_bytes:
+            raise ValueError(f"last will for {_log_topic(topic)} is {len(payload)} bytes, over "
+                             f"max_payload_bytes={self.max_payload_bytes}: a will cannot be chunked")
+
+    def sent(self, chunks: int) -> None:
+        with self._lock:
+            self.messages_chunked += 1
+            self.chunks_sent += chunks
+
+    # ------------------------------------------------------------------ inbound
+    def receive(self, topic: str, payload: bytes) -> Optional[bytes]:
+        """Feed one chunk received on `topic`; the whole message once complete, else None.
+        Never raises ChunkError: it is counted and logged (rate-limited)."""
+        with self._lock:
+            self.chunks_received += 1
+        whole: Optional[bytes] = None
+        try:
+            whole = self.reassembler.add(topic, payload)
+        except ChunkError as e:
+            with self._lock:
+                self.chunk_errors += 1
+                self._errors_by_reason[e.reason] = self._errors_by_reason.get(e.reason, 0) + 1
+            n = self._warn_errors()
+            if n:
+                log.warning("%s: dropped a bad chunk on topic %s (%s): %s (%d chunk errors since "
+                            "the last warning, %d in all)", self.name, _log_topic(topic), e.reason,
+                            str(e).replace(topic, "<topic>")[:500], n, self.chunk_errors)
+        if whole is not None:
+            with self._lock:
+                self.messages_reassembled += 1
+        self.expire()
+        return whole
+
+    def expire(self) -> List[Tuple[str, int]]:
+        """Drop streams idle for the reassembler's ttl; count and log every stream lost since
+        the last call (expired, or evicted by a newer stream of the same topic)."""
+        lost = self.reassembler.expire()
+        if lost:
+            with self._lock:
+                self.streams_lost += len(lost)
+            n = self._warn_lost(len(lost))
+            if n:
+                sender, sid = lost[-1]
+                log.warning("%s: %d chunked message(s) lost (no chunk for %g s, or evicted by newer "
+                            "streams of the same topic), latest stream %016x on topic %s; the "
+                            "protocol's resends and round deadlines cover it (%d lost in all)",
+                            self.name, n, self.reassembler.ttl_s, sid, _log_topic(sender),
+                            self.streams_lost)
+        return lost
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for metrics: chunks_sent, messages_chunked, chunks_received,
+        messages_reassembled, chunk_errors (+ chunk_errors_by_reason), streams_lost,
+        duplicate_chunks, streams_in_flight, bytes_in_flight, max_payload_bytes."""
+        self.expire()
+        r = self.reassembler.stats()
+        with self._lock:
+            return {"max_payload_bytes": self.max_payload_bytes, "chunks_sent": self.chunks_sent,
+                    "messages_chunked": self.messages_chunked,
+                    "chunks_received": self.chunks_received,
+                    "messages_reassembled": self.messages_reassembled,
+                    "chunk_errors": self.chunk_errors,
+                    "chunk_errors_by_reason": dict(self._errors_by_reason),
+                    "streams_lost": self.streams_lost, "duplicate_chunks": r["duplicates"],
+                    "streams_in_flight": r["streams_in_flight"],
+                    "bytes_in_flight": r["bytes_in_flight"]}
+
+
 class Transport(ABC):
     """Publish/subscribe of bytes. Use as a context manager: `with make_transport(url) as t:`."""
 
     _dispatcher: Optional[Dispatcher] = None  # set by implementations once they deliver messages
+    _chunker: Optional[Chunker] = None  # set by implementations (default one made at first use)
+
+    @property
+    def chunker(self) -> Chunker:
+        if self._chunker is None:
+            self._chunker = Chunker(type(self).__name__)
+        return self._chunker
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The per-message limit this transport respects: larger payloads go out as chunks."""
+        return self.chunker.max_payload_bytes
+
+    def chunk_stats(self) -> Dict[str, Any]:
+        """Chunking counters for metrics (Chunker.stats); also expires stale streams."""
+        return self.chunker.stats()
+
+    def _callbacks_for(self, topic: str) -> List[Callback]:
+        """The callbacks of the subscriptions matching topic (implementations override)."""
+        return []
+
+    def _deliver_chunk(self, topic: str, payload: bytes) -> None:
+        """Dispatcher callback for one inbound chunk: reassemble, then hand the whole message
+        to every callback subscribed to the topic (each one's errors logged, not fatal)."""
+        whole = self.chunker.receive(topic, payload)
+        if whole is None:
+            return
+        for cb in self._callbacks_for(topic):
+            try:
+                cb(topic, whole)
+            except Exception:
+                log.exception("subscriber callback failed for topic %s", _log_topic(topic))
 
     @property
     def dropped(self) -> int:

@@ -14,6 +14,12 @@ Two delivery modes:
   A callback that publishes does not recurse: its message is queued and delivered after it
   returns, so a long simulation never grows the stack. Callbacks must not block waiting for
   another thread's publish in this mode.
+
+Chunking works as over MQTT (base.Chunker): each client has its own max_payload_bytes
+(default 4 MiB) and publishes larger payloads as chunks, each one a separate broker message;
+a chunk goes to each subscribed client once (not once per matching subscription), through its
+queue, and the client's dispatcher (or, synchronous, the draining thread) reassembles it and
+runs every matching callback with the whole message.
 """
 from __future__ import annotations
 
@@ -21,12 +27,15 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from edgefed.chunking import Reassembler, is_chunk
 
 from .base import (DEFAULT_INBOUND_BLOCK_TIMEOUT, DEFAULT_MAX_INBOUND_BYTES,
-                   DEFAULT_MAX_INBOUND_MESSAGES, Callback, Dispatcher, NotConnected, PublishHandle,
-                   Transport, TransportError, check_inbound_limits, check_topic_filter,
-                   check_topic_name, log, topic_matches)
+                   DEFAULT_MAX_INBOUND_MESSAGES, DEFAULT_MAX_PAYLOAD_BYTES, Callback, Chunker,
+                   ChunkedPublishHandle, Dispatcher, NotConnected, PublishHandle, Transport,
+                   TransportError, check_inbound_limits, check_topic_filter, check_topic_name, log,
+                   topic_matches)
 
 _Pending = List[Tuple[Dispatcher, Callback, str, bytes, int]]  # waits for room, outside the lock
 _LIMIT_NAMES = ("max_inbound_messages", "max_inbound_bytes", "inbound_block_timeout")
@@ -70,8 +79,9 @@ class InProcBroker:
                                      f"limits {b.inbound_limits}, not {want}")
             return cls._named[name]
 
-    def client(self, client_id: Optional[str] = None, **inbound_limits: float) -> "InProcTransport":
-        return InProcTransport(self, client_id, **inbound_limits)  # type: ignore[arg-type]
+    def client(self, client_id: Optional[str] = None, **options: Any) -> "InProcTransport":
+        """A transport on this broker; options: InProcTransport's (inbound limits, chunking)."""
+        return InProcTransport(self, client_id, **options)
 
     def retained(self, topic: str) -> Optional[bytes]:
         with self._lock:
@@ -103,7 +113,12 @@ class InProcBroker:
                     self._retained[topic] = payload
                 else:
                     self._retained.pop(topic, None)
+            chunk = is_chunk(payload)
             for c in self._clients.values():
+                if chunk:  # once per client: it reassembles, then runs every matching callback
+                    if any(topic_matches(flt, topic) for flt in c._subs):
+                        self._enqueue(c, c._deliver_chunk, topic, payload, qos, pending)
+                    continue
                 for flt, cb in c._subs.items():
                     if topic_matches(flt, topic):
                         self._enqueue(c, cb, topic, payload, qos, pending)
@@ -170,9 +185,13 @@ class InProcBroker:
 class InProcTransport(Transport):
     def __init__(self, broker: InProcBroker, client_id: Optional[str] = None, *,
                  max_inbound_messages: Optional[int] = None, max_inbound_bytes: Optional[int] = None,
-                 inbound_block_timeout: Optional[float] = None):
+                 inbound_block_timeout: Optional[float] = None,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 reassembler: Optional[Reassembler] = None, **reassembly: Any):
         self.broker = broker
         self.client_id = client_id or f"inproc-{next(broker._ids)}"
+        self._chunker = Chunker(f"edgefed-inproc-{self.client_id}", max_payload_bytes, reassembler,
+                                **reassembly)
         given = (max_inbound_messages, max_inbound_bytes, inbound_block_timeout)
         self.inbound_limits = check_inbound_limits(*(b if v is None else v
                                                      for v, b in zip(given, broker.inbound_limits)))
@@ -200,17 +219,32 @@ class InProcTransport(Transport):
     def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
         if self._connected:
             raise TransportError("set_will() must be called before connect()")
-        self._will = (check_topic_name(topic), bytes(payload), qos, retain)
+        check_topic_name(topic)
+        self.chunker.check_will(topic, payload)
+        self._will = (topic, bytes(payload), qos, retain)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 wait: bool = True, timeout: Optional[float] = None) -> PublishHandle:
         check_topic_name(topic)
         if not self._connected:
             raise NotConnected(f"{self.client_id}: publish() before connect()")
-        self.broker._publish(topic, bytes(payload), retain, qos)
-        h = PublishHandle()
-        h._complete()
-        return h
+        chunks = self.chunker.split(topic, payload, retain)
+        if chunks is None:
+            self.broker._publish(topic, bytes(payload), retain, qos)
+            h = PublishHandle()
+            h._complete()
+            return h
+        whole = ChunkedPublishHandle(len(chunks))
+        for i, chunk in enumerate(chunks):  # in order, each one a broker message
+            chunks[i] = b""  # do not hold the chunks already handed over
+            self.broker._publish(topic, chunk, False, qos)
+            whole.part(i)._complete()
+        self.chunker.sent(len(chunks))
+        return whole
+
+    def _callbacks_for(self, topic: str) -> List[Callback]:
+        with self.broker._lock:
+            return [cb for flt, cb in self._subs.items() if topic_matches(flt, topic)]
 
     def subscribe(self, topic_filter: str, callback: Callback, qos: int = 1) -> None:
         check_topic_filter(topic_filter)

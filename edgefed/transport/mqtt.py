@@ -10,6 +10,13 @@
   queue is bounded (max_inbound_messages, max_inbound_bytes): past it QoS-0 messages are
   dropped, QoS-1/2 ones hold paho's network thread (TCP back-pressure) for at most
   inbound_block_timeout s and are then dropped (base.Dispatcher says why).
+- Chunking (base.Chunker): a payload over max_payload_bytes (default 4 MiB; set it to the
+  broker's per-message limit) is published as EDGC chunks on the same topic, in order, with the
+  QoS asked; the handle completes when every chunk is acknowledged. A retained or will payload
+  over the limit is refused. Inbound chunks are queued like any message (the inbound byte
+  budget counts them; keep max_inbound_bytes above the senders' max_payload_bytes) and
+  reassembled per topic on the dispatcher thread, which then runs the callbacks with the whole
+  message. Reassembler limits: reassembly_* options (edgefed.chunking defaults).
 - Credentials and TLS (docs/security.md): username/password from keyword arguments, the URL
   (mqtt://user:pass@host, percent-decoded; ?password_file=...) or the environment
   (EDGEFED_MQTT_USERNAME, EDGEFED_MQTT_PASSWORD, EDGEFED_MQTT_PASSWORD_FILE), in that order of
@@ -26,16 +33,19 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefed.chunking import Reassembler, is_chunk
+
 from .base import (DEFAULT_INBOUND_BLOCK_TIMEOUT, DEFAULT_MAX_INBOUND_BYTES,
-                   DEFAULT_MAX_INBOUND_MESSAGES, BrokerUnreachable, Callback, Dispatcher, NotConnected,
-                   PublishHandle, PublishTimeout, Transport, TransportError, check_inbound_limits,
+                   DEFAULT_MAX_INBOUND_MESSAGES, DEFAULT_MAX_PAYLOAD_BYTES, BrokerUnreachable,
+                   Callback, Chunker, ChunkedPublishHandle, Dispatcher, NotConnected, PublishHandle,
+                   PublishTimeout, Transport, TransportError, check_inbound_limits,
                    check_topic_filter, check_topic_name, log, topic_matches)
 
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason (a 3.1.1 broker's rc 1 is mapped to this by paho)
@@ -260,7 +270,9 @@ class MqttTransport(Transport):
                  verify_hostname: bool = True,
                  max_inbound_messages: int = DEFAULT_MAX_INBOUND_MESSAGES,
                  max_inbound_bytes: int = DEFAULT_MAX_INBOUND_BYTES,
-                 inbound_block_timeout: float = DEFAULT_INBOUND_BLOCK_TIMEOUT):
+                 inbound_block_timeout: float = DEFAULT_INBOUND_BLOCK_TIMEOUT,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 reassembler: Optional[Reassembler] = None, **reassembly: Any):
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError("protocol must be 'auto', '5' or '3.1.1'")
         self.scheme, self.host, self.port = parse_url(url)
@@ -271,12 +283,14 @@ class MqttTransport(Transport):
         self.inbound_limits = check_inbound_limits(max_inbound_messages, max_inbound_bytes,
                                                    inbound_block_timeout)
         self._tls: Optional[ssl.SSLContext] = None
+        self._chunker = Chunker("edgefed-mqtt", max_payload_bytes, reassembler, **reassembly)
         self._fatal: Optional[BrokerRefused] = None  # a refusal after a reconnect: stop, explain
         # Persistent sessions need a stable id; without one a session could never be resumed.
         # The default id is random (unguessable, so nobody can take the session over); a caller
         # that passes a stable id for its persistent session gets exactly that id (docs/security.md
         # explains why the broker binds it to the user name instead).
         self.client_id = client_id or f"edgefed-{secrets.token_hex(8)}"
+        self._chunker.name = f"edgefed-mqtt-{self.client_id}"
         self.clean_start = (client_id is None) if clean_start is None else clean_start
         self.protocol = protocol
         self.session_expiry = session_expiry
@@ -310,7 +324,9 @@ class MqttTransport(Transport):
     def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
         if self._client is not None:
             raise TransportError("set_will() must be called before connect()")
-        self._will = (check_topic_name(topic), bytes(payload), qos, retain)
+        check_topic_name(topic)
+        self.chunker.check_will(topic, payload)
+        self._will = (topic, bytes(payload), qos, retain)
 
     def _make_client(self, version: str) -> mqtt.Client:
         proto = _PROTOCOLS[version]
@@ -524,6 +540,9 @@ class MqttTransport(Transport):
         if d is None:  # closing
             return
         payload = bytes(msg.payload)  # paho 2 gives bytes already: no copy
+        if targets and is_chunk(payload):  # once, not per callback: reassembled on the dispatcher
+            d.submit(self._deliver_chunk, topic, payload, qos=msg.qos)
+            return
         for cb in targets:  # may wait (bounded) when the queue is full: back-pressure, see Dispatcher
             d.submit(cb, topic, payload, qos=msg.qos)
 
@@ -566,10 +585,30 @@ class MqttTransport(Transport):
         client = self._client
         if client is None:
             raise NotConnected("publish() before connect(); call connect() first")
-        info = client.publish(topic, bytes(payload), qos, retain)
+        chunks = self.chunker.split(topic, payload, retain)  # refuses an oversized retained one
+        if chunks is None:
+            handle = self._send(client, topic, bytes(payload), qos, retain, PublishHandle)
+        else:
+            handle = whole = ChunkedPublishHandle(len(chunks))
+            try:
+                for i, chunk in enumerate(chunks):  # in order, on the same topic
+                    chunks[i] = b""  # paho keeps each one until it is sent: drop ours
+                    self._send(client, topic, chunk, qos, False, whole.part)
+            except TransportError as e:
+                whole._part_done(e)  # chunks already queued still go out; the receiver expires them
+                raise
+            self.chunker.sent(len(chunks))
+        if wait:
+            handle.wait(self.publish_timeout if timeout is None else timeout)
+        return handle
+
+    def _send(self, client: mqtt.Client, topic: str, payload: bytes, qos: int, retain: bool,
+              make_handle: Any) -> PublishHandle:
+        """Hand one MQTT message to paho; its handle (make_handle(mid)) completes at the PUBACK."""
+        info = client.publish(topic, payload, qos, retain)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise TransportError("paho's outgoing queue is full")
-        handle = PublishHandle(info.mid)
+        handle = make_handle(info.mid)
         if qos == 0:
             self._pubacks.forget(info.mid)  # paho may have reported it already; nothing to wait for
             if info.rc == mqtt.MQTT_ERR_NO_CONN:
@@ -577,9 +616,11 @@ class MqttTransport(Transport):
             handle._complete()
         else:  # QoS>0 while disconnected stays queued in paho and goes out after reconnect
             self._pubacks.register(handle)
-        if wait:
-            handle.wait(self.publish_timeout if timeout is None else timeout)
         return handle
+
+    def _callbacks_for(self, topic: str) -> List[Callback]:
+        with self._lock:
+            return [cb for f, (_, cb) in self._subs.items() if topic_matches(f, topic)]
 
     def subscribe(self, topic_filter: str, callback: Callback, qos: int = 1,
                   timeout: float = 10.0) -> None:

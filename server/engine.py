@@ -1,4 +1,13 @@
-"""The aggregation server's round engine.
+"""The aggregation server's engine: the shell that wires the round's parts to threads, the
+transport and the store.
+
+    round_policy.py  when a round closes, waits or is extended (pure: numbers in, decision out)
+    admission.py     what happens to an inbound update (accept / late / duplicate / reject)
+    sync.py          SyncReply bytes (deltas from a cache or the store, or the full state)
+    secure_round.py  the secure-aggregation stages of a round
+    engine.py        this file: the inbound queue and group commit, message dispatch, the
+                     store writes and Acks the decisions call for, the round's aggregation
+                     and commit, publishing, status and metrics
 
 One engine thread owns all job state. Transport callbacks only put (topic, payload) on a
 queue, so they never block the transport's dispatcher (and the in-process transport's
@@ -11,10 +20,10 @@ Round state machine (docs/server.md has the policies in prose):
 
     open round r: plan published (retained), deadline = now + round_timeout
       -> collect accepted updates (one per device)
-      -> close when accepted >= target, or at the deadline when accepted >= min_devices;
-         below quorum at the deadline: deadline += round_timeout, same plan re-published
       -> each accepted update is stored, then added to the round's accumulator
          (strategy.start_round; the default buffers and aggregates ordered by device id)
+      -> close when accepted >= target, or at the deadline when accepted >= min_devices;
+         below quorum at the deadline: deadline += round_timeout, same plan re-published
       -> finalize, commit state+delta+close+open in one transaction, publish plan r+1
          (carrying the delta) and JobState.
 
@@ -28,7 +37,6 @@ import logging
 import queue
 import threading
 import time
-import unicodedata
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -36,20 +44,23 @@ import numpy as np
 
 from edgefed.methods import JobConfig, MethodState, ServerStrategy, get_method
 from edgefed.methods.base import RoundAccumulator
-from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, BadMagic, ChecksumMismatch, JobState,
-                              Limits, MessageTooLarge, ProtocolError, RoundDelta,
-                              RoundMismatch, RoundPlan, SignatureError, Status, SyncReply,
-                              SyncRequest, Tensor,
-                              Topics, TruncatedMessage, UnsupportedVersion, Update, InvalidField,
-                              check_topic, decode, parse_topic, validate_update)
+from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, JobState, Limits, MessageTooLarge,
+                              ProtocolError, RoundDelta, RoundPlan, Status, SyncRequest, Tensor,
+                              Topics, Update, check_topic, decode, parse_topic)
+from edgefed.replica import TrainablesReplica, artifact_id
 
-from edgefed.replica import TRAINABLES_TENSOR, TrainablesReplica, artifact_id
-
+from . import round_policy
+from .admission import AcceptedMeta, Admission, Decision, ExtraRowQuota, Keep, Verdict, reason_class, reject
+from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
+from .round_policy import Action, ExpectedChange, RoundView
 from .secure_round import SecureRound, SecureRoundFailed
 from .store import ResumeInfo, Store, StoreError
+from .sync import SyncBuilder, full_state, history_from
 
+# ResourceLimits and sanitize live in limits.py, reason_class and AcceptedMeta in admission.py;
+# callers import them from here as before
 __all__ = ["Server", "ResourceLimits", "DEFAULT_RESOURCE_LIMITS", "reason_class", "state_digest",
-           "artifact_id", "sanitize"]
+           "artifact_id", "sanitize", "AcceptedMeta"]
 
 RoundListener = Callable[[dict], None]
 
@@ -57,78 +68,6 @@ _STOP = object()
 _WAKE = object()
 _MAX_REASON = 1000  # bytes; Ack.reason is limited to Limits.max_text (1024)
 _ITEM_OVERHEAD = 256  # bytes charged per queued message besides its payload (tuple, topic, ...)
-
-
-@dataclasses.dataclass(frozen=True)
-class ResourceLimits:
-    """What one client (authenticated or not) can make the server hold (docs/server.md,
-    "Resource limits"). Every limit refuses or drops the excess and counts it."""
-    max_devices: int = 1000            # registered devices per job; new ones past it are refused
-    inbound_bytes: int = 64 << 20      # payload bytes queued or in handling between transport and engine
-    inbound_messages: int = 20000      # messages queued or in handling
-    late_raw_per_device: int = 4       # late updates kept with their raw bytes, per device (whole job)
-    late_raw_per_round: int = 64       # ... and per arrival round, all devices together
-    extra_rows_per_device: int = 16    # late/duplicate rows (digest + metadata) per device per arrival round
-    extra_rows_per_round: int = 2048   # ... and per arrival round, all devices together
-    status_devices: int = 100          # devices listed by /status (counts for all of them)
-    log_burst: int = 20                # lines per log_interval_s and kind of client-caused warning
-    log_interval_s: float = 10.0
-    log_chars: int = 200               # client-chosen text in a log line is truncated to this
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not v >= (0 if f.name.startswith(("late_", "extra_")) else 1):
-                raise ValueError(f"ResourceLimits.{f.name} must be >= "
-                                 f"{0 if f.name.startswith(('late_', 'extra_')) else 1} (got {v!r})")
-
-
-DEFAULT_RESOURCE_LIMITS = ResourceLimits()
-
-
-def sanitize(value: Any, limit: int = 200) -> str:
-    """Client-chosen text made safe for one log line: backslash, control, format and line/paragraph
-    separator characters (newlines included) are escaped (\\n, \\x1b, \\u2028 ...), and anything past
-    `limit` characters is cut and replaced by a count."""
-    s = value if isinstance(value, str) else str(value)
-    out = []
-    for ch in s[:limit]:
-        o = ord(ch)
-        if ch == "\\":
-            out.append("\\\\")
-        elif o < 0x20 or o == 0x7F or (o >= 0x80 and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn")):
-            out.append("\\n" if ch == "\n" else "\\r" if ch == "\r" else "\\t" if ch == "\t" else
-                       f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-        else:
-            out.append(ch)
-    if len(s) > limit:
-        out.append(f"...(+{len(s) - limit} chars)")
-    return "".join(out)
-
-
-class _LogLimiter:
-    """At most `burst` lines per `interval` seconds and key; the first line of the next window
-    says how many were suppressed. Thread-safe (transport threads log drops)."""
-
-    def __init__(self, burst: int, interval: float, clock: Callable[[], float] = time.monotonic):
-        self.burst, self.interval, self.clock = int(burst), float(interval), clock
-        self._lock = threading.Lock()
-        self._win: Dict[str, List[float]] = {}  # key -> [window start, lines, suppressed]
-
-    def check(self, key: str) -> Optional[int]:
-        """None: suppress this line; else the number suppressed since the last line shown."""
-        now = self.clock()
-        with self._lock:
-            w = self._win.get(key)
-            if w is None or now - w[0] >= self.interval:
-                suppressed = int(w[2]) if w is not None else 0
-                self._win[key] = [now, 1, 0]
-                return suppressed
-            if w[1] < self.burst:
-                w[1] += 1
-                return 0
-            w[2] += 1
-            return None
 
 
 class _TooLarge:
@@ -140,18 +79,6 @@ class _TooLarge:
 
     def __len__(self) -> int:
         return 0
-
-
-def reason_class(exc: BaseException) -> str:
-    """Label of a rejection for metrics (edgefed_updates_rejected_total{reason=...})."""
-    for cls, name in ((MessageTooLarge, "too_large"), (TruncatedMessage, "truncated"),
-                      (BadMagic, "bad_magic"), (UnsupportedVersion, "version"),
-                      (ChecksumMismatch, "checksum"), (SignatureError, "signature"),
-                      (RoundMismatch, "round"),
-                      (InvalidField, "invalid_field"), (ProtocolError, "protocol")):
-        if isinstance(exc, cls):
-            return name
-    return "internal"
 
 
 def state_digest(tensors: Sequence[Tensor]) -> str:
@@ -176,35 +103,6 @@ def _truncate(text: str, limit: int = _MAX_REASON) -> str:
 
 def _is_store_error(e: BaseException) -> bool:
     return isinstance(e, StoreError) or type(e).__module__.startswith("sqlite3")
-
-
-@dataclasses.dataclass(frozen=True)
-class AcceptedMeta:
-    """What the engine keeps of an accepted update once the accumulator has it: enough for the
-    round's metrics and a secure round's aggregate_secure, never the payload (so a streaming
-    strategy's server memory does not grow with the devices)."""
-    device: str
-    round: int
-    msg_id: int
-    num_samples: int
-    train_loss: float
-
-    @classmethod
-    def of(cls, u: Update) -> "AcceptedMeta":
-        return cls(u.device, int(u.round), int(u.msg_id), int(u.num_samples), float(u.train_loss))
-
-    def stub(self, job: str, method: str) -> Update:
-        """An Update with the metadata only (aggregate_secure reads num_samples / train_loss)."""
-        return Update(job=job, round=self.round, device=self.device, method=method,
-                      msg_id=self.msg_id, num_samples=self.num_samples, train_loss=self.train_loss)
-
-
-class _Reject(Exception):
-    """Internal: refuse an update with an Ack status, a metrics label and a reason."""
-
-    def __init__(self, label: str, reason: str, status: AckStatus = AckStatus.REJECTED):
-        super().__init__(reason)
-        self.label, self.reason, self.status = label, reason, status
 
 
 class Server:
@@ -248,7 +146,7 @@ class Server:
         if signing is None:
             from edgefed.security.signing import warn_unsigned
             warn_unsigned(self.log, "server")
-        self._loglim = _LogLimiter(resource_limits.log_burst, resource_limits.log_interval_s)
+        self._loglim = LogLimiter(resource_limits.log_burst, resource_limits.log_interval_s)
         self.topics = Topics(job.job)
         self.model_id = artifact_id(job.artifact)
 
@@ -284,12 +182,11 @@ class Server:
         self.expected: Set[str] = set()   # devices that count toward this round's target
         self.devices: Dict[str, dict] = {}
         self.proven: Set[str] = set()     # devices with an accepted update in this job
-        self._extra_rows: Dict[str, int] = {}   # late/duplicate rows per device, this arrival round
-        self._extra_rows_round = 0
-        self._raw_late: Dict[str, int] = {}     # late rows with raw bytes per device (whole job)
-        self._raw_late_round = 0
+        self.admission = Admission(self.topics, allow_unknown_devices=allow_unknown_devices,
+                                   max_devices=resource_limits.max_devices)
+        self.quota = ExtraRowQuota(resource_limits, lambda d: self.store.count_raw_late(self.job.job, d))
+        self.sync = SyncBuilder(store, job.job, limits, self._signer)
         self.history: List[dict] = []
-        self._deltas: Dict[int, RoundDelta] = {}  # recent deltas by aggregated round (cache)
         self.digest = ""
         self.error: Optional[str] = None
         self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
@@ -436,9 +333,7 @@ class Server:
         """A JSON-able snapshot for /status."""
         with self._lock:
             now = self.clock()
-            phase = ("done" if self.done else "stopped" if self._stopped else
-                     "starting" if self.plan is None else
-                     "extended" if self.extensions else "collecting")
+            phase = round_policy.phase(self.done, self._stopped, self.plan is not None, self.extensions)
             return {
                 "job": self.job.to_dict(), "model": self.model_id, "round": self.round,
                 "rounds": self.job.rounds, "phase": phase, "done": self.done,
@@ -769,10 +664,8 @@ class Server:
     def _due_at(self) -> float:
         """When the engine must act without a message: the round deadline, or a secure stage's."""
         if self.secure is None:
-            return self.deadline
-        if self.secure.stage == "unmask":
-            return self.secure.waiting_until()
-        return min(self.deadline, self.secure.waiting_until())
+            return round_policy.due_at(self.deadline)
+        return round_policy.due_at(self.deadline, self.secure.stage, self.secure.waiting_until())
 
     # ================================================================== the engine thread
     def _loop(self) -> None:
@@ -799,8 +692,8 @@ class Server:
     def _wait_time(self) -> float:
         with self._lock:
             if self.done or self.plan is None:
-                return 0.2
-            return min(0.2, max(0.001, self._due_at() - self.clock()))
+                return round_policy.wait_time(0.0, 0.0, open_round=False)
+            return round_policy.wait_time(self.clock(), self._due_at(), open_round=True)
 
     def _process_batch(self, batch: List[Any]) -> None:
         if not batch and not self._deadline_due():
@@ -839,8 +732,8 @@ class Server:
             self.acc = None
             self.devices.clear()
             self.proven.clear()
-            self._raw_late.clear()
-            self._deltas.clear()
+            self.quota.forget_raw_counts()
+            self.sync.clear()
             self.done = False
             if r is not None:
                 self._resume(r)
@@ -928,87 +821,56 @@ class Server:
     # ------------------------------------------------------------------ updates
     def _on_update(self, topic: str, device: str, payload: bytes, outbox: list) -> None:
         now = self.clock()
-        msg: Optional[Update] = None
         try:
-            try:
-                m = self._decode(payload)
-            except ProtocolError as e:
-                raise _Reject(reason_class(e), str(e)) from None
-            try:
-                check_topic(topic, m)
-            except ProtocolError as e:
-                raise _Reject("topic", str(e)) from None
-            msg = m  # type: ignore[assignment]
-            assert isinstance(msg, Update)
-            self._on_valid_update(msg, payload, now, outbox)
-        except _Reject as r:
-            self._reject_log(r.label, topic, r.reason)
-            self._ack(outbox, device, msg.round if msg is not None else self.round,
-                      msg.msg_id if msg is not None else 0, r.status, r.reason)
+            msg = self._decode(payload)
+        except ProtocolError as e:
+            self._refuse(topic, device, 0, reject(reason_class(e), str(e), self.round), outbox)
+            return
+        try:
+            check_topic(topic, msg)
+        except ProtocolError as e:
+            self._refuse(topic, device, 0, reject("topic", str(e), self.round), outbox)
+            return
+        assert isinstance(msg, Update)
+        self._on_valid_update(topic, msg, payload, now, outbox)
 
-    def _on_valid_update(self, msg: Update, raw: bytes, now: float, outbox: list) -> None:
+    def _refuse(self, topic: str, device: str, msg_id: int, d: Decision, outbox: list) -> None:
+        """A rejected update: counted, logged (rate-limited), acked; nothing stored."""
+        self._reject_log(d.label, topic, d.reason)
+        self._ack(outbox, device, d.ack_round, msg_id, d.status, d.reason)
+
+    def _on_valid_update(self, topic: str, msg: Update, raw: bytes, now: float, outbox: list) -> None:
+        """Carry out admission's decision: the store writes, metrics, log line and Ack."""
         job, device = self.job.job, msg.device
-        prev = self.store.find_update(job, device, msg.msg_id)
-        if prev is not None:  # QoS-1 redelivery or a device retry: the same answer again
+        d = self.admission.decide(msg, self.store.find_update(job, device, msg.msg_id), job=self.job,
+                                  strategy=self.strategy, state=self.state, plan=self.plan,
+                                  round_id=self.round, done=self.done, accepted=self.accepted,
+                                  devices=self.devices, secure=self.secure)
+        if d.verdict is Verdict.REPEAT:
             self.metrics["duplicates"] += 1
             self.log.debug("duplicate update %s/%d (round %d): re-sending ack %s", device,
-                           msg.msg_id, prev["round"], AckStatus(prev["status"]).name)
-            self._ack(outbox, device, prev["round"], msg.msg_id, AckStatus(prev["status"]), prev["reason"])
+                           msg.msg_id, d.ack_round, d.status.name)
+            self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
             return
-        if device not in self.devices:
-            if not self.allow_unknown_devices:
-                raise _Reject("unknown_device", f"unknown device {device!r}: it must publish its Status "
-                              f"on {self.topics.status(device)} before sending updates")
-            if len(self.devices) >= self.rlimits.max_devices:
+        if d.verdict is Verdict.REJECT:
+            if d.device_refused:
                 self.metrics["devices_refused"] += 1
-                raise _Reject("device_cap", f"device {device!r} refused: the job has "
-                              f"{len(self.devices)} registered devices (max_devices "
-                              f"{self.rlimits.max_devices})")
-        if self.done or msg.round < self.round:
-            reason = (f"round {msg.round} is closed (the job is finished)" if self.done else
-                      f"round {msg.round} is closed; the current round is {self.round}: sync and "
-                      f"train on the current plan")
+            self._refuse(topic, device, msg.msg_id, d, outbox)
+            return
+        if d.verdict is Verdict.LATE:
             self.metrics["late"] += 1
-            how = self._store_extra(msg, raw, now, AckStatus.LATE, reason, late=True)
+            how = self._store_extra(msg, raw, now, d, late=True)
             self._warn("late", "late update from %s for round %d (current %d): %s, not aggregated",
                        device, msg.round, self.round, how, level=logging.INFO)
-            self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.LATE, reason)
+            self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
             return
-        if msg.round > self.round:
-            raise _Reject("future_round", f"update from {device} is for round {msg.round}, which has "
-                          f"not started (current round {self.round})")
-        if device in self.accepted:
-            first = self.accepted[device][0]  # AcceptedMeta
-            reason = (f"an update from {device} for round {msg.round} was already accepted "
-                      f"(msg_id {first.msg_id}); one update per device and round")
+        if d.verdict is Verdict.DUPLICATE:
             self.metrics["duplicates"] += 1
-            how = self._store_extra(msg, raw, now, AckStatus.DUPLICATE, reason, late=False)
-            self._warn("duplicate", "rejected %s: %s (%s)", self.topics.update(device), reason, how)
-            self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.DUPLICATE, reason)
+            how = self._store_extra(msg, raw, now, d, late=False)
+            self._warn("duplicate", "rejected %s: %s (%s)", self.topics.update(device), d.reason, how)
+            self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
             return
-        assert self.plan is not None and self.state is not None
-        try:
-            validate_update(msg, self.plan)
-        except ProtocolError as e:
-            raise _Reject(reason_class(e), str(e)) from None
-        if self.secure is not None:  # the masked vector; its meaning is known only as a sum
-            from edgefed.methods.base import check_num_samples
-            from edgefed.security.secagg import SecAggError
-            try:
-                check_num_samples(self.plan, msg)
-                self.secure.check_update(msg)
-            except (ProtocolError, SecAggError) as e:
-                raise _Reject("secagg", str(e)) from None
-        else:
-            if any(t.dtype == "u32" for t in msg.tensors):
-                raise _Reject("strategy", f"update from {device} carries a u32 tensor; only secure "
-                              f"rounds carry masked (uint32) vectors")
-            try:
-                self.strategy.validate_update(self.job, self.state, self.plan, msg)
-            except ProtocolError as e:
-                raise _Reject("strategy", str(e)) from None
-            except Exception as e:
-                raise _Reject("strategy", f"{self.job.method} refused the update: {e!r}") from None
+        assert d.verdict is Verdict.ACCEPT
         try:
             with self.store.transaction():  # a savepoint: the row and the add() stand or fall together
                 self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
@@ -1019,7 +881,10 @@ class Server:
             if _is_store_error(e):
                 raise
             self._rebuild_acc()  # the failed add() may have left partial sums behind
-            raise _Reject("strategy", f"{self.job.method} could not aggregate the update: {e!r}") from None
+            self._refuse(topic, device, msg.msg_id,
+                         reject("strategy", f"{self.job.method} could not aggregate the update: {e!r}",
+                                msg.round), outbox)
+            return
         # in memory only after the row is written (inside the batch transaction); the Update
         # itself is the accumulator's to keep or drop
         self.accepted[device] = (AcceptedMeta.of(msg), len(raw))
@@ -1031,40 +896,26 @@ class Server:
         self.metrics["bytes_received"] += len(raw)
         self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.ACCEPTED)
 
-    def _store_extra(self, msg: Update, raw: bytes, now: float, status: AckStatus, reason: str,
-                     late: bool) -> str:
-        """Store a late or duplicate update within its quotas; says what was kept.
-
-        Rows: at most extra_rows_per_device per device and extra_rows_per_round in all per
-        arrival round (the server's round when it arrived); past them the update is acked the same
-        but not stored (new ones refused, the stored ones stay). Raw bytes: duplicates never
-        (size + sha256 only); late updates while the device has fewer than late_raw_per_device
-        and the arrival round fewer than late_raw_per_round raw late rows, else size + sha256."""
+    def _store_extra(self, msg: Update, raw: bytes, now: float, d: Decision, late: bool) -> str:
+        """Store a late or duplicate update as the quota places it (raw, digest or not at all);
+        says what was kept."""
         rl, device = self.rlimits, msg.device
         kind = "late" if late else "duplicates"
-        if (self._extra_rows.get(device, 0) >= rl.extra_rows_per_device
-                or self._extra_rows_round >= rl.extra_rows_per_round):
+        keep = self.quota.place(device, late)
+        if keep is Keep.NONE:
             self.metrics[f"{kind}_not_stored"] += 1
             self._warn("quota:" + kind, "storage quota reached (%d rows per device, %d per round): "
                        "%s update %s/%d acked but not stored", rl.extra_rows_per_device,
                        rl.extra_rows_per_round, "late" if late else "duplicate", device, msg.msg_id)
-            return "not stored (quota)"
-        keep = False
-        if late and self._raw_late_round < rl.late_raw_per_round:
-            if device not in self._raw_late:
-                self._raw_late[device] = self.store.count_raw_late(self.job.job, device)
-            keep = self._raw_late[device] < rl.late_raw_per_device
-        self.store.insert_update(self.job.job, msg.round, device, msg.msg_id, now, raw, status,
-                                 reason, accepted=False, late=late, keep_raw=keep)
-        self._extra_rows[device] = self._extra_rows.get(device, 0) + 1
-        self._extra_rows_round += 1
-        if keep:
-            self._raw_late[device] += 1
-            self._raw_late_round += 1
+            return keep.value
+        self.store.insert_update(self.job.job, msg.round, device, msg.msg_id, now, raw, d.status,
+                                 d.reason, accepted=False, late=late, keep_raw=keep is Keep.RAW)
+        self.quota.charge(device, keep)
+        if keep is Keep.RAW:
             self.metrics["late_raw_stored"] += 1
-            return "stored"
-        self.metrics[f"{kind}_digest_stored"] += 1
-        return "stored as digest"
+        else:
+            self.metrics[f"{kind}_digest_stored"] += 1
+        return keep.value
 
     # ------------------------------------------------------------------ statuses
     @staticmethod
@@ -1093,7 +944,7 @@ class Server:
         assert isinstance(msg, Status)
         now = self.clock()
         prev = self.devices.get(msg.device)
-        if prev is None and len(self.devices) >= self.rlimits.max_devices:
+        if self.admission.registry_full(msg.device, self.devices):
             self.metrics["devices_refused"] += 1
             self._count_reject("status_device_cap")
             self._warn("device_cap", "refused the Status of new device %s: the job has %d registered "
@@ -1116,17 +967,14 @@ class Server:
                        msg.round, self._safe(msg.text))
         if self.done or self.plan is None:
             return
-        if msg.state == "error":
-            if msg.device not in self.accepted and msg.device in self.expected:
-                self.expected.discard(msg.device)
-                self.log.info("device %s skips round %d; target now %d", self._safe(msg.device), self.round,
-                              self._target())
-        elif info["online"]:
-            if self._countable(msg.device):
-                self.expected.add(msg.device)
-        elif msg.device not in self.accepted and msg.device in self.expected:
+        change = round_policy.expected_change(msg.state, info["online"], self._countable(msg.device),
+                                              msg.device in self.accepted, msg.device in self.expected)
+        if change is ExpectedChange.ADD:
+            self.expected.add(msg.device)
+        elif change is not None:  # a device that skips the round or left stops being waited for
             self.expected.discard(msg.device)
-            self.log.info("device %s went offline during round %d; target now %d",
+            self.log.info("device %s skips round %d; target now %d" if change is ExpectedChange.SKIPS else
+                          "device %s went offline during round %d; target now %d",
                           self._safe(msg.device), self.round, self._target())
 
     # ------------------------------------------------------------------ sync
@@ -1135,87 +983,47 @@ class Server:
         if msg is None:
             return
         assert isinstance(msg, SyncRequest) and self.state is not None
-        reply = self._sync_reply(msg)
+        reply, why = self.sync.delta_reply(msg, self.round, self._history_from())
+        if reply is None:
+            self.metrics["sync_full"] += 1
+            self._warn("sync_full", "full-state sync for %s (%s)", self._safe(msg.device), self._safe(why),
+                       level=logging.INFO)
+            reply = self.sync.full_reply(msg, self.round, self._full_state())
         outbox.append((self.topics.sync_reply(msg.device), reply, False))
         self.metrics["sync_replies"] += 1
 
-    def _sync_reply(self, req: SyncRequest) -> bytes:
-        cur = self.round  # the state at the start of `cur` is the global state
-        s = req.from_round
-        why = ("asked for full" if req.full else
-               f"from_round {s} is older than the history ({self._history_from()})"
-               if s < self._history_from() else
-               f"from_round {s} is ahead of the server (round {cur})" if s > cur else "")
-        if not why:
-            try:
-                rounds = [RoundDelta(round=d.round + 1, seeds=d.seeds, coeffs=d.coeffs, tensors=d.tensors)
-                          for d in self._load_deltas(s, cur - 1)]
-                if len(rounds) <= self.limits.max_sync_rounds:
-                    return SyncReply(job=self.job.job, device=req.device, from_round=s, to_round=cur,
-                                     request_id=req.request_id, full=False,
-                                     rounds=rounds).encode(self.limits, signer=self._signer)
-                why = f"{len(rounds)} rounds exceed the sync limit"
-            except MessageTooLarge:
-                why = "the deltas exceed the message size limit"
-            except StoreError as e:
-                why = str(e)
-        self.metrics["sync_full"] += 1
-        self._warn("sync_full", "full-state sync for %s (%s)", self._safe(req.device), self._safe(why),
-                   level=logging.INFO)
-        return SyncReply(job=self.job.job, device=req.device, from_round=min(s, cur), to_round=cur,
-                         request_id=req.request_id, full=True,
-                         state=self._full_state()).encode(self.limits, signer=self._signer)
-
     def _full_state(self) -> List[Tensor]:
-        """The global trainables themselves when the server holds them and they fit a message
-        (exact by construction), else the method's own full state (FedKSeed: cumulative
-        coefficients, replayed in one pass: equal up to float32 rounding)."""
-        if self.replica is not None and self.replica.rounds == self.round \
-                and self.replica.params.nbytes + 4096 <= self.limits.max_message_bytes:
-            return [Tensor(TRAINABLES_TENSOR, self.replica.params)]  # encoded at once, on this thread
-        return self.strategy.full_state(self.job, self.state)
-
-    def _load_deltas(self, first: int, last: int) -> List[RoundDelta]:
-        missing = [r for r in range(first, last + 1) if r not in self._deltas]
-        if missing:
-            for d in self.store.load_deltas(self.job.job, missing[0], missing[-1]):
-                self._deltas[d.round] = d
-            self._trim_cache()
-            if any(r not in self._deltas for r in range(first, last + 1)):
-                return self.store.load_deltas(self.job.job, first, last)
-        return [self._deltas[r] for r in range(first, last + 1)]
-
-    def _trim_cache(self, keep: int = 64) -> None:
-        for r in sorted(self._deltas)[:-keep]:
-            del self._deltas[r]
+        return full_state(self.replica, self.round, self.strategy, self.job, self.state, self.limits)
 
     # ------------------------------------------------------------------ rounds
     def _online(self) -> int:
         return sum(1 for i in self.devices.values() if i["online"])
 
     def _countable(self, device: str) -> bool:
-        """Whether an online device counts toward the target: in round 0 every registered device
-        (nobody has been accepted yet), later only devices with an accepted update in the job."""
-        return self.round == 0 or device in self.proven
+        return round_policy.countable(self.round, device in self.proven)
 
     def _countable_online(self) -> Set[str]:
         return {d for d, i in self.devices.items() if i["online"] and self._countable(d)}
 
     def _target(self) -> int:
-        q = max(1, int(self.job.min_devices))
-        if self.job.devices_per_round > 0:
-            return max(int(self.job.devices_per_round), q)
-        return max(len(self.expected), q)
+        return round_policy.target(self.job.min_devices, self.job.devices_per_round, len(self.expected))
+
+    def _round_view(self, now: float) -> RoundView:
+        return RoundView(now=now, deadline=self.deadline, accepted=len(self.accepted),
+                         expected=len(self.expected), min_devices=int(self.job.min_devices),
+                         devices_per_round=int(self.job.devices_per_round),
+                         round_timeout=float(self.job.round_timeout),
+                         open=not self.done and self.plan is not None)
 
     def _history_from(self) -> int:
-        return max(0, self.round - self.history_limit) if self.history_limit else 0
+        return history_from(self.round, self.history_limit)
 
     def _deadline_due(self) -> bool:
         with self._lock:
             return not self.done and self.plan is not None and self.clock() >= self._due_at()
 
     def _maybe_close(self, now: float, outbox: list, events: list) -> None:
-        if not self.done and self.plan is not None and len(self.accepted) >= self._target():
+        if round_policy.on_message(self._round_view(now)).action is Action.CLOSE:
             self._close_round(now, outbox, events)
 
     def _close_round(self, now: float, outbox: list, events: list) -> None:
@@ -1247,19 +1055,18 @@ class Server:
         if self.secure is not None and self.secure.stage == "unmask":
             self._close_round(now, outbox, events)  # the unmask window may have ended
             return
-        if now < self.deadline:
-            return
-        if len(self.accepted) >= max(1, int(self.job.min_devices)):
+        d = round_policy.on_tick(self._round_view(now))
+        if d.action is Action.CLOSE:
             self.log.info("round %d: deadline reached with %d/%d updates; closing", self.round,
                           len(self.accepted), self._target())
             self._close_round(now, outbox, events)
-        else:
-            self._extend(now, outbox, reason=f"only {len(self.accepted)} of min_devices="
-                                              f"{self.job.min_devices} accepted updates at the deadline")
+        elif d.action is Action.EXTEND:
+            self._extend(d.until, outbox, reason=d.reason)
 
-    def _extend(self, now: float, outbox: list, reason: str) -> None:
+    def _extend(self, deadline: float, outbox: list, reason: str) -> None:
+        """The round again under the same plan with a new deadline (re-published, retained)."""
         assert self.plan is not None
-        plan = dataclasses.replace(self.plan, deadline=now + self.job.round_timeout)
+        plan = dataclasses.replace(self.plan, deadline=deadline)
         plan_bytes = plan.encode(self.limits, signer=self._signer)
         self.store.update_plan(self.job.job, self.round, plan_bytes, plan.deadline)
         self.plan, self.plan_bytes, self.deadline = plan, plan_bytes, plan.deadline
@@ -1345,11 +1152,10 @@ class Server:
                                 finished=finished)  # a savepoint of its own inside the batch
         # -- committed to the transaction: now the in-memory state follows
         self.state = new_state
-        self._deltas[rnd] = delta
-        self._trim_cache()
+        self.sync.remember(delta)
         self.accepted = {}
         self.acc = next_acc
-        self._extra_rows, self._extra_rows_round, self._raw_late_round = {}, 0, 0
+        self.quota.new_round()
         self.history.append(metrics)
         self.round = rnd + 1  # after the history, for lock-free readers polling .round
         self.metrics["round_duration_sum"] += metrics["duration_s"]

@@ -359,11 +359,13 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         vals = [f(r) / f(ref) if f(ref) else np.nan for r in rows]
         ax[1].bar(x + (j - (len(metrics) - 1) / 2) * w, vals, w, label=label)
     ax[1].set_yscale("log")
+    top = max(f(r) / f(ref) for _, f in metrics for r in rows if f(ref))
+    ax[1].set_ylim(top=max(10.0, top) * 40)  # room for the legend above the bars
     ax[1].axhline(1, color="grey", lw=0.8)
     ax[1].set_xticks(x, names, rotation=35, ha="right")
     ax[1].set_ylabel(f"ratio to {ref['name']} (log scale)")
     ax[1].set_title("cost per client, ratio to the baseline")
-    ax[1].legend(fontsize=8)
+    ax[1].legend(fontsize=8, ncol=3, loc="upper center")
     for r in rows:
         ls = [v for v in r["train_loss_per_round"]]
         ax[2].plot(range(1, len(ls) + 1), ls, marker="o", label=r["name"],
@@ -379,6 +381,36 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_title(cfg: dict) -> str:
+    return (f"{cfg['model']} LoRA ({cfg['trainable'].split(':')[1]}), sentiment, {cfg['clients']} clients "
+            f"Dirichlet({cfg['alpha']:g}), {cfg['devices_per_round']}/round, {cfg['rounds']} rounds x "
+            f"{cfg['local_steps']} steps, batch {cfg['batch']}x{cfg['seq_len']}, seed {cfg['seed']}")
+
+
+def report(rows: list[dict], cfg: dict, n_held: int, start_acc: float) -> None:
+    print(f"\n{run_title(cfg)}; held-out {n_held} balanced rows (starting accuracy {100 * start_acc:.1f}%); "
+          f"ratios (x) against {rows[0]['name']}")
+    print_table(rows)
+    for r in rows:
+        trained = sum(r["rounds_trained_per_client"].values())
+        took_part = sum(v > 0 for v in r["rounds_trained_per_client"].values())
+        print(f"{r['name']}: {trained} client-rounds trained by {took_part} clients, "
+              f"{r['clients_at_global_model']} of them at the final global model bit for bit, |global delta| "
+              f"{r['delta_norm']:.4g}" + (f", {r['backward_passes']} backward passes (exact projections)"
+                                          if r["backward_passes"] else "")
+              + f", train loss per round {[round(x, 4) if x is not None else None for x in r['train_loss_per_round']]}")
+
+
+def replot(path: str, plot_path: str | None) -> int:
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    cfg = d["config"]
+    report(d["rows"], cfg, len(d["start"]["correct"]), d["start"]["accuracy"])
+    out = plot(d["rows"], Path(plot_path or d["plot"]), run_title(cfg))
+    print(f"(from {path}: {d['seconds'] / 60:.1f} min, load average {d['loadavg_start'][0]:.2f} at start, "
+          f"{d['loadavg_end'][0]:.2f} at the end; plot {out})")
+    return 0
 
 
 # ----------------------------------------------------------------------------- main
@@ -415,10 +447,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="plot file (default <out>/methods.png)")
     ap.add_argument("--note", default="", help="what else ran on the machine (kept in the JSON)")
+    ap.add_argument("--from-json", default=None, metavar="FILE", help="print the table and draw the plot of a "
+                    "saved run (--json FILE of an earlier invocation) without running anything")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._probe:
         return probe_main(args._probe)
+    if args.from_json:
+        return replot(args.from_json, args.plot)
 
     cfg = dict(TINY if args.model == "tiny" else FULL)
     cfg["model"] = args.model
@@ -519,20 +555,9 @@ def main(argv=None) -> int:
 
     total = time.time() - t_start
     load1 = os.getloadavg()
-    title = (f"{cfg['model']} LoRA ({cfg['trainable'].split(':')[1]}), sentiment, {cfg['clients']} clients "
-             f"Dirichlet({args.alpha:g}), {cfg['devices_per_round']}/round, {cfg['rounds']} rounds x "
-             f"{cfg['local_steps']} steps, batch {cfg['batch']}x{cfg['seq_len']}, seed {args.seed}")
-    print(f"\n{title}; held-out {len(held)} balanced rows (starting accuracy {100 * start['accuracy']:.1f}%); "
-          f"ratios (x) against {rows[0]['name']}")
-    print_table(rows)
-    for r in rows:
-        trained = sum(r["rounds_trained_per_client"].values())
-        took_part = sum(v > 0 for v in r["rounds_trained_per_client"].values())
-        print(f"{r['name']}: {trained} client-rounds trained by {took_part} clients, "
-              f"{r['clients_at_global_model']} of them at the final global model bit for bit, |global delta| "
-              f"{r['delta_norm']:.4g}" + (f", {r['backward_passes']} backward passes (exact projections)"
-                                          if r["backward_passes"] else "")
-              + f", train loss per round {[round(x, 4) if x is not None else None for x in r['train_loss_per_round']]}")
+    cfg.update(alpha=args.alpha, seed=args.seed)
+    title = run_title(cfg)
+    report(rows, cfg, len(held), start["accuracy"])
     plot_path = plot(rows, Path(args.plot) if args.plot else out / "methods.png", title)
     print(f"({total / 60:.1f} min; load average {load0[0]:.2f} at start, {load1[0]:.2f} at the end; plot "
           f"{plot_path}; runs in {out})")

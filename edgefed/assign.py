@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 from . import protocol as P
 
-__all__ = ["selected", "plan_for", "parse_assign", "PLAN_FIELDS", "ASSIGN_KEY", "SELECT_KEY"]
+__all__ = ["selected", "plan_for", "parse_assign", "device_rules", "PLAN_FIELDS", "ASSIGN_KEY", "SELECT_KEY"]
 
 ASSIGN_KEY = "assign"
 SELECT_KEY = "select_fraction"
@@ -86,3 +86,12 @@ def plan_for(plan: P.RoundPlan, device: str, device_class: str = "") -> Optional
     fields = {k: PLAN_FIELDS[k](v) for k, v in over.items() if k in PLAN_FIELDS}
     params = {**plan.params, **{k: v for k, v in over.items() if k not in PLAN_FIELDS}}
     return dataclasses.replace(plan, params=params, **fields)
+
+
+def device_rules(job) -> dict:
+    """The per-device rules a job's plans carry (from its params: select_fraction, assign),
+    checked here so that a bad rule fails when the job starts, not at the first update."""
+    rules = {k: job.params[k] for k in (SELECT_KEY, ASSIGN_KEY) if k in job.params}
+    _fraction(rules)
+    parse_assign(rules.get(ASSIGN_KEY))
+    return rules

@@ -21,16 +21,11 @@ import numpy as np
 
 from . import protocol as P
 from .agent import batch_seed
-from .assign import ASSIGN_KEY, SELECT_KEY, plan_for
+from .assign import SELECT_KEY, device_rules, plan_for
 from .methods import JobConfig, MethodState, get_method
 from .methods.base import PlanFields
 
 __all__ = ["run_inline", "InlineResult", "build_plan"]
-
-
-def device_rules(job: JobConfig) -> dict:
-    """The per-device rules (edgefed.assign) a job's plans carry, from its params."""
-    return {k: job.params[k] for k in (SELECT_KEY, ASSIGN_KEY) if k in job.params}
 
 
 def build_plan(job: JobConfig, rnd: int, pf: PlanFields, delta: Optional[P.RoundDelta],

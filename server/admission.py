@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from edgefed.methods import JobConfig, MethodState, ServerStrategy
+from edgefed.assign import plan_for
 from edgefed.protocol import (AckStatus, BadMagic, ChecksumMismatch, InvalidField, MessageTooLarge,
                               ProtocolError, RoundMismatch, RoundPlan, SignatureError, Topics,
                               TruncatedMessage, UnsupportedVersion, Update, validate_update)
@@ -133,6 +134,14 @@ class Admission:
                       f"(msg_id {first.msg_id}); one update per device and round")
             return Decision(Verdict.DUPLICATE, AckStatus.DUPLICATE, msg.round, reason)
         assert plan is not None and state is not None
+        try:  # this device's part of the plan (edgefed.assign): selected, with its class's settings
+            mine = plan_for(plan, device, str((devices.get(device) or {}).get("device_class", "")))
+        except ValueError as e:
+            return reject("plan", f"the plan's per-device rules cannot be read: {e}", msg.round)
+        if mine is None:
+            return reject("not_selected", f"{device} is not selected for round {msg.round} (select_fraction="
+                          f"{plan.params.get('select_fraction')}): it sits this round out", msg.round)
+        plan = mine
         try:
             validate_update(msg, plan)
         except ProtocolError as e:

@@ -47,6 +47,7 @@ from edgefed.methods.base import RoundAccumulator
 from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, JobState, Limits, MessageTooLarge,
                               ProtocolError, RoundDelta, RoundPlan, Status, SyncRequest, Tensor,
                               Topics, Update, check_topic, decode, parse_topic)
+from edgefed.assign import device_rules, plan_for
 from edgefed.replica import TrainablesReplica, artifact_id
 
 from . import round_policy
@@ -1000,10 +1001,19 @@ class Server:
         return sum(1 for i in self.devices.values() if i["online"])
 
     def _countable(self, device: str) -> bool:
-        return round_policy.countable(self.round, device in self.proven)
+        return round_policy.countable(self.round, device in self.proven) and self._in_round(device)
 
     def _countable_online(self) -> Set[str]:
         return {d for d, i in self.devices.items() if i["online"] and self._countable(d)}
+
+    def _in_round(self, device: str) -> bool:
+        """Whether the plan's per-device rules (edgefed.assign) select `device` this round."""
+        if self.plan is None:
+            return True
+        try:
+            return plan_for(self.plan, device, self.devices.get(device, {}).get("device_class", "")) is not None
+        except ValueError:
+            return True
 
     def _target(self) -> int:
         return round_policy.target(self.job.min_devices, self.job.devices_per_round, len(self.expected))
@@ -1092,7 +1102,7 @@ class Server:
             job=self.job.job, round=rnd, method=self.job.method, seed_pool_id=pf.seed_pool_id,
             k=pf.k, lr=pf.lr, eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size,
             deadline=deadline, min_devices=max(1, int(self.job.min_devices)),
-            seed_probs=pf.seed_probs, params=dict(pf.params),
+            seed_probs=pf.seed_probs, params={**pf.params, **device_rules(self.job)},
             delta_seeds=delta.seeds if delta is not None else np.zeros(0, np.uint32),
             delta_coeffs=delta.coeffs if delta is not None else np.zeros(0, np.float32),
             delta_tensors=list(delta.tensors) if delta is not None else [])

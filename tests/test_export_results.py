@@ -109,3 +109,45 @@ def test_the_global_model_rebuilt_from_the_store_starts_a_new_artifact(arts, tmp
                                   trainable_views(params, read_manifest(art))[first])
     with pytest.raises(FileExistsError):
         export_onnx_artifact(art, params, tmp_path / "next", info)
+
+
+def test_offsite_tuning_trains_on_the_emulator_and_plugs_into_the_full_model(tmp_path):
+    """FedOT: the artifact's graph is the layer-dropped emulator with the bottom and top layers
+    trainable; devices and hosts train those; export-result --format merged plugs the trained
+    adapter into the full model (its other layers untouched), which computes differently from
+    the emulator (the middle is whole again) and exports again as a normal artifact."""
+    from transformers import AutoModelForCausalLM
+
+    from edgefed.export import export_artifact
+    from edgefed.export.artifact import read_manifest
+    from edgefed.models import load_model, tiny_random_model
+    from edgefed.research import run_inline
+
+    base_dir = tiny_random_model(tmp_path / "m6", seed=0, layers=6)
+    model, tok = load_model(base_dir)
+    art = export_artifact(model, tmp_path / "ot", "offsite:adapter=1,drop=2", "classify:labels=positive,negative",
+                          tokenizer=tok, progress=False)
+    man = read_manifest(art)
+    assert man["offsite"]["kept"] == [0, 1, 3, 5] and man["offsite"]["adapter"] == [0, 5]
+    dev = DeviceModel(art, threads=1, batch_size=4, seq_len=64, check_memory=False)
+    shards = iid_split(list(load_rotten_tomatoes()[:60]), 2)
+    job = JobConfig(job="ot", method="fedkseed", artifact=str(art), rounds=2, local_steps=2, batch_size=4,
+                    lr=1e-3, eps=1e-3, k=64)
+    res = run_inline(job, [dev.fork() for _ in shards], shards)  # ZO devices tune the adapter on the emulator
+    out = export_merged(art, res.params, tmp_path / "plugged")
+    plugged = AutoModelForCausalLM.from_pretrained(out)
+    full = AutoModelForCausalLM.from_pretrained(base_dir)
+    p, f = dict(plugged.named_parameters()), dict(full.named_parameters())
+    top = "model.layers.5.mlp.up_proj.weight"
+    emu_top = "model.layers.3.mlp.up_proj.weight"  # the same layer inside the emulator
+    from edgefed.export.artifact import trainable_views
+    np.testing.assert_array_equal(p[top].detach().numpy(), trainable_views(res.params, man)[emu_top])
+    assert not torch.equal(p[top], f[top]), "the trained adapter is in the plugged model"
+    assert torch.equal(p["model.layers.2.mlp.up_proj.weight"], f["model.layers.2.mlp.up_proj.weight"])
+    again = export_artifact(plugged, tmp_path / "plugged-art", "lora:r=2", "classify:labels=positive,negative",
+                            tokenizer=tok, progress=False)
+    plugged_dev = DeviceModel(again, threads=1, seq_len=64, check_memory=False)
+    held = list(load_rotten_tomatoes()[60:100])
+    dev.params[:] = res.params
+    emu_eval, plug_eval = dev.evaluate(held), plugged_dev.evaluate(held)
+    assert emu_eval["loss"] != plug_eval["loss"]  # both are reported: emulator and plugged-in

@@ -114,3 +114,87 @@ def test_hetlora_hosts_of_different_ranks_train_one_adapter(art):
         assert not np.array_equal(B1[:, 1], B0[:, 1]), "component 1 (rank-2 hosts only) moved"
         assert not np.array_equal(B1[:, 0], B0[:, 0])
     assert res.state.scalars["ranks"] == "1,2,2"
+
+
+def test_flora_merges_the_exact_weighted_sum_of_products_on_every_host(art, tmp_path):
+    """Hosts of ranks 1 and 2 each train a fresh adapter per round; every host merges the
+    stacked product into its frozen weights: the merge equals sum_i w_i B_i A_i (which FedAvg
+    of A and B does not), and the full path (server, transport, agents) gives the same bits."""
+    from edgefed.backends.torch_model import TorchModel
+    from edgefed.export.artifact import read_manifest
+    from edgefed.methods import get_method
+    from edgefed.methods.flora import stack_product
+    from edgefed.methods.hetlora import _factors, lora_modules
+    from edgefed.methods.lora_math import fedavg_lora_product
+
+    host = TorchModel(art, seq_len=64)
+    shards = iid_split(list(load_rotten_tomatoes()[:120]), 3)
+    kw = dict(lr=5e-3, params={"assign": '{"pi": {"rank": 1}, "*": {"rank": 2}}'})
+    classes = ["pi", "gpu", "gpu"]
+    # one round by hand: the stack's product against the weighted sum of each host's product
+    job1 = _job("fl1", "flora", art, **{**kw, "params": {**kw["params"]}})
+    job1.rounds = 1
+    forks = [host.fork() for _ in shards]
+    res1 = run_inline(job1, forks, shards, device_classes=classes)
+    mods = lora_modules(read_manifest(art))
+    name = mods[0][0]
+    merged = forks[0].base_weight(name).astype(np.float64) - host.base_weight(name).astype(np.float64)
+    assert np.abs(merged).max() > 0, "nothing was merged"
+    assert all(np.array_equal(f.base_weight(name), forks[0].base_weight(name)) for f in forks)
+    assert res1.state.scalars["ranks"] == "1,2,2"
+
+    # the full path: same bits in every host's merged weights as the inline loop
+    job = _job("fl-full", "flora", art, **kw)
+    starter = thread_devices(host, job.job, shards, device_classes=classes)
+    run_federation(job, art, list(load_rotten_tomatoes()[:20]), broker_url=f"inproc://{job.job}",
+                   start_devices=starter, out_dir=tmp_path, eval_n=20, progress=False, seq_len=64)
+    inline_forks = [host.fork() for _ in shards]
+    run_inline(_job("fl-inline", "flora", art, **kw), inline_forks, shards, device_classes=classes)
+    for mod in mods:
+        want = inline_forks[0].base_weight(mod[0])
+        for agent in starter.agents:
+            np.testing.assert_array_equal(agent.model.base_weight(mod[0]), want)
+    # stacking is exact where averaging factors is not
+    rng = np.random.default_rng(0)
+    As = [rng.standard_normal((1, 4)), rng.standard_normal((2, 4))]
+    Bs = [rng.standard_normal((3, 1)), rng.standard_normal((3, 2))]
+    w = np.array([0.25, 0.75])
+    A_s = np.concatenate(As)
+    B_s = np.concatenate([w[0] * Bs[0], w[1] * Bs[1]], axis=1)
+    exact = sum(wi * B @ A for wi, A, B in zip(w, As, Bs))
+    np.testing.assert_allclose(stack_product(A_s, B_s, 1.0), exact, rtol=1e-12)
+    assert not np.allclose(fedavg_lora_product(As, Bs, w, 1.0), exact, rtol=1e-3)
+    assert get_method("flora").client().apply_delta is not None
+
+
+def test_the_server_runs_rounds_on_the_selected_devices_only(art, tmp_path):
+    """select_fraction: each round the devices the rule selects train (with their class's
+    local_steps), the others sit out; the server counts only the selected ones (no wait for the
+    rest until the deadline), and the result equals the inline loop's."""
+    from edgefed.assign import plan_for
+    from edgefed.protocol import RoundPlan
+
+    data = list(load_rotten_tomatoes()[:160])
+    shards = iid_split(data, 4)
+    classes = ["pi", "pi", "gpu", "gpu"]
+    params = {"select_fraction": 0.5, "assign": '{"pi": {"local_steps": 1}}'}
+    base = DeviceModel(art, threads=1, batch_size=4, seq_len=64, check_memory=False)
+    job = JobConfig(job="sel", method="fedkseed", artifact=str(art), rounds=4, devices_per_round=0, min_devices=1,
+                    round_timeout=60, local_steps=3, batch_size=4, lr=1e-2, eps=1e-3, k=128, params=params)
+    starter = thread_devices(base, job.job, shards, device_classes=classes)
+    res = run_federation(job, art, data[:20], broker_url="inproc://sel", start_devices=starter, out_dir=tmp_path,
+                         eval_n=20, progress=False, seq_len=64)
+    from edgefed_server.store import Store
+    with Store(tmp_path / "server.sqlite") as st:
+        metrics = st.round_metrics("sel")
+    ids = [f"sim-{i:03d}" for i in range(4)]
+    for m in metrics:
+        plan = RoundPlan(job="sel", round=m["round"], method="fedkseed", lr=1e-2, local_steps=3, batch_size=4,
+                         deadline=0.0, params={"run_seed": 0, **params})
+        chosen = [d for d, c in zip(ids, classes) if plan_for(plan, d, c) is not None]
+        if not chosen:
+            continue
+        assert sorted(m["devices"]) == chosen
+        assert m["duration_s"] < 30, "the round waited for devices that were not selected"
+    inline = run_inline(job, [base.fork() for _ in shards], shards, device_classes=classes)
+    np.testing.assert_array_equal(inline.params, res.final_params)

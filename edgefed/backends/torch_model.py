@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..export.adapters import lora_patched, make_core, swapped_params
+from ..export.adapters import lora_patched, make_core, make_emulator, swapped_params
 from ..export.artifact import read_manifest, read_trainable, trainable_views
 from ..export.specs import parse_trainable
 from ..tasks import Batch, make_task
@@ -85,16 +85,27 @@ class TorchModel:
         lm.requires_grad_(False)
         self._stack = contextlib.ExitStack()  # the LoRA patch lives as long as the model
         # Forks share the module, and a forward swaps its trainables in as attributes: one
-        # forward at a time (the graph it records keeps its tensors, so backward runs unlocked).
+        # forward at a time. Backward passes hold it too (step_lock): torch's CPU kernels split
+        # work by the threads free at the moment, so concurrent virtual hosts would not get the
+        # bits a host alone gets (measured: FLoRA replicas differed in the last bits).
         self._forward_lock = threading.RLock()
+        self.step_lock = self._forward_lock
         ts = parse_trainable(m["trainable_spec"])
         wrappers = (self._stack.enter_context(lora_patched(lm, ts.targets, ts.r, ts.alpha, 0))
                     if ts.mode == "lora" else {})
+        self.lora_wrappers = wrappers  # module path in the LM -> LoRALinear (FLoRA merges into .base)
+        # the frozen Parameter objects themselves: during another fork's forward the module
+        # attribute is that fork's swapped-in tensor, so never read weights through the module
+        self._frozen = {name: w.base.weight for name, w in wrappers.items()}
+        self.lora_scale = ts.alpha / ts.r if ts.mode == "lora" else 0.0
         hidden = lm.get_input_embeddings().weight.shape[1]
         soft = torch.zeros(ts.tokens, hidden) if ts.mode == "prompt" else None
+        offsite = None
+        if ts.mode == "offsite":  # train on the emulator, as the artifact's graph does
+            lm, offsite = make_emulator(lm, ts.adapter, ts.drop)
         self.core = make_core(lm, m["task"], soft).eval()
         from ..export.onnx_export import _trainables
-        pairs = _trainables(self.core, ts, wrappers)
+        pairs = _trainables(self.core, ts, wrappers, offsite)
         names = [t["name"] for t in m["trainable"]]
         if [n for n, _ in pairs] != names:
             raise BaseModelMismatch(f"the base model's trainables {[n for n, _ in pairs][:4]}... differ from "
@@ -123,6 +134,7 @@ class TorchModel:
         self._in_names = list(m["inputs"])
         self.params = read_trainable(self.dir, m)
         self._init = self.params.copy()
+        self._overrides: dict[str, torch.Tensor] = {}  # frozen weights this model changed (FLoRA)
         self._bind()
         self._reference: TorchModel | None = None
         if self.kind == "dpo":
@@ -150,8 +162,9 @@ class TorchModel:
         return self._flat_cpu if self.device.type == "cpu" else self._flat_cpu.to(self.device)
 
     def reset_params(self) -> None:
-        """Back to the artifact's initial trainables, in place."""
+        """Back to the artifact's initial trainables, in place (and frozen weights unmerged)."""
         self.params[:] = self._init
+        self._overrides = {}
 
     @property
     def n_trainable(self) -> int:
@@ -162,6 +175,7 @@ class TorchModel:
         other = object.__new__(TorchModel)
         other.__dict__.update(self.__dict__)
         other.params = self._init.copy()
+        other._overrides = {}
         other._bind()
         other.forward_count = other.backward_count = 0
         other._reference = None
@@ -170,6 +184,24 @@ class TorchModel:
             other.task._ref_cache = {}
             other.task.reference = other._reference_logps
         return other
+
+    def merge_into_base(self, module: str, delta_w: np.ndarray) -> None:
+        """W <- float32(float64(W) + delta_w) for a LoRA target's frozen weight (FLoRA), computed in
+        numpy (elementwise IEEE operations: the same bits on every host). The merged weight is
+        this model's own (forks share the module, not their merges); reset_params drops it."""
+        path = f"lm.{module}.base.weight"
+        cur = self.base_weight(module).astype(np.float64)
+        if delta_w.shape != cur.shape:
+            raise ValueError(f"{module}: merge of shape {delta_w.shape} into a weight of {cur.shape}")
+        self._overrides[path] = torch.from_numpy((cur + delta_w).astype(np.float32)).to(self.device)
+
+    def base_weight(self, module: str) -> np.ndarray:
+        """A LoRA target's frozen weight as this model computes with it (merges included)."""
+        path = f"lm.{module}.base.weight"
+        w = self._overrides.get(path)
+        if w is None:
+            w = self._frozen[module]
+        return w.detach().float().cpu().numpy()
 
     # -- data -------------------------------------------------------------------------
     def encode(self, records: Sequence) -> Batch:
@@ -195,7 +227,7 @@ class TorchModel:
         """The core's outputs (a tuple, manifest order) at trainables `flat`."""
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
-        with self._forward_lock, swapped_params(self.core, self._split(flat)), ctx:
+        with self._forward_lock, swapped_params(self.core, {**self._split(flat), **self._overrides}), ctx:
             out = self.core(*self._inputs(batch))
         self.forward_count += 1
         return out if isinstance(out, tuple) else (out,)
@@ -216,8 +248,9 @@ class TorchModel:
     def loss_and_grad(self, batch: Batch) -> tuple[float, np.ndarray]:
         """(loss, d loss / d params as a flat float32 array), one forward and one backward."""
         flat = self.trainable_tensor(True)
-        loss = self.loss_tensor(batch, flat)
-        loss.backward()
+        with self.step_lock:
+            loss = self.loss_tensor(batch, flat)
+            loss.backward()
         self.backward_count += 1
         return float(loss.detach()), flat.grad.detach().float().cpu().numpy()
 

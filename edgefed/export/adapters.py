@@ -51,6 +51,44 @@ def lora_patched(model: nn.Module, targets, r: int, alpha: float, seed: int = 0)
             setattr(mod, attr, child)
 
 
+def offsite_layers(n_layers: int, adapter: int, drop: int) -> dict:
+    """Offsite-tuning's split of a decoder of n_layers (Xiao et al. 2023): the bottom and top
+    `adapter` layers are the trainable adapter; the emulator keeps every `drop`-th layer of the
+    middle, frozen. Returns {"kept": original indices in emulator order, "adapter": original
+    indices of the adapter layers, "emulator_adapter": their indices inside the emulator}."""
+    if 2 * adapter >= n_layers:
+        raise ValueError(f"offsite adapter={adapter} at each end leaves no middle in {n_layers} layers; "
+                         f"use adapter <= {max(1, (n_layers - 1) // 2)}")
+    middle = list(range(adapter, n_layers - adapter))
+    kept = list(range(adapter)) + middle[::drop] + list(range(n_layers - adapter, n_layers))
+    adapt = list(range(adapter)) + list(range(n_layers - adapter, n_layers))
+    return {"kept": kept, "adapter": adapt, "emulator_adapter": [kept.index(i) for i in adapt],
+            "n_layers": n_layers}
+
+
+def make_emulator(model: nn.Module, adapter: int, drop: int) -> tuple[nn.Module, dict]:
+    """A layer-dropped copy of a causal LM (its weights shared with `model`, not copied) and the
+    split (offsite_layers). The decoder's layer list and config are replaced on a shallow copy."""
+    import copy
+
+    dec = model.get_decoder()
+    split = offsite_layers(len(dec.layers), adapter, drop)
+    emu = copy.copy(model)
+    emu_dec = copy.copy(dec)
+    emu_dec._modules = dict(dec._modules)  # copy.copy shares the module dict: give the copy its own
+    emu_dec.layers = nn.ModuleList([dec.layers[i] for i in split["kept"]])
+    emu._modules = dict(model._modules)
+    for name, mod in model._modules.items():
+        if mod is dec:
+            emu._modules[name] = emu_dec
+    emu.config = copy.deepcopy(model.config)
+    emu.config.num_hidden_layers = len(split["kept"])
+    for attr in ("layer_types",):  # per-layer lists some configs carry
+        if isinstance(getattr(emu.config, attr, None), list):
+            setattr(emu.config, attr, [getattr(model.config, attr)[i] for i in split["kept"]])
+    return emu, split
+
+
 class _Core(nn.Module):
     """A causal LM (+ an optional soft prompt) read through its decoder and output embedding."""
 

@@ -20,7 +20,7 @@ import torch
 
 from . import artifact as art
 from . import quantize as quant
-from .adapters import ExportWrapper, lora_patched, make_core
+from .adapters import ExportWrapper, lora_patched, make_core, make_emulator
 from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, parse_task, parse_trainable
 
 __all__ = ["export_artifact"]
@@ -182,8 +182,14 @@ def _soft_prompt_init(tok, model, n_tokens: int, text: str) -> torch.Tensor:
     return emb.detach()[torch.tensor(ids)].clone().float()
 
 
-def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers) -> list[tuple[str, str]]:
+def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers, offsite: dict | None = None
+                ) -> list[tuple[str, str]]:
     """[(graph input name, parameter path inside core)] in manifest order."""
+    if ts.mode == "offsite":  # the adapter layers' parameters, named as in the emulator
+        dec = core.lm.get_decoder()
+        dec_path = next(p for p, m in core.lm.named_modules() if m is dec)
+        prefixes = tuple(f"lm.{dec_path}.layers.{j}." for j in offsite["emulator_adapter"])
+        return [(p[len("lm."):], p) for p, _ in core.named_parameters() if p.startswith(prefixes)]
     if ts.mode == "full":
         # named_parameters() drops duplicates, so tied lm_head/embed_tokens is one tensor.
         return [(p[len("lm."):], p) for p, _ in core.named_parameters() if p.startswith("lm.")]
@@ -240,8 +246,9 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         wrappers = (stack.enter_context(lora_patched(model, ts.targets, ts.r, ts.alpha, seed))
                     if ts.mode == "lora" else {})
         soft = _soft_prompt_init(tok, model, ts.tokens, prompt_init) if ts.mode == "prompt" else None
-        core = make_core(model, task_entry, soft).eval()
-        names, paths = zip(*_trainables(core, ts, wrappers))
+        lm, offsite = (make_emulator(model, ts.adapter, ts.drop) if ts.mode == "offsite" else (model, None))
+        core = make_core(lm, task_entry, soft).eval()
+        names, paths = zip(*_trainables(core, ts, wrappers, offsite))
         params = dict(core.named_parameters())
         init = [params[p].detach().clone().float() for p in paths]
         n_trainable = sum(t.numel() for t in init)
@@ -316,6 +323,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         # where torch hosts load the frozen weights from (a registry name, or a local dir)
         "base_model": base_model,
         "trainable_mode": ts.mode, "trainable_spec": trainable,
+        **({"offsite": offsite} if offsite else {}),
         "task": task_entry, "task_spec": task,
         "inputs": io_names, "outputs": out_names,
         "trainable": layout, "n_trainable": int(n_trainable), "n_frozen": int(n_frozen),

@@ -80,8 +80,8 @@ def export_peft(artifact: str | Path, params: np.ndarray, out: str | Path, base_
 
     m = read_manifest(artifact)
     ts = parse_trainable(m["trainable_spec"])
-    if ts.mode == "full":
-        raise ValueError("a full fine-tune has no adapter: export --format merged")
+    if ts.mode in ("full", "offsite"):
+        raise ValueError(f"a {ts.mode} fine-tune has no PEFT adapter: export --format merged")
     views = trainable_views(params.astype(np.float32), m)
     lm, tok = _load_base(m, base_model)
     if ts.mode == "lora":
@@ -108,9 +108,18 @@ def export_peft(artifact: str | Path, params: np.ndarray, out: str | Path, base_
     return out
 
 
+def plugged_name(name: str, offsite: dict) -> str:
+    """An emulator parameter name ("model.layers.3.mlp.up_proj.weight") -> the full model's
+    ("model.layers.29.mlp.up_proj.weight"): offsite-tuning plugs the adapter back in."""
+    parts = name.split(".")
+    i = parts.index("layers")
+    parts[i + 1] = str(offsite["kept"][int(parts[i + 1])])
+    return ".".join(parts)
+
+
 def export_merged(artifact: str | Path, params: np.ndarray, out: str | Path, base_model=None) -> Path:
-    """A transformers checkpoint: LoRA merged into the base weights (W + alpha/r B A), or the full
-    fine-tuned weights."""
+    """A transformers checkpoint: LoRA merged into the base weights (W + alpha/r B A), the full
+    fine-tuned weights, or an offsite-tuned adapter plugged into the full model (not the emulator)."""
     import torch
 
     from .specs import parse_trainable
@@ -126,6 +135,9 @@ def export_merged(artifact: str | Path, params: np.ndarray, out: str | Path, bas
         if ts.mode == "full":
             for name, v in views.items():
                 own[name].copy_(torch.from_numpy(v))
+        elif ts.mode == "offsite":  # plug the adapter layers into the full model (offsite-tuning)
+            for name, v in views.items():
+                own[plugged_name(name, m["offsite"])].copy_(torch.from_numpy(v))
         else:
             scale = ts.alpha / ts.r
             for name in {n.rsplit(".", 1)[0] for n in views}:

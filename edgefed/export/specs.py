@@ -50,12 +50,14 @@ def _check_known(spec: str, opts: dict, known: set[str]) -> None:
 
 @dataclass(frozen=True)
 class TrainableSpec:
-    mode: str  # "full" | "lora" | "prompt"
+    mode: str  # "full" | "lora" | "prompt" | "offsite"
     spec: str  # the string as given (goes into the manifest)
     r: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     tokens: int = 20
+    adapter: int = 2   # offsite: decoder layers tuned at each end (bottom and top)
+    drop: int = 2      # offsite: the emulator keeps every `drop`-th middle layer
 
 
 def parse_trainable(spec: str) -> TrainableSpec:
@@ -77,7 +79,14 @@ def parse_trainable(spec: str) -> TrainableSpec:
         if tokens < 1:
             raise ValueError(f"{spec!r}: tokens must be >= 1")
         return TrainableSpec("prompt", spec, tokens=tokens)
-    raise ValueError(f"trainable spec {spec!r}: kind must be full, lora or prompt")
+    if kind == "offsite":
+        _check_known(spec, opts, {"adapter", "drop"})
+        adapter = _one(spec, opts, "adapter", int, 2)
+        drop = _one(spec, opts, "drop", int, 2)
+        if adapter < 1 or drop < 1:
+            raise ValueError(f"{spec!r}: adapter and drop must be >= 1")
+        return TrainableSpec("offsite", spec, adapter=adapter, drop=drop)
+    raise ValueError(f"trainable spec {spec!r}: kind must be full, lora, prompt or offsite")
 
 
 @dataclass(frozen=True)

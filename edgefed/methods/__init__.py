@@ -6,6 +6,7 @@ from .base import (ClientAlgorithm, ClientResult, JobConfig, Method, MethodState
                    ServerStrategy)
 from .fedavg import FedAvgClient, FedAvgServer
 from .fedkseed import FedKSeedClient, FedKSeedServer
+from .flora import FLoRAClient, FLoRAServer
 from .hetlora import HetLoRAClient, HetLoRAServer
 from .fedmezo import FedMeZOClient, FedMeZOServer
 
@@ -20,6 +21,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("fedavg", FedAvgClient, FedAvgServer,
            "backprop on torch hosts (full / LoRA / prompt, any task); prox_mu=FedProx, "
            "server_opt=avgm|adagrad|adam|yogi"),
+    Method("flora", FLoRAClient, FLoRAServer,
+           "backprop LoRA, stacked (exact sum of B_i A_i for any mix of ranks), merged into the frozen "
+           "weights on every host"),
     Method("hetlora", HetLoRAClient, HetLoRAServer,
            "backprop LoRA with per-host ranks (assign by device class), self-pruning, sparsity-weighted "
            "per-component aggregation"),

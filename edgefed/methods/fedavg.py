@@ -17,6 +17,7 @@ to the same float32 buffer, so all replicas stay bit-identical. Plain means aggr
 updates stream in (a float64 running sum: server memory does not grow with the hosts)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -94,22 +95,24 @@ def backprop_steps(model, examples, plan: RoundPlan, seed: int, flat, s: dict, p
     opt = (torch.optim.AdamW([flat], lr=plan.lr, weight_decay=s["weight_decay"]) if s["optimizer"] == "adamw"
            else torch.optim.SGD([flat], lr=plan.lr, weight_decay=s["weight_decay"]))
     losses = []
+    lock = getattr(model, "step_lock", None) or contextlib.nullcontext()
     bar = progress_bar(plan.local_steps, f"round {plan.round}", progress)
     try:
         for t in range(int(plan.local_steps)):
             rows = gen.choice(len(examples), size=bs, replace=False)
             batch = model.encode([examples[i] for i in rows])
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss_tensor(batch, flat)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss is {float(loss)} at local step {t}; nothing was sent. Lower lr.")
-            total = loss
-            if s["prox_mu"] > 0:  # FedProx: stay near the global model
-                total = total + 0.5 * s["prox_mu"] * (flat - start).pow(2).sum()
-            total.backward()
-            if s["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_([flat], s["grad_clip"])
-            opt.step()
+            with lock:  # virtual hosts sharing one module: one step at a time (TorchModel.step_lock)
+                opt.zero_grad(set_to_none=True)
+                loss = model.loss_tensor(batch, flat)
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"loss is {float(loss)} at local step {t}; nothing was sent. Lower lr.")
+                total = loss
+                if s["prox_mu"] > 0:  # FedProx: stay near the global model
+                    total = total + 0.5 * s["prox_mu"] * (flat - start).pow(2).sum()
+                total.backward()
+                if s["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_([flat], s["grad_clip"])
+                opt.step()
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -62,10 +62,13 @@ class DeviceAgent:
     def __init__(self, transport: Transport, device_id: str, job: str, model, examples: Sequence, *,
                  device_class: str = "", progress: bool = False, ack_timeout: float = 20.0,
                  sync_timeout: float = 60.0, logger: logging.Logger | None = None,
-                 signing=None):
+                 signing=None, limits: P.Limits = P.DEFAULT_LIMITS):
         """signing: an edgefed.security.signing.DeviceSigning (this device's key and the job's
         public key): everything sent is signed, and server messages that are unsigned or not
-        signed with the job key are ignored. None = development mode (unsigned, warned once)."""
+        signed with the job key are ignored. None = development mode (unsigned, warned once).
+        limits: the codec's size limits (raise max_message_bytes on the server and every device
+        of a job whose updates or deltas are larger: the transport chunks them on the wire)."""
+        self.limits = limits
         if not examples:
             raise ValueError(f"device {device_id}: no training data (check --data)")
         self.t = transport
@@ -109,7 +112,7 @@ class DeviceAgent:
         if not payload:
             return  # a cleared retained message
         try:
-            msg = P.decode(payload)
+            msg = P.decode(payload, limits=self.limits)
             P.check_topic(topic, msg)
             if self._verifier is not None:
                 self._verifier(msg, msg.signature)
@@ -173,7 +176,7 @@ class DeviceAgent:
         self._publish(self.topics.status(self.device), self._enc(st), retain=True)
 
     def _enc(self, msg: P.Message) -> bytes:
-        return msg.encode(signer=self._signer)
+        return msg.encode(self.limits, signer=self._signer)
 
     def _publish(self, topic: str, data: bytes, retain: bool = False) -> None:
         """Publish, waiting out broker outages (the transport reconnects underneath)."""
@@ -420,16 +423,17 @@ class DeviceAgent:
         """Bring the parameters to the global state at the start of plan.round."""
         if self.start_round == plan.round:
             return True
-        if self.start_round == plan.round - 1:
+        if self.start_round == plan.round - 1 and not plan.params.get("delta_by_sync"):
             delta = P.RoundDelta(plan.round - 1, plan.delta_seeds, plan.delta_coeffs, plan.delta_tensors)
             self._client.apply_delta(self.model, delta, pparams)
             self.start_round = plan.round
             return True
-        # Behind by more than one round (joined late, restarted, missed a plan): ask.
+        # Behind by more than one round (joined late, restarted, missed a plan), or the delta was
+        # too large for the retained plan (delta_by_sync: it comes in a reply, chunked): ask.
         if not self._request_sync(pparams):
             return False
-        if self.start_round == plan.round - 1:  # reply stopped one short: the plan has the rest
-            return self._sync_to(plan, pparams)
+        if self.start_round == plan.round - 1 and not plan.params.get("delta_by_sync"):
+            return self._sync_to(plan, pparams)  # reply stopped one short: the plan has the rest
         return self.start_round == plan.round
 
     def _request_sync(self, pparams: dict) -> bool:

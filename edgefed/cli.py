@@ -46,6 +46,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="torch backend: the checkpoint the artifact was "
                    "exported from (registry name or dir; default: the manifest's base_model)")
     p.add_argument("--torch-device", default="auto", help="torch backend: cuda, cuda:1, cpu or auto")
+    p.add_argument("--max-message-mb", type=float, default=4.0, help="largest protocol message; as the "
+                   "server's --max-message-mb (full-model deltas)")
+    p.add_argument("--broker-message-kb", type=int, default=4096, help="the broker's per-message limit: "
+                   "larger payloads go in chunks")
     p.add_argument("--signing-key", default=None, metavar="FILE",
                    help="this device's Ed25519 key (signing/<device>.key from `edgefed certs`): "
                         "sign updates and statuses; needs --server-key")
@@ -106,8 +110,11 @@ def _device(args: argparse.Namespace) -> int:
               f"{model.task.limit} tokens: their text is cut from its end (templates and answers are kept)",
               file=sys.stderr)
     kernels.set_num_threads(args.threads or cfg.threads)
-    t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}")
-    agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name,
+    from .protocol import DEFAULT_LIMITS, Limits
+    t = make_transport(args.broker, client_id=f"edgefed-{args.job}-{device_id}",
+                       max_payload_bytes=int(args.broker_message_kb) << 10)
+    limits = Limits(max_message_bytes=max(DEFAULT_LIMITS.max_message_bytes, int(args.max_message_mb * (1 << 20))))
+    agent = DeviceAgent(t, device_id, args.job, model, examples, device_class=cfg.name, limits=limits,
                         progress=args.progress, signing=signing)
     try:
         stats = agent.run(max_rounds=args.max_rounds, idle_timeout=args.idle_timeout)

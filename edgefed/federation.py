@@ -75,7 +75,8 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
                    eval_every: int = 1, eval_n: int = 128, eval_threads: int = 2,
                    http_port: int | None = None, timeout: float = 3600.0, progress: bool = True,
                    title: str = "", server_options: dict | None = None,
-                   generate_n: int = 0, seq_len: int | None = None) -> FederationResult:
+                   generate_n: int = 0, seq_len: int | None = None,
+                   transport_options: dict | None = None) -> FederationResult:
     """server_options go to edgefed_server.engine.Server (e.g. history=2: rounds of deltas kept
     for sync before devices further behind get the full state). generate_n: sft held-out rows
     decoded greedily before and after (ROUGE-L, exact match). seq_len: tokens per held-out row
@@ -99,7 +100,7 @@ def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,
           file=sys.stderr)
 
     store = Store(out / "server.sqlite")
-    transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}")
+    transport = make_transport(broker_url, client_id=f"edgefed-server-{job.job}", **(transport_options or {}))
     server = Server(transport, store, job, http_port=http_port, **(server_options or {}))
     done_rounds: "queue.Queue[dict]" = queue.Queue()
     server.add_round_listener(done_rounds.put)

@@ -118,7 +118,7 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
 
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
-                   signing_dir=None, agent_cls=None, device_classes=None):
+                   signing_dir=None, agent_cls=None, device_classes=None, transport_options=None):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork; `base` may also be a
     list of one model per shard, e.g. ONNX devices and torch hosts in one job). The returned
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
@@ -126,7 +126,8 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
     ServerSigning.from_dir(signing_dir) in run_federation's server_options); None = unsigned.
     agent_cls: a DeviceAgent subclass for every device, or a list of one per shard (fault
     injection, Byzantine devices). device_classes: the class each device announces (per-device
-    plans assign settings by class; default x86-sim)."""
+    plans assign settings by class; default x86-sim). transport_options: make_transport options
+    of every device (e.g. max_payload_bytes, the broker's message limit)."""
     def start(url: str):
         stop = threading.Event()
         workers = []
@@ -140,9 +141,9 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
                 signing = DeviceSigning.from_files(Path(signing_dir) / f"{dev}.key",
                                                    Path(signing_dir) / "server.pub", dev)
             cls = agent_cls[i] if isinstance(agent_cls, (list, tuple)) else (agent_cls or DeviceAgent)
-            agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, model,
-                                shard, device_class=device_classes[i] if device_classes else "x86-sim",
-                                signing=signing)
+            agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}", **(transport_options or {})),
+                        dev, job, model, shard, device_class=device_classes[i] if device_classes else "x86-sim",
+                        signing=signing)
             start.agents.append(agent)
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)
             th.start()

@@ -29,6 +29,13 @@ from edgefed.methods.base import parse_param  # re-exported: the server CLI and 
 __all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args", "main"]
 
 
+def message_limits(mb: float):
+    """protocol.Limits with max_message_bytes = mb MiB (at least the default 4)."""
+    from edgefed.protocol import DEFAULT_LIMITS, Limits
+    size = max(DEFAULT_LIMITS.max_message_bytes, int(float(mb) * (1 << 20)))
+    return Limits(max_message_bytes=size)
+
+
 def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("job")
     g.add_argument("--job", required=True, help="job id (1..64 of [A-Za-z0-9_.-])")
@@ -60,6 +67,11 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accept updates from devices that never published a Status")
     s.add_argument("--history", type=int, default=None,
                    help="delta syncs reach back this many rounds (default: all)")
+    s.add_argument("--max-message-mb", type=float, default=4.0,
+                   help="largest protocol message (an update, a sync reply); raise it on the server and "
+                        "every device for full-model deltas: the transport sends it in chunks")
+    s.add_argument("--broker-message-kb", type=int, default=4096,
+                   help="the broker's per-message limit: larger payloads go in chunks (EMQX: 1024)")
     s.add_argument("--max-devices", type=int, default=1000,
                    help="registered devices per job; Statuses of new devices past it are refused")
     s.add_argument("--inbound-bytes", type=int, default=64 << 20,
@@ -196,7 +208,8 @@ def run_server(args: argparse.Namespace) -> int:
             url = args.broker
         # A stable client id gives the server a persistent session: updates published while it
         # is down (restart after a crash) are queued by the broker and delivered on reconnect.
-        transport = make_transport(url, args.client_id or f"edgefed-server-{args.job}")
+        transport = make_transport(url, args.client_id or f"edgefed-server-{args.job}",
+                                   max_payload_bytes=int(args.broker_message_kb) << 10)
         transport.connect()
 
         def on_signal(signum: int, frame: Any) -> None:
@@ -213,7 +226,7 @@ def run_server(args: argparse.Namespace) -> int:
         server = Server(transport, store, cfg, http_port=args.http_port,
                         allow_unknown_devices=args.allow_unknown_devices, history=args.history,
                         resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host,
-                        signing=signing)
+                        signing=signing, limits=message_limits(args.max_message_mb))
         total = cfg.rounds
         if not args.quiet:
             server.add_round_listener(lambda s: print(_progress_line(s, total), flush=True))

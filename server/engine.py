@@ -1095,7 +1095,27 @@ class Server:
             plan = dataclasses.replace(plan, params={**plan.params, "state_digest": self.replica.digest()})
         if self._secure_on():
             plan = dataclasses.replace(plan, params={**plan.params, **self._secure_params(plan, 0)})
-        return plan
+        return self._fit_plan(plan)
+
+    def _fit_plan(self, plan: RoundPlan) -> RoundPlan:
+        """A plan is one retained message, which cannot be chunked: when its delta would not fit
+        (the codec's or the transport's limit, 1 KiB left for the signature), the plan carries
+        `delta_by_sync` instead, and each device fetches the delta in its own sync reply, which
+        the transport chunks. Costs the server one reply per device instead of one broadcast."""
+        if not (plan.delta_tensors or plan.delta_seeds.size):
+            return plan
+        cap = min(self.limits.max_message_bytes,
+                  int(getattr(self.transport, "max_payload_bytes", self.limits.max_message_bytes))) - 1024
+        try:
+            size = len(plan.encode(self.limits))
+        except MessageTooLarge:
+            size = cap + 1
+        if size <= cap:
+            return plan
+        self.log.info("round %d: the delta (%d B of plan) exceeds one message (%d B): devices fetch it by sync",
+                      plan.round, size, cap)
+        return dataclasses.replace(plan, delta_seeds=np.zeros(0, np.uint32), delta_coeffs=np.zeros(0, np.float32),
+                                   delta_tensors=[], params={**plan.params, "delta_by_sync": 1})
 
     def _plan_from(self, rnd: int, pf, delta: Optional[RoundDelta], deadline: float) -> RoundPlan:
         return RoundPlan(

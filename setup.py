@@ -24,7 +24,7 @@ class CMakeBuild(build_ext):
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         build = Path(self.build_temp).resolve() / ext.name
         build.mkdir(parents=True, exist_ok=True)
-        native = os.environ.get("EDGEFED_NATIVE", "1")
+        native = os.environ.get("EDGEFED_NATIVE", "0")  # every SIMD path is built in and dispatched
         cfg = ["cmake", str(ROOT), f"-DPython_EXECUTABLE={sys.executable}",
                "-DCMAKE_BUILD_TYPE=Release", f"-DEDGEFED_NATIVE={'ON' if native != '0' else 'OFF'}",
                f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out.parent}"]

@@ -83,6 +83,17 @@ def main(argv=None) -> dict:
     row(f"replay {k} seeds", timed(lambda: kernels.replay(bufs, seeds, coeffs), args.repeats), k,
         note="element-updates/s")
 
+    # every other SIMD path this CPU runs (one binary carries them all; the default is the widest)
+    active = kernels.simd_path().split("+")[0]
+    for path, ok in kernels.simd_paths():
+        if ok and path != active:
+            kernels.set_simd_path(path)
+            try:
+                row(f"perturb normal [{path}]", timed(lambda: kernels.perturb(bufs, 7, 1e-3, "normal"), args.repeats),
+                    note=f"SIMD path {path} (EDGEFED_SIMD={path})")
+            finally:
+                kernels.set_simd_path(active)
+
     def separate():
         for s, c in zip(seeds, coeffs):
             kernels.perturb(bufs, s, c)

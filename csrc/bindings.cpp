@@ -3,6 +3,7 @@
 // pointers are written, and they run before any buffer is touched.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <stdexcept>
@@ -90,7 +91,15 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);
   m.def("simd_path", []() { return std::string(simd_path()); },
-        "widest SIMD set the kernels were compiled for (avx512f, avx2, sse2, neon, scalar)");
+        "the SIMD path in use (avx512f, avx2, sse2, neon, scalar)");
+  m.def("simd_paths", []() {
+          std::vector<std::pair<std::string, bool>> out;
+          for (const char* p : simd_paths_compiled()) out.emplace_back(p, simd_path_supported(p));
+          return out;
+        },
+        "[(path, runnable on this CPU)] of every path compiled into this binary, widest first");
+  m.def("set_simd_path", [](const std::string& name) { return set_simd_path(name.c_str()); },
+        py::arg("name"), "use this path from now on; False (nothing changed) if unavailable");
   m.def("native_build", &native_build, "whether the kernels were tuned for the build machine (-march=native)");
   m.attr("TILE") = kTile;
 }

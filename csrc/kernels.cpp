@@ -1,4 +1,5 @@
 #include "kernels.hpp"
+#include "kernels_isa.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -11,18 +12,18 @@
 #include <immintrin.h>
 #endif
 
-namespace edgefed {
-namespace {
+// This file is compiled once per SIMD path (CMakeLists.txt: -mavx2, -mavx512f, the baseline),
+// each time into its own namespace edgefed::EDGEFED_ISA; csrc/dispatch.cpp picks one at run time.
+#ifndef EDGEFED_ISA
+#define EDGEFED_ISA isa_generic
+#endif
 
-std::atomic<int> g_threads{0};  // 0: all hardware threads
+namespace edgefed {
+namespace EDGEFED_ISA {
+namespace {
 
 // Below this many element-updates a single thread wins over spawning.
 constexpr uint64_t kMinParallelWork = 1u << 17;
-
-int hardware_threads() {
-  const unsigned h = std::thread::hardware_concurrency();
-  return h ? static_cast<int>(h) : 1;
-}
 
 // Runs f(tile_begin, tile_end) over contiguous tile ranges on up to n threads.
 // Results never depend on the split: each element's value is a function of its index.
@@ -193,9 +194,7 @@ size_t first_segment(const std::vector<Segment>& segs, uint64_t elem) {
 
 }  // namespace
 
-void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
-
-const char* simd_path() {
+const char* compiled_isa() {
 #if defined(__AVX512F__)
   return "avx512f";
 #elif defined(__AVX2__)
@@ -207,19 +206,6 @@ const char* simd_path() {
 #else
   return "scalar";
 #endif
-}
-
-bool native_build() {
-#ifdef EDGEFED_NATIVE_BUILD
-  return true;
-#else
-  return false;
-#endif
-}
-
-int get_num_threads() {
-  const int n = g_threads.load();
-  return n > 0 ? n : hardware_threads();
 }
 
 void generate_tile(uint64_t seed, uint32_t stream, uint64_t tile, Dist dist, float* out) {
@@ -279,4 +265,5 @@ void add_scalar(const std::vector<Segment>& segs, float c) {
   });
 }
 
+}  // namespace EDGEFED_ISA
 }  // namespace edgefed

@@ -22,10 +22,16 @@ constexpr int kTileBlocks = kTile / 4;  // Philox blocks per tile
 
 void set_num_threads(int n);
 int get_num_threads();
-// The widest SIMD instruction set this translation unit was compiled for ("avx512f", "avx2",
-// "sse2", "neon" or "scalar") and whether it was tuned for the build machine (-march=native):
-// results are bit-identical on every path; speed is not.
+// SIMD paths: every path compiled into this binary ("avx512f", "avx2", "sse2", "neon" or
+// "scalar"); the one in use (the widest this CPU runs, or EDGEFED_SIMD's choice); whether the
+// baseline was tuned for the build machine (-march=native). Results are bit-identical on
+// every path; speed is not.
 const char* simd_path();
+std::vector<const char*> simd_paths_compiled();
+bool simd_path_supported(const char* name);
+// Use `name` from now on; false (nothing changed) when it is not compiled in or this CPU
+// cannot run it.
+bool set_simd_path(const char* name);
 bool native_build();
 
 // z(seed)[tile*kTile .. +kTile) into out.

@@ -189,8 +189,22 @@ int main(int argc, char** argv) {
   }
   check_kat();
   check_against_reference();
-  check_vectors(argv[1]);
-  if (argc >= 4 && std::strcmp(argv[2], "--bench") == 0) bench(std::strtoull(argv[3], nullptr, 10));
+  // Every SIMD path compiled in and runnable here is checked against the vectors.
+  const std::string chosen = simd_path();
+  for (const char* p : simd_paths_compiled()) {
+    if (!simd_path_supported(p)) {
+      std::printf("simd %s: compiled in, not runnable on this CPU (skipped)\n", p);
+      continue;
+    }
+    set_simd_path(p);
+    std::printf("simd %s:\n", p);
+    check_vectors(argv[1]);
+  }
+  set_simd_path(chosen.c_str());
+  if (argc >= 4 && std::strcmp(argv[2], "--bench") == 0) {
+    std::printf("bench on simd %s (EDGEFED_SIMD picks another)\n", simd_path());
+    bench(std::strtoull(argv[3], nullptr, 10));
+  }
   std::printf("%d passed, %d failed\n", g_failures ? 0 : 1, g_failures ? 1 : 0);
   return g_failures ? 1 : 0;
 }

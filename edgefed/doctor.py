@@ -53,7 +53,9 @@ def _onnxruntime(cfg) -> Check:
 def _kernels() -> Check:
     from . import kernels
     b = kernels.backend()
-    found = f"{b} backend, SIMD {kernels.simd_path()}, {kernels.get_num_threads()} threads, {platform.machine()}"
+    runnable = [p for p, ok in kernels.simd_paths() if ok]
+    found = (f"{b} backend, SIMD {kernels.simd_path()} (runnable here: {', '.join(runnable) or '-'}), "
+             f"{kernels.get_num_threads()} threads, {platform.machine()}")
     if b != "cpp":
         why = ("EDGEFED_KERNELS=numpy is set" if os.environ.get("EDGEFED_KERNELS") == "numpy"
                else "the compiled extension did not load")
@@ -63,14 +65,22 @@ def _kernels() -> Check:
     import numpy as np
 
     from . import rng
-    for dist in ("normal", "rademacher"):  # the compiled kernels must match the numpy spec bit for bit
-        got = np.empty(65_537, np.float32)
-        kernels.fill(got, 12345, dist)
-        ref = rng.generate(12345, got.size, dist, 0, 0).astype(np.float32)
-        if not np.array_equal(ref.view(np.uint32), got.view(np.uint32)):
-            return Check("kernels", False, found + f" ({dist} output differs from the numpy reference)",
-                         "this build is not bit-exact: rebuild with EDGEFED_NATIVE=0 (no -march=native) and "
-                         "without -ffast-math; devices would drift from each other")
+    active = kernels.simd_path().split("+")[0]
+    try:
+        for path in runnable or [active]:  # every path this CPU may use must match the numpy spec bit for bit
+            if runnable:
+                kernels.set_simd_path(path)
+            for dist in ("normal", "rademacher"):
+                got = np.empty(65_537, np.float32)
+                kernels.fill(got, 12345, dist)
+                ref = rng.generate(12345, got.size, dist, 0, 0).astype(np.float32)
+                if not np.array_equal(ref.view(np.uint32), got.view(np.uint32)):
+                    return Check("kernels", False, found + f" ({dist} output of the {path} path differs from the "
+                                 "numpy reference)", "this build is not bit-exact: rebuild with EDGEFED_NATIVE=0 "
+                                 "(no -march=native) and without -ffast-math; devices would drift from each other")
+    finally:
+        if runnable:
+            kernels.set_simd_path(active)
     if kernels.simd_path().endswith("+native"):
         return Check("kernels", True, found + ", bit-exact against the numpy reference",
                      "built with -march=native: a wheel of this build runs only on CPUs like this one; "

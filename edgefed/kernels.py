@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised by test_kernels via a
                   "(`pip install .`) to build them.", RuntimeWarning, stacklevel=2)
 
 __all__ = ["perturb", "zo_update", "replay", "fill", "set_num_threads", "get_num_threads", "simd_path",
+           "simd_paths", "set_simd_path",
            "backend", "DISTRIBUTIONS", "KernelInputError"]
 
 DISTRIBUTIONS = rng.DISTRIBUTIONS
@@ -47,13 +48,44 @@ def backend() -> str:
 
 
 def simd_path() -> str:
-    """The kernels' SIMD instruction set ('avx512f', 'avx2', 'sse2', 'neon', 'scalar'), with
-    '+native' when built with -march=native (tuned for the build machine: do not copy such a
-    wheel to another CPU), or 'numpy' for the fallback. Results are bit-identical on every path."""
+    """The SIMD path in use ('avx512f', 'avx2', 'sse2', 'neon', 'scalar'): the widest this CPU
+    runs among those compiled into the binary, or EDGEFED_SIMD's choice; '+native' when the
+    baseline was built with -march=native (EDGEFED_NATIVE=1: do not copy such a wheel to
+    another CPU); 'numpy' for the fallback. Results are bit-identical on every path."""
     if backend() != "cpp":
         return "numpy"
     path = getattr(_ext, "simd_path", lambda: "unknown")()
     return path + ("+native" if getattr(_ext, "native_build", lambda: False)() else "")
+
+
+def simd_paths() -> list[tuple[str, bool]]:
+    """[(path, runnable here)] of every SIMD path compiled in, widest first ([] on numpy)."""
+    if backend() != "cpp" or not hasattr(_ext, "simd_paths"):
+        return []
+    return [(str(p), bool(ok)) for p, ok in _ext.simd_paths()]
+
+
+def set_simd_path(name: str) -> None:
+    """Use this SIMD path from now on (checks and benchmarks; EDGEFED_SIMD does it at import)."""
+    paths = simd_paths()
+    if not any(p == name and ok for p, ok in paths):
+        raise KernelInputError(f"SIMD path {name!r} is not available here: compiled "
+                               f"{[p for p, _ in paths] or 'none (numpy fallback)'}, runnable on this CPU "
+                               f"{[p for p, ok in paths if ok]}")
+    _ext.set_simd_path(name)
+
+
+def _check_env_simd() -> None:
+    want = os.environ.get("EDGEFED_SIMD")
+    if not want or backend() != "cpp" or not hasattr(_ext, "simd_paths"):
+        return
+    try:
+        set_simd_path(want)
+    except KernelInputError as e:
+        warnings.warn(f"EDGEFED_SIMD={want}: {e}; using {_ext.simd_path()}", RuntimeWarning, stacklevel=3)
+
+
+_check_env_simd()
 
 
 def set_num_threads(n: int) -> None:

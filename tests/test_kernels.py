@@ -214,6 +214,64 @@ def test_numpy_fallback_warns_and_agrees(tmp_path):
     np.testing.assert_array_equal(bits(np.load(out)), bits(v))
 
 
+# -- SIMD dispatch: every path in one binary, each bit-identical to the reference -----------
+
+@pytest.fixture
+def _restore_simd():
+    before = kernels.simd_path().split("+")[0]
+    yield
+    if kernels.backend() == "cpp":
+        kernels.set_simd_path(before)
+
+
+@needs_cpp
+def test_one_binary_carries_every_simd_path_of_its_architecture():
+    paths = kernels.simd_paths()
+    names = [p for p, _ in paths]
+    if os.uname().machine in ("x86_64", "AMD64"):
+        assert names[-1] == "sse2" and "avx2" in names, names  # a portable wheel: baseline + wider paths
+    assert paths[-1][1], "the baseline path always runs"
+    best = next(p for p, ok in paths if ok)
+    if "EDGEFED_SIMD" not in os.environ:
+        assert kernels.simd_path().split("+")[0] == best, "the widest runnable path is used by default"
+
+
+@needs_cpp
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+def test_every_simd_path_computes_the_reference_bits(dist, _restore_simd):
+    runnable = [p for p, ok in kernels.simd_paths() if ok]
+    n = 3 * 1024 + 77
+    seeds = [11, 2**63 + 5, 987654321]
+    coeffs = np.array([0.5, -1e-3, 3.0], np.float32)
+    want = rng.generate(seeds[0], 5000, dist, 3, 123)
+    start = np.linspace(-1, 1, n, dtype=np.float32)
+    expect = start.copy()
+    rng.replay(split(expect, [100, 2049]), np.array(seeds, np.uint64), coeffs, dist)
+    for p in runnable:
+        kernels.set_simd_path(p)
+        assert kernels.simd_path().split("+")[0] == p
+        out = np.empty(5000, np.float32)
+        kernels.fill(out, seeds[0], dist, stream=3, offset=123)
+        assert np.array_equal(bits(out), bits(want)), f"fill on {p}"
+        v = start.copy()
+        kernels.replay(split(v, [100, 2049]), seeds, coeffs, dist)
+        assert np.array_equal(bits(v), bits(expect)), f"replay on {p}"
+
+
+@needs_cpp
+def test_simd_override_by_environment_and_refusal(tmp_path):
+    with pytest.raises(kernels.KernelInputError, match="not available here"):
+        kernels.set_simd_path("no-such-isa")
+    code = "from edgefed import kernels; print(kernels.simd_path())"
+    for p in [p for p, ok in kernels.simd_paths() if ok]:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "EDGEFED_SIMD": p})
+        assert r.stdout.strip().split("+")[0] == p, r.stderr
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "EDGEFED_SIMD": "no-such-isa"})
+    assert "EDGEFED_SIMD=no-such-isa" in r.stderr and r.returncode == 0
+
+
 def _cmake_build(build_dir: Path, *extra: str) -> Path:
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DEDGEFED_PYTHON=OFF",
                     "-DCMAKE_BUILD_TYPE=Release", *extra], check=True, capture_output=True)
@@ -228,6 +286,9 @@ def test_standalone_cpp_program_native(tmp_path):
     r = subprocess.run([str(exe), str(VECTORS)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 failed" in r.stdout
+    runnable = [p for p, ok in kernels.simd_paths() if ok] or ["sse2"]
+    for p in runnable:  # the program checks every SIMD path compiled in and runnable here
+        assert f"simd {p}:\nvectors: 11 cases checked" in r.stdout, r.stdout
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None,

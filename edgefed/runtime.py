@@ -13,13 +13,14 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .device_config import DeviceConfig
 from .export.artifact import read_manifest, read_trainable, trainable_views, verify_checksums
 from .tasks import Batch, make_task
+from .tasks.base import TaskBatches
 
 __all__ = ["Batch", "DeviceModel", "MemoryBudgetError", "estimate_memory", "peak_rss_bytes",
            "save_checkpoint", "load_checkpoint"]
@@ -77,7 +78,7 @@ def estimate_memory(art_dir: str | os.PathLike, batch_size: int, seq_len: int,
             "trainable": trainable_bytes, "activations": act * 2, "layers": layers}
 
 
-class DeviceModel:
+class DeviceModel(TaskBatches):
     """Loads an artifact into ONNX Runtime with its trainables bound zero-copy."""
 
     def __init__(self, artifact: str | os.PathLike, config: DeviceConfig | None = None, *,
@@ -172,22 +173,6 @@ class DeviceModel:
                 f"runtime {est['base'] / MB:.0f} MB) but device {self.config.name!r} allows "
                 f"{self.config.memory_budget_mb} MB. Lower batch_size/seq_len, export LoRA or prompt "
                 "trainables instead of full, or quantise the frozen part (`edgefed export --quantize`).")
-
-    # -- data -------------------------------------------------------------------------
-    def encode(self, records: Sequence) -> Batch:
-        """Tokenise with the artifact's task (template, label words, prompt format)."""
-        if not records:
-            raise ValueError("cannot encode an empty batch")
-        return self.task.encode(records)
-
-    def batches(self, records: Sequence, batch_size: int | None = None,
-                shuffle_seed: int | None = None) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        order = np.arange(len(records))
-        if shuffle_seed is not None:
-            np.random.default_rng(shuffle_seed).shuffle(order)
-        for a in range(0, len(order), bs):
-            yield self.encode([records[i] for i in order[a:a + bs]])
 
     # -- compute ----------------------------------------------------------------------
     def run(self, batch: Batch) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ import copy
 import os
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..export.adapters import lora_patched, make_core, make_emulator, swapped_pa
 from ..export.artifact import read_manifest, read_trainable, trainable_views
 from ..export.specs import parse_trainable
 from ..tasks import Batch, make_task
+from ..tasks.base import TaskBatches
 
 __all__ = ["TorchModel", "BaseModelMismatch", "resolve_device"]
 
@@ -50,7 +51,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
-class TorchModel:
+class TorchModel(TaskBatches):
     """An EdgeFed artifact's loss graph in torch (see the module docstring)."""
 
     backend = "torch"
@@ -202,21 +203,6 @@ class TorchModel:
         if w is None:
             w = self._frozen[module]
         return w.detach().float().cpu().numpy()
-
-    # -- data -------------------------------------------------------------------------
-    def encode(self, records: Sequence) -> Batch:
-        if not records:
-            raise ValueError("cannot encode an empty batch")
-        return self.task.encode(records)
-
-    def batches(self, records: Sequence, batch_size: int | None = None,
-                shuffle_seed: int | None = None) -> Iterator[Batch]:
-        bs = batch_size or self.batch_size
-        order = np.arange(len(records))
-        if shuffle_seed is not None:
-            np.random.default_rng(shuffle_seed).shuffle(order)
-        for a in range(0, len(order), bs):
-            yield self.encode([records[i] for i in order[a:a + bs]])
 
     # -- compute ----------------------------------------------------------------------
     def _inputs(self, batch: Batch) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Batch", "Task", "TooLong", "pad_rows"]
+__all__ = ["Batch", "Task", "TooLong", "pad_rows", "TaskBatches"]
 
 IGNORE = -100  # targets at this value carry no loss (HF `labels` convention)
 
@@ -88,3 +88,22 @@ class Task:
 
     def evaluate(self, model, records: Sequence, batch_size: int = 32, **kw) -> dict:
         raise NotImplementedError
+
+
+class TaskBatches:
+    """Records -> batches through a model's task (`self.task`, `self.batch_size`): what the ONNX
+    and torch backends share, so both tokenise exactly alike."""
+
+    def encode(self, records: Sequence) -> Batch:
+        """Tokenise with the artifact's task (template, label words, prompt format)."""
+        if not records:
+            raise ValueError("cannot encode an empty batch")
+        return self.task.encode(records)
+
+    def batches(self, records: Sequence, batch_size: int | None = None, shuffle_seed: int | None = None):
+        bs = batch_size or self.batch_size
+        order = np.arange(len(records))
+        if shuffle_seed is not None:
+            np.random.default_rng(shuffle_seed).shuffle(order)
+        for a in range(0, len(order), bs):
+            yield self.encode([records[i] for i in order[a:a + bs]])

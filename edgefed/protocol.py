@@ -23,7 +23,8 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import MISSING, dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
@@ -470,7 +471,7 @@ _SCALAR_FMT = {"u8": "B", "u32": "I", "u64": "Q", "i64": "q", "f32": "f", "f64":
 def _write_field(w: _Writer, kind: str, value: Any, what: str) -> None:
     if kind in _SCALAR_FMT:
         w.pack(_SCALAR_FMT[kind], value, what)
-    elif kind in ("id", "name", "text"):
+    elif kind in ("id", "id?", "text"):
         w.str(value, what)
     elif kind == "u32[]":
         w.array(value, "u4", what)
@@ -485,10 +486,8 @@ def _read_field(r: _Reader, kind: str, what: str) -> Any:
     if kind in _SCALAR_FMT:
         v = r.unpack(_SCALAR_FMT[kind], what)
         return bool(v) if kind == "bool" else v
-    if kind == "id":
+    if kind in ("id", "id?"):
         return r.str(what, MAX_ID_LEN)
-    if kind == "name":
-        return r.str(what, MAX_NAME_LEN)
     if kind == "text":
         return r.str(what, lim.max_text)
     if kind == "u32[]":
@@ -521,20 +520,193 @@ class AckStatus(IntEnum):
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
+_INT_RANGE = {"u8": (0, 0xFF), "u32": (0, _U32), "u64": (0, _U64), "i64": (-(1 << 63), (1 << 63) - 1)}
+WIRE_KINDS = (*_SCALAR_FMT, "id", "id?", "text", "u32[]", "f32[]", "f32[]?", "tensors", "params", "rounds")
+
+
+@dataclass(frozen=True)
+class WireField:
+    """How one message field travels and what values it may hold (from its `wire(...)` declaration)."""
+
+    name: str
+    kind: str  # one of WIRE_KINDS: the codec and the generic check of the field follow from it
+    what: str  # the field's name in error messages
+    lo: Any = None  # integers / floats: smallest allowed value (default: the kind's range)
+    hi: Any = None  # integers: largest allowed value; a str names a Limits attribute
+    enum: Any = None  # u8 etc.: an IntEnum the value must belong to
+    finite: bool = True  # float arrays: refuse NaN / inf here (False: a cross-field rule does, with more context)
+
+
+def wire(kind: str, default: Any = MISSING, *, default_factory: Any = MISSING, lo: Any = None,
+         hi: Any = None, enum: Any = None, what: str = "", finite: bool = True, kw_only: bool = False) -> Any:
+    """Declare a message field once: its wire kind and bounds ride in the dataclass field's
+    metadata; the message's SCHEMA (wire order = declaration order), the codec and the per-field
+    checks are derived from them (see @message). Only cross-field rules live in `_check`.
+    kw_only: the field sits at its wire position but is passed by keyword only (so the
+    positional constructor need not follow the wire order)."""
+    if kind not in WIRE_KINDS:
+        raise ValueError(f"unknown wire kind {kind!r}; known: {WIRE_KINDS}")
+    meta = {"wire": {"kind": kind, "what": what, "lo": lo, "hi": hi, "enum": enum, "finite": finite}}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta, kw_only=kw_only)
+    if default is not MISSING:
+        return field(default=default, metadata=meta, kw_only=kw_only)
+    return field(metadata=meta, kw_only=kw_only)
+
+
+def message(cls: Type["Message"]) -> Type["Message"]:
+    """Class decorator of every message: a dataclass whose every field is declared with wire();
+    sets FIELDS (the WireFields in wire order) and SCHEMA ((name, kind) pairs, as docs/protocol.md
+    renders them)."""
+    cls = dataclass(eq=False)(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        w = f.metadata.get("wire")
+        if w is None:
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with protocol.wire(kind, ...)")
+        out.append(WireField(f.name, w["kind"], w["what"] or f.name, w["lo"], w["hi"], w["enum"], w["finite"]))
+    cls.FIELDS = tuple(out)
+    cls.SCHEMA = tuple((w.name, w.kind) for w in out)
+    return cls
+
+
+def _bound(b: Any, limits: Limits, default: Any) -> Any:
+    if b is None:
+        return default
+    return getattr(limits, b) if isinstance(b, str) else b
+
+
+def _check_tensors(ts: List[Tensor], what: str, limits: Limits) -> None:
+    if not isinstance(ts, list):
+        raise InvalidField(f"{what} must be a list of protocol.Tensor")
+    if len(ts) > limits.max_tensors:
+        raise MessageTooLarge(f"{what} has {len(ts)} tensors; the limit is {limits.max_tensors}")
+    for i, t in enumerate(ts):
+        if not isinstance(t, Tensor):
+            raise InvalidField(f"{what}[{i}] must be a protocol.Tensor")
+        _check_name(t.name, f"{what}[{i}].name")
+        if t.data.ndim > limits.max_tensor_ndim:
+            raise MessageTooLarge(f"{what}[{i}] ({t.name}) has {t.data.ndim} dims; limit "
+                                  f"{limits.max_tensor_ndim}")
+        if t.dtype in _FLOAT_DTYPES:
+            _check_all_finite(t.float32(), f"{what}[{i}] ({t.name}) flat index ")
+
+
+def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
+    if not isinstance(p, dict):
+        raise InvalidField(f"{what} must be a dict of str -> int|float|str")
+    if len(p) > limits.max_params:
+        raise MessageTooLarge(f"{what} has {len(p)} entries; the limit is {limits.max_params}")
+    for k, v in p.items():
+        _check_name(k, f"{what} key")
+        if isinstance(v, str):
+            _check_text(v, f"{what}[{k!r}]", limits)
+        elif isinstance(v, (bool, int, np.integer)):
+            _check_int(int(v), -(1 << 63), (1 << 63) - 1, f"{what}[{k!r}]")
+        elif isinstance(v, (float, np.floating)):
+            _check_finite(v, f"{what}[{k!r}]")
+        else:
+            raise InvalidField(f"{what}[{k!r}] must be int, float or str, got {type(v).__name__}")
+
+
+def _check_pairs(seeds: np.ndarray, vals: np.ndarray, what: str, k: int = 0) -> None:
+    if seeds.size != vals.size:
+        raise InvalidField(f"{what}: {seeds.size} seed indices but {vals.size} values; send one value per seed")
+    if k and seeds.size and int(seeds.max()) >= k:
+        bad = int(np.flatnonzero(seeds >= k)[0])
+        raise InvalidField(f"{what}: seed index {int(seeds[bad])} at position {bad} is out of range "
+                           f"for a pool of K={k}")
+
+
+def _check_array(a: Any, code: str, what: str, max_count: int, finite: bool = True) -> np.ndarray:
+    a = _as_u32(a, what) if code == "u4" else _as_f32(a, what)
+    if a.size > max_count:
+        raise MessageTooLarge(f"{what} has {a.size} elements; the limit is {max_count}")
+    if finite and code == "f4":
+        _check_all_finite(a, what)
+    return a
+
+
+def _check_rounds(rs: Any, what: str, limits: Limits) -> List["RoundDelta"]:
+    if not isinstance(rs, list):
+        raise InvalidField(f"{what} must be a list of protocol.RoundDelta")
+    if len(rs) > limits.max_sync_rounds:
+        raise MessageTooLarge(f"{len(rs)} rounds in a sync reply; the limit is "
+                              f"{limits.max_sync_rounds}: send full=True instead")
+    for i, r in enumerate(rs):
+        if not isinstance(r, RoundDelta):
+            raise InvalidField(f"{what}[{i}] must be a protocol.RoundDelta")
+        r.round = _check_int(r.round, 0, _U32, f"{what}[{i}].round")
+        r.seeds = _check_array(r.seeds, "u4", f"{what}[{i}].seeds", limits.max_seeds)
+        r.coeffs = _check_array(r.coeffs, "f4", f"{what}[{i}].coeffs", limits.max_seeds)
+        _check_pairs(r.seeds, r.coeffs, f"{what}[{i}]")
+        _check_tensors(r.tensors, f"{what}[{i}].tensors", limits)
+    return rs
+
+
+def _check_field(f: WireField, value: Any, limits: Limits) -> Any:
+    """The generic check of one field's value by its kind and bounds; returns it normalised."""
+    kind, what = f.kind, f.what
+    if kind in _INT_RANGE:
+        lo, hi = _INT_RANGE[kind]
+        v = _check_int(value, _bound(f.lo, limits, lo), _bound(f.hi, limits, hi), what)
+        if f.enum is not None:
+            try:
+                return f.enum(v)
+            except ValueError:
+                raise InvalidField(f"{what} {value!r} unknown (known: "
+                                   f"{[s.name.lower() for s in f.enum]})") from None
+        return v
+    if kind in ("f32", "f64"):
+        v = _check_finite(value, what)
+        if f.lo is not None and v < f.lo:
+            raise InvalidField(f"{what}={v} must be >= {f.lo}")
+        if kind == "f32":
+            if not math.isfinite(float(np.float32(v))):
+                raise InvalidField(f"{what}={v} overflows float32")
+            v = float(np.float32(v))  # what the wire carries
+        return v
+    if kind == "bool":
+        return bool(value)
+    if kind == "id":
+        return check_id(value, what)
+    if kind == "id?":
+        return value if value == "" else check_id(value, what)
+    if kind == "text":
+        return _check_text(value, what, limits)
+    if kind == "u32[]":
+        return _check_array(value, "u4", what, limits.max_seeds)
+    if kind == "f32[]":
+        return _check_array(value, "f4", what, limits.max_seeds, f.finite)
+    if kind == "f32[]?":
+        return None if value is None else _check_array(value, "f4", what, limits.max_pool_size, f.finite)
+    if kind == "tensors":
+        _check_tensors(value, what, limits)
+        return value
+    if kind == "params":
+        _check_params(value, what, limits)
+        return value
+    if kind == "rounds":
+        return _check_rounds(value, what, limits)
+    raise AssertionError(kind)
 
 
 class Message:
-    """Base of all messages: SCHEMA drives encode/decode; _check() validates field values."""
+    """Base of all messages (declared with @message and wire() fields): FIELDS / SCHEMA drive
+    encode, decode and the per-field checks; _check() holds the cross-field rules only."""
 
     TYPE: ClassVar[MessageType]
+    FIELDS: ClassVar[Tuple[WireField, ...]]
     SCHEMA: ClassVar[Tuple[Tuple[str, str], ...]]
     signature = None  # set by decode(): the parsed Signature trailer, or None (unsigned)
 
-    def _check(self, limits: Limits) -> None:  # per-message value rules
-        raise NotImplementedError
+    def _check(self, limits: Limits) -> None:
+        """Rules between fields (after every field passed its own check)."""
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> "Message":
         """Normalise array fields and check every value; raises ProtocolError."""
+        for f in self.FIELDS:
+            setattr(self, f.name, _check_field(f, getattr(self, f.name), limits))
         self._check(limits)
         return self
 
@@ -568,304 +740,150 @@ class Message:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _check_tensors(ts: List[Tensor], what: str, limits: Limits) -> None:
-    if len(ts) > limits.max_tensors:
-        raise MessageTooLarge(f"{what} has {len(ts)} tensors; the limit is {limits.max_tensors}")
-    for i, t in enumerate(ts):
-        if not isinstance(t, Tensor):
-            raise InvalidField(f"{what}[{i}] must be a protocol.Tensor")
-        _check_name(t.name, f"{what}[{i}].name")
-        if t.data.ndim > limits.max_tensor_ndim:
-            raise MessageTooLarge(f"{what}[{i}] ({t.name}) has {t.data.ndim} dims; limit "
-                                  f"{limits.max_tensor_ndim}")
-        if t.dtype in _FLOAT_DTYPES:
-            _check_all_finite(t.float32(), f"{what}[{i}] ({t.name}) flat index ")
-
-
-def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
-    if not isinstance(p, dict):
-        raise InvalidField(f"{what} must be a dict of str -> int|float|str")
-    if len(p) > limits.max_params:
-        raise MessageTooLarge(f"{what} has {len(p)} entries; the limit is {limits.max_params}")
-    for k, v in p.items():
-        _check_name(k, f"{what} key")
-        if isinstance(v, str):
-            _check_text(v, f"{what}[{k!r}]", limits)
-        elif isinstance(v, (bool, int, np.integer)):
-            _check_int(int(v), -(1 << 63), (1 << 63) - 1, f"{what}[{k!r}]")
-        elif isinstance(v, (float, np.floating)):
-            _check_finite(v, f"{what}[{k!r}]")
-        else:
-            raise InvalidField(f"{what}[{k!r}] must be int, float or str, got {type(v).__name__}")
-
-
-def _check_pairs(seeds: Any, vals: Any, what: str, limits: Limits, k: int = 0
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    s = _as_u32(seeds, f"{what} seeds")
-    v = _as_f32(vals, f"{what} values")
-    if s.size != v.size:
-        raise InvalidField(f"{what}: {s.size} seed indices but {v.size} values; send one value per seed")
-    if s.size > limits.max_seeds:
-        raise MessageTooLarge(f"{what} has {s.size} seeds; the limit is {limits.max_seeds}")
-    if k and s.size and int(s.max()) >= k:
-        bad = int(np.flatnonzero(s >= k)[0])
-        raise InvalidField(f"{what}: seed index {int(s[bad])} at position {bad} is out of range "
-                           f"for a pool of K={k}")
-    return s, v
-
-
-@dataclass(eq=False)
+@message
 class RoundPlan(Message):
     """Published retained on plan/: what every device should do this round."""
 
     TYPE: ClassVar[MessageType] = MessageType.ROUND_PLAN
-    SCHEMA: ClassVar = (
-        ("job", "id"), ("round", "u32"), ("method", "id"), ("seed_pool_id", "u64"), ("k", "u32"),
-        ("lr", "f64"), ("eps", "f64"), ("local_steps", "u32"), ("batch_size", "u32"),
-        ("deadline", "f64"), ("min_devices", "u32"), ("seed_probs", "f32[]?"),
-        ("params", "params"), ("delta_seeds", "u32[]"), ("delta_coeffs", "f32[]"),
-        ("delta_tensors", "tensors"))
 
-    job: str
-    round: int
-    method: str
-    seed_pool_id: int = 0  # identifies the K-seed pool (devices derive the seeds from it)
-    k: int = 0  # pool size K; 0 = this method uses no seed pool
-    lr: float = 0.0
-    eps: float = 0.0
-    local_steps: int = 1
-    batch_size: int = 1
-    deadline: float = 0.0  # unix time; 0 = none
-    min_devices: int = 1
-    seed_probs: Optional[np.ndarray] = None  # float32[K] sampling probabilities, None = uniform
-    params: Dict[str, Param] = field(default_factory=dict)
-    delta_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    delta_coeffs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    delta_tensors: List[Tensor] = field(default_factory=list)
+    job: str = wire("id")
+    round: int = wire("u32")
+    method: str = wire("id")
+    seed_pool_id: int = wire("u64", 0)  # identifies the K-seed pool (devices derive the seeds from it)
+    k: int = wire("u32", 0, hi="max_pool_size", what="k (seed pool size)")  # 0 = no seed pool
+    lr: float = wire("f64", 0.0)
+    eps: float = wire("f64", 0.0, lo=0.0)
+    local_steps: int = wire("u32", 1)
+    batch_size: int = wire("u32", 1)
+    deadline: float = wire("f64", 0.0, lo=0.0)  # unix time; 0 = none
+    min_devices: int = wire("u32", 1)
+    seed_probs: Optional[np.ndarray] = wire("f32[]?", None)  # float32[K] sampling probabilities, None = uniform
+    params: Dict[str, Param] = wire("params", default_factory=dict)
+    delta_seeds: np.ndarray = wire("u32[]", default_factory=lambda: np.zeros(0, np.uint32))
+    delta_coeffs: np.ndarray = wire("f32[]", default_factory=lambda: np.zeros(0, np.float32))
+    delta_tensors: List[Tensor] = wire("tensors", default_factory=list)
 
     def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.method, "method")
-        self.round = _check_int(self.round, 0, _U32, "round")
-        self.seed_pool_id = _check_int(self.seed_pool_id, 0, _U64, "seed_pool_id")
-        self.k = _check_int(self.k, 0, limits.max_pool_size, "k (seed pool size)")
-        for f in ("local_steps", "batch_size", "min_devices"):
-            setattr(self, f, _check_int(getattr(self, f), 0, _U32, f))
-        self.lr = _check_finite(self.lr, "lr")
-        self.eps = _check_finite(self.eps, "eps")
-        self.deadline = _check_finite(self.deadline, "deadline")
-        if self.eps < 0 or self.deadline < 0:
-            raise InvalidField("eps and deadline must be >= 0")
-        if self.seed_probs is not None:
-            p = _as_f32(self.seed_probs, "seed_probs")
+        p = self.seed_probs
+        if p is not None:
             if p.size != self.k:
                 raise InvalidField(f"seed_probs has {p.size} entries but K={self.k}; send one per seed")
-            _check_all_finite(p, "seed_probs")
             if p.size and (float(p.min()) < 0 or float(p.sum()) <= 0):
                 raise InvalidField("seed_probs must be >= 0 with a positive sum")
-            self.seed_probs = p
-        _check_params(self.params, "params", limits)
-        self.delta_seeds, self.delta_coeffs = _check_pairs(
-            self.delta_seeds, self.delta_coeffs, "delta", limits, self.k)
-        _check_all_finite(self.delta_coeffs, "delta_coeffs")
-        _check_tensors(self.delta_tensors, "delta_tensors", limits)
+        _check_pairs(self.delta_seeds, self.delta_coeffs, "delta", self.k)
 
 
-@dataclass(eq=False)
+@message
 class Update(Message):
     """A device's result for one round: per-seed accumulated scalars (and/or tensors)."""
 
     TYPE: ClassVar[MessageType] = MessageType.UPDATE
-    SCHEMA: ClassVar = (
-        ("job", "id"), ("round", "u32"), ("device", "id"), ("method", "id"), ("msg_id", "u64"),
-        ("num_samples", "u32"), ("seeds", "u32[]"), ("scalars", "f32[]"), ("tensors", "tensors"),
-        ("train_loss", "f32"))
 
-    job: str
-    round: int
-    device: str
-    method: str
-    msg_id: int  # per-device, strictly increasing (see MessageIds): the idempotency key
-    num_samples: int
-    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    scalars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    tensors: List[Tensor] = field(default_factory=list)
-    train_loss: float = 0.0
+    job: str = wire("id")
+    round: int = wire("u32")
+    device: str = wire("id")
+    method: str = wire("id")
+    msg_id: int = wire("u64")  # per-device, strictly increasing (see MessageIds): the idempotency key
+    num_samples: int = wire("u32")
+    seeds: np.ndarray = wire("u32[]", default_factory=lambda: np.zeros(0, np.uint32))
+    scalars: np.ndarray = wire("f32[]", default_factory=lambda: np.zeros(0, np.float32), finite=False)
+    tensors: List[Tensor] = wire("tensors", default_factory=list)
+    train_loss: float = wire("f32", 0.0)
 
     def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.device, "device")
-        check_id(self.method, "method")
-        self.round = _check_int(self.round, 0, _U32, "round")
-        self.msg_id = _check_int(self.msg_id, 0, _U64, "msg_id")
-        self.num_samples = _check_int(self.num_samples, 0, _U32, "num_samples")
         if self.num_samples <= 0:
             raise InvalidField(f"num_samples must be > 0 (device {self.device} trained on no data); "
                                f"do not send an update for an empty round")
-        self.seeds, self.scalars = _check_pairs(self.seeds, self.scalars, "update", limits)
+        _check_pairs(self.seeds, self.scalars, "update")
         if self.scalars.size and not np.isfinite(self.scalars).all():
             bad = int(np.flatnonzero(~np.isfinite(self.scalars))[0])
             raise InvalidField(
                 f"scalars[{bad}] is {self.scalars[bad]} (seed index {int(self.seeds[bad])}) from device "
                 f"{self.device}: the local ZO step diverged; lower lr/eps, the update is not usable")
-        _check_tensors(self.tensors, "tensors", limits)
-        self.train_loss = _check_finite(self.train_loss, "train_loss")
-        if not math.isfinite(float(np.float32(self.train_loss))):
-            raise InvalidField(f"train_loss={self.train_loss} overflows float32")
-        self.train_loss = float(np.float32(self.train_loss))  # what the wire carries
 
 
-@dataclass(eq=False)
+@message
 class Ack(Message):
     TYPE: ClassVar[MessageType] = MessageType.ACK
-    SCHEMA: ClassVar = (("job", "id"), ("round", "u32"), ("device", "id"), ("msg_id", "u64"),
-                        ("status", "u8"), ("reason", "text"))
 
-    job: str
-    round: int
-    device: str
-    msg_id: int
-    status: AckStatus = AckStatus.ACCEPTED
-    reason: str = ""
-
-    def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.device, "device")
-        self.round = _check_int(self.round, 0, _U32, "round")
-        self.msg_id = _check_int(self.msg_id, 0, _U64, "msg_id")
-        try:
-            self.status = AckStatus(self.status)
-        except ValueError:
-            raise InvalidField(f"ack status {self.status!r} unknown (known: "
-                               f"{[s.name.lower() for s in AckStatus]})") from None
-        _check_text(self.reason, "reason", limits)
+    job: str = wire("id")
+    round: int = wire("u32")
+    device: str = wire("id")
+    msg_id: int = wire("u64")
+    status: AckStatus = wire("u8", AckStatus.ACCEPTED, enum=AckStatus, what="ack status")
+    reason: str = wire("text", "")
 
 
-@dataclass(eq=False)
+@message
 class Status(Message):
     """Retained per device on status/; also its MQTT last will (state 'offline')."""
 
     TYPE: ClassVar[MessageType] = MessageType.STATUS
-    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("state", "id"), ("device_class", "text"),
-                        ("round", "i64"), ("timestamp", "f64"), ("text", "text"))
 
-    job: str
-    device: str
-    state: str  # online | idle | syncing | training | offline | error ...
-    device_class: str = ""  # e.g. raspberry-pi-4 (a device_configs/ name)
-    round: int = -1  # last round seen, -1 = none
-    timestamp: float = 0.0  # unix time when written (for a will: when the device connected)
-    text: str = ""
-
-    def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.device, "device")
-        check_id(self.state, "state")
-        if self.device_class:
-            check_id(self.device_class, "device_class")
-        self.round = _check_int(self.round, -1, _U32, "round")
-        self.timestamp = _check_finite(self.timestamp, "timestamp")
-        _check_text(self.text, "text", limits)
+    job: str = wire("id")
+    device: str = wire("id")
+    state: str = wire("id")  # online | idle | syncing | training | offline | error ...
+    device_class: str = wire("id?", "")  # e.g. raspberry-pi-4 (a device_configs/ name), or empty
+    round: int = wire("i64", -1, lo=-1, hi=_U32)  # last round seen, -1 = none
+    timestamp: float = wire("f64", 0.0)  # unix time when written (for a will: when the device connected)
+    text: str = wire("text", "")
 
 
-@dataclass(eq=False)
+@message
 class SyncRequest(Message):
     """Device -> server: 'my parameters equal the global state at the start of from_round'."""
 
     TYPE: ClassVar[MessageType] = MessageType.SYNC_REQUEST
-    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("from_round", "u32"), ("full", "bool"),
-                        ("request_id", "u64"))
 
-    job: str
-    device: str
-    from_round: int
-    full: bool = False  # ask for the full state instead of deltas
-    request_id: int = 0  # echoed in the reply
-
-    def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.device, "device")
-        self.from_round = _check_int(self.from_round, 0, _U32, "from_round")
-        self.request_id = _check_int(self.request_id, 0, _U64, "request_id")
-        self.full = bool(self.full)
+    job: str = wire("id")
+    device: str = wire("id")
+    from_round: int = wire("u32")
+    full: bool = wire("bool", False)  # ask for the full state instead of deltas
+    request_id: int = wire("u64", 0)  # echoed in the reply
 
 
-@dataclass(eq=False)
+@message
 class SyncReply(Message):
     """Server -> device: deltas of rounds from_round+1..to_round, or the full state (full=True)."""
 
     TYPE: ClassVar[MessageType] = MessageType.SYNC_REPLY
-    SCHEMA: ClassVar = (("job", "id"), ("device", "id"), ("request_id", "u64"),
-                        ("from_round", "u32"), ("to_round", "u32"), ("full", "bool"),
-                        ("rounds", "rounds"), ("state", "tensors"))
 
-    job: str
-    device: str
-    from_round: int
-    to_round: int
-    request_id: int = 0
-    full: bool = False
-    rounds: List[RoundDelta] = field(default_factory=list)
-    state: List[Tensor] = field(default_factory=list)  # full trainable state when full=True
+    job: str = wire("id")
+    device: str = wire("id")
+    request_id: int = wire("u64", 0, kw_only=True)  # the request's id
+    from_round: int = wire("u32")
+    to_round: int = wire("u32")
+    full: bool = wire("bool", False)
+    rounds: List[RoundDelta] = wire("rounds", default_factory=list)
+    state: List[Tensor] = wire("tensors", default_factory=list)  # full trainable state when full=True
 
     def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.device, "device")
-        self.request_id = _check_int(self.request_id, 0, _U64, "request_id")
-        self.from_round = _check_int(self.from_round, 0, _U32, "from_round")
-        self.to_round = _check_int(self.to_round, 0, _U32, "to_round")
-        self.full = bool(self.full)
         if self.to_round < self.from_round:
             raise InvalidField(f"to_round {self.to_round} < from_round {self.from_round}")
-        if len(self.rounds) > limits.max_sync_rounds:
-            raise MessageTooLarge(f"{len(self.rounds)} rounds in a sync reply; the limit is "
-                                  f"{limits.max_sync_rounds}: send full=True instead")
         prev = self.from_round
         for i, r in enumerate(self.rounds):
-            if not isinstance(r, RoundDelta):
-                raise InvalidField(f"rounds[{i}] must be a protocol.RoundDelta")
-            r.round = _check_int(r.round, 0, _U32, f"rounds[{i}].round")
             if not prev < r.round <= self.to_round:
                 raise InvalidField(f"rounds[{i}].round={r.round} must increase within "
                                    f"({self.from_round}, {self.to_round}]")
             prev = r.round
-            r.seeds, r.coeffs = _check_pairs(r.seeds, r.coeffs, f"rounds[{i}]", limits)
-            _check_all_finite(r.coeffs, f"rounds[{i}].coeffs")
-            _check_tensors(r.tensors, f"rounds[{i}].tensors", limits)
-        _check_tensors(self.state, "state", limits)
 
 
-@dataclass(eq=False)
+@message
 class JobState(Message):
     """Retained on state/: where the job is, and how far back deltas can be replayed."""
 
     TYPE: ClassVar[MessageType] = MessageType.JOB_STATE
-    SCHEMA: ClassVar = (("job", "id"), ("round", "u32"), ("history_from", "u32"), ("method", "id"),
-                        ("seed_pool_id", "u64"), ("k", "u32"), ("model", "text"), ("digest", "text"),
-                        ("updated_at", "f64"), ("params", "params"))
 
-    job: str
-    round: int  # round of the latest published plan
-    history_from: int  # oldest from_round a delta sync can start at; older devices sync full
-    method: str
-    seed_pool_id: int = 0
-    k: int = 0
-    model: str = ""  # artifact id the devices must run
-    digest: str = ""  # e.g. sha256 hex of the global trainable state (optional)
-    updated_at: float = 0.0
-    params: Dict[str, Param] = field(default_factory=dict)
-
-    def _check(self, limits: Limits) -> None:
-        check_id(self.job, "job")
-        check_id(self.method, "method")
-        self.round = _check_int(self.round, 0, _U32, "round")
-        self.history_from = _check_int(self.history_from, 0, _U32, "history_from")
-        self.seed_pool_id = _check_int(self.seed_pool_id, 0, _U64, "seed_pool_id")
-        self.k = _check_int(self.k, 0, limits.max_pool_size, "k")
-        _check_text(self.model, "model", limits)
-        _check_text(self.digest, "digest", limits)
-        self.updated_at = _check_finite(self.updated_at, "updated_at")
-        _check_params(self.params, "params", limits)
+    job: str = wire("id")
+    round: int = wire("u32")  # round of the latest published plan
+    history_from: int = wire("u32")  # oldest from_round a delta sync can start at; older devices sync full
+    method: str = wire("id")
+    seed_pool_id: int = wire("u64", 0)
+    k: int = wire("u32", 0, hi="max_pool_size")
+    model: str = wire("text", "")  # artifact id the devices must run
+    digest: str = wire("text", "")  # e.g. sha256 hex of the global trainable state (optional)
+    updated_at: float = wire("f64", 0.0)
+    params: Dict[str, Param] = wire("params", default_factory=dict)
 
 
 MESSAGE_TYPES: Dict[int, Type[Message]] = {

@@ -379,6 +379,25 @@ def test_docs_match_schema():
         rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", m.group(1), re.M)
         assert rows == list(cls.SCHEMA), f"{cls.__name__}: docs {rows} != code {list(cls.SCHEMA)}"
     assert f"version {P.PROTOCOL_VERSION}" in doc and P.MAGIC.decode() in doc
+    # every wire kind a message uses is explained in the "Field kinds" table
+    kinds = re.search(r"^## Field kinds\n(.*?)(?=^## )", doc, re.M | re.S)
+    assert kinds, "docs/protocol.md has no '## Field kinds' section"
+    listed = {k for row in re.findall(r"^\| ([^|]+) \|", kinds.group(1), re.M) for k in re.findall(r"`([^`]+)`", row)}
+    used = {kind for cls in P.MESSAGE_TYPES.values() for _, kind in cls.SCHEMA}
+    assert used <= listed, f"kinds without a row in 'Field kinds': {sorted(used - listed)}"
+
+
+def test_fields_are_declared_once():
+    """SCHEMA is derived from the dataclass fields' wire() declarations, in field order."""
+    import dataclasses
+    for cls in P.MESSAGE_TYPES.values():
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert [n for n, _ in cls.SCHEMA] == names
+        assert all(f.metadata["wire"]["kind"] == k for f, (_, k) in zip(dataclasses.fields(cls), cls.SCHEMA))
+    with pytest.raises(TypeError, match="not declared with protocol.wire"):
+        @P.message
+        class Bad(P.Message):
+            x: int = 0
 
 
 # -- tensor dtypes --------------------------------------------------------------------------

@@ -104,6 +104,23 @@ def test_acl_rules_come_from_the_generated_acl_file():
         BA.parse_acl("pattern read x/%u\n")
 
 
+def test_the_emqx_acl_grants_what_the_mosquitto_acl_grants():
+    """edgefed certs writes both; an EMQX cluster gets the same per-device rules."""
+    import re
+    emqx = BA.emqx_acl_text(JOB, ["d1", "d2"])
+    assert emqx.rstrip().endswith("{deny, all}.")
+    got = set()
+    for user, action, topics in re.findall(r'\{allow, \{username, "([^"]+)"\}, (\w+), \[([^\]]*)\]\}\.', emqx):
+        for topic in re.findall(r'"([^"]+)"', topics):
+            got.add((user, action, topic))
+    want = set()
+    to_emqx = {"write": "publish", "read": "subscribe", "readwrite": "all"}
+    for user, rules in BA.parse_acl(BA.acl_text(JOB, ["d1", "d2"])).items():
+        for access, topic in rules:
+            want.add((user, to_emqx[access], topic))
+    assert got == want and len(got) == 1 + 2 * 10
+
+
 def test_verify_password_against_the_password_file(sec):
     users = BA.read_password_file(Path(sec["dir"]) / "passwd")
     pw = Path(sec["credentials"]["d1"]).read_text().strip()

@@ -145,6 +145,7 @@ def generate(out: str, job: str, devices: Sequence[str], *, server_hosts: Sequen
         BA.write_private(cred_dir / f"{name}.password", passwords[name] + "\n")
     BA.write_private(root / "passwd", BA.password_file_text({users[n]: passwords[n] for n in users}))
     (root / "acl").write_text(BA.acl_text(job, devices))
+    (root / "emqx-acl.conf").write_text(BA.emqx_acl_text(job, devices))  # docs/brokers.md
     (root / "data").mkdir(exist_ok=True)
     conf = root / "mosquitto.conf"
     conf.write_text(BA.mosquitto_conf(port=port, bind=bind, ca=ca_crt, certfile=root / "broker.crt",

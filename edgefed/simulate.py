@@ -118,7 +118,8 @@ def _run_agent(agent: DeviceAgent, stop: threading.Event, errors: list) -> None:
 
 
 def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: int = 1,
-                   signing_dir=None, agent_cls=None, device_classes=None, transport_options=None):
+                   signing_dir=None, agent_cls=None, device_classes=None, transport_options=None,
+                   device_ids=None):
     """Virtual devices as threads sharing one loaded graph (DeviceModel.fork; `base` may also be a
     list of one model per shard, e.g. ONNX devices and torch hosts in one job). The returned
     starter keeps its agents in `.agents` (tests compare their parameters). signing_dir: the
@@ -127,13 +128,14 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
     agent_cls: a DeviceAgent subclass for every device, or a list of one per shard (fault
     injection, Byzantine devices). device_classes: the class each device announces (per-device
     plans assign settings by class; default x86-sim). transport_options: make_transport options
-    of every device (e.g. max_payload_bytes, the broker's message limit)."""
+    of every device (e.g. max_payload_bytes, the broker's message limit). device_ids: the devices'
+    ids (default sim-000, sim-001, ...). The starter keeps the device threads in `.threads`."""
     def start(url: str):
         stop = threading.Event()
         workers = []
         errors: list[str] = []
         for i, shard in enumerate(shards):
-            dev = f"sim-{i:03d}"
+            dev = device_ids[i] if device_ids else f"sim-{i:03d}"
             model = (base[i] if isinstance(base, (list, tuple)) else base).fork()
             signing = None
             if signing_dir is not None:
@@ -148,6 +150,7 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
             th = threading.Thread(target=_run_agent, args=(agent, stop, errors), name=dev, daemon=True)
             th.start()
             workers.append(th)
+            start.threads.append(th)
 
         def halt():
             end = time.time() + 30  # agents leave by themselves once the job is done
@@ -160,6 +163,7 @@ def thread_devices(base: DeviceModel, job: str, shards, *, threads_per_device: i
         halt.failure = lambda: errors[0] if errors else None
         return halt
     start.agents = []
+    start.threads = []
     return start
 
 
@@ -174,6 +178,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-hosts", type=int, default=None, help="how many of the devices are torch hosts "
                    "(backprop; the rest run ONNX Runtime). Default: all for backprop methods (fedavg), else 0")
     p.add_argument("--torch-device", default="auto", help="torch hosts' device: cuda, cpu or auto")
+    p.add_argument("--processes", type=int, default=1, help="spread the devices over this many worker "
+                   "processes (thousands of virtual devices; needs a broker: --transport auto or a URL, "
+                   "auto is used when left inproc)")
+    p.add_argument("--ray", action="store_true", help="with --processes: Ray actors instead of local "
+                   "processes (ray must be installed; ray.init() joins the cluster you configured)")
     p.add_argument("--inline", action="store_true", help="the transport-free loop (edgefed.research): no "
                    "broker, no store, no threads; the same result as the full path, for quick method studies")
 
@@ -219,6 +228,12 @@ def run_simulate(args) -> int:
         models = [host if i < hosts else base for i in range(args.devices)]
     if args.inline:
         return _run_inline(args, job_from_args(args, job_id, args.devices, artifact), models, shards, held, base)
+    if args.processes > 1 and (hosts or args.inline):
+        print("edgefed simulate: --processes runs ONNX devices over a broker; it takes neither --torch-hosts "
+              "nor --inline", file=sys.stderr)
+        return 2
+    if args.processes > 1 and args.transport == "inproc":
+        args.transport = "auto"  # processes meet on a real broker
     broker = None
     url = f"inproc://{job_id}"
     if args.transport == "auto":
@@ -228,9 +243,15 @@ def run_simulate(args) -> int:
     elif args.transport != "inproc":
         url = args.transport
     job = job_from_args(args, job_id, args.devices, artifact)
+    if args.processes > 1:
+        from .fleet_sim import ProcessFleet
+        starter = ProcessFleet(job_id, str(artifact), shards, args.processes, backend="ray" if args.ray else "processes",
+                               seq_len=args.seq_len, batch_size=args.batch_size)
+    else:
+        starter = thread_devices(models, job_id, shards)
     try:
         res = run_federation(job, artifact, held, broker_url=url, out_dir=out,
-                             start_devices=thread_devices(models, job_id, shards), eval_n=args.eval_n,
+                             start_devices=starter, eval_n=args.eval_n,
                              generate_n=args.generate_n, seq_len=args.seq_len,
                              eval_every=args.eval_every, progress=not args.no_progress,
                              title=f"simulation: {args.devices} devices, {args.method}, {args.split}")

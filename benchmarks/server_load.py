@@ -133,7 +133,10 @@ def load_run(url: str, n_devices: int, rounds: int, workers: int, tmp: Path, tim
         transport = MqttTransport(url, f"edgefed-server-{job}", tcp_nodelay=nodelay)
         cfg = JobConfig(job=job, method="fedkseed", rounds=rounds, k=K, local_steps=SCALARS, lr=1e-3,
                         devices_per_round=n_devices, min_devices=n_devices, round_timeout=timeout)
-        srv = Server(transport, store, cfg, settle=0.5)
+        from edgefed_server.engine import ResourceLimits
+        # the registry's default cap (1,000 devices) is a safety limit, not a capacity: raise it
+        srv = Server(transport, store, cfg, settle=0.5,
+                     resource_limits=ResourceLimits(max_devices=max(1000, 2 * n_devices)))
         t0 = time.perf_counter()
         srv.start()
         cpu0 = time.process_time()  # this process runs only the server (devices are elsewhere)
@@ -193,7 +196,9 @@ def engine_run(tmp: Path, n_devices: int = 2000) -> dict:
     store = Store(tmp / "engine.db")
     cfg = JobConfig(job=job, method="fedkseed", rounds=1, k=K, local_steps=SCALARS,
                     devices_per_round=n_devices, min_devices=n_devices, round_timeout=120)
-    srv = Server(broker.client("server"), store, cfg, settle=0.2)
+    from edgefed_server.engine import ResourceLimits
+    srv = Server(broker.client("server"), store, cfg, settle=0.2,
+                 resource_limits=ResourceLimits(max_devices=max(1000, 2 * n_devices)))
     srv.start()
     t0 = time.perf_counter()
     for topic, payload in msgs:

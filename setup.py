@@ -69,7 +69,9 @@ setup(
                    "pyarrow>=12", "dp-accounting>=0.6,<0.7"],
         # The DP accountant alone (the aggregation server imports it only for dp_mode jobs).
         "dp": ["dp-accounting>=0.6,<0.7"],
-        "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5", "hypothesis>=6"],
+        # hardware in the loop on boards from an inventory, over ssh (edgefed/hil_remote.py)
+        "hil": ["paramiko>=3.4", "pyyaml>=6"],
+        "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5", "hypothesis>=6", "paramiko>=3.4"],
     },
     entry_points={"console_scripts": ["edgefed=edgefed.cli:main"]},
     zip_safe=False,

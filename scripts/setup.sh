@@ -12,6 +12,7 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || need_apt+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # stands in for boards in the ssh HIL test
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
@@ -19,6 +20,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # The mosquitto package starts a system broker on :1883; EdgeFed starts its own.
 $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+$SUDO systemctl disable --now ssh >/dev/null 2>&1 || true  # the HIL test starts its own sshd on a free port
 
 # torch first, pinned: 2.13.0 is the CPU build; anything looser pulls a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"

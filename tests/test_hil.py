@@ -129,3 +129,95 @@ def test_link_proxy_adds_the_profiles_latency_and_rate():
         s.sendall(b"y" * 10)
         s.recv(1) or (_ for _ in ()).throw(ConnectionResetError())
     proxy.close()
+
+
+# ------------------------------------------------------------------ boards from an inventory, over ssh
+
+@pytest.fixture
+def inventory(tmp_path):
+    """EDGEFED_HIL_INVENTORY (real boards) if set; else two 'boards' on this machine behind a
+    real sshd on a free port (root and openssh-server needed), so the ssh path itself runs."""
+    import shutil
+    import socket
+
+    pytest.importorskip("paramiko")
+    from edgefed.hil_remote import load_inventory
+
+    if os.environ.get("EDGEFED_HIL_INVENTORY"):
+        yield load_inventory(os.environ["EDGEFED_HIL_INVENTORY"]), None
+        return
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if sshd is None or os.geteuid() != 0 or not shutil.which("ssh-keygen"):
+        pytest.skip("no EDGEFED_HIL_INVENTORY, and no sshd to stand in for boards here (needs root + openssh-server)")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for k in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / k)], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'client.pub'}\n"
+        f"PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"PidFile {d / 'sshd.pid'}\nSetEnv PYTHONPATH={ROOT}\nSubsystem sftp internal-sftp\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("devices:\n" + "".join(
+        f"  - {{name: {n}, host: 127.0.0.1, port: {port}, user: root, key: {d / 'client'}, config: {c}, "
+        f"python: {sys.executable}, workdir: {tmp_path / ('board-' + n)}}}\n"
+        for n, c in (("board-a", "raspberry-pi-4-4gb"), ("board-b", "x86-sim"))))
+    try:
+        yield load_inventory(inv), proc
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_inventory_boards_train_a_job_over_ssh(artifact, inventory, tmp_path):
+    """The inventory's devices get the artifact and their data over SFTP, run `edgefed device`
+    over ssh, and come back with checkpoints equal to the server's global model, peak memory
+    within their class's budget, and their throughput."""
+    from edgefed.device_config import load_device_config
+    from edgefed.export.results import trainables_from_checkpoint, trainables_from_store
+    from edgefed.hil_remote import RemoteDevice
+    from edgefed.transport.broker import start_broker
+
+    inv, _ = inventory
+    broker = start_broker(inv.broker) if inv.broker else start_broker()
+    n = len(inv.devices)
+    shards = iid_split(list(load_rotten_tomatoes()[:60 * n]), n)
+    files = [write_jsonl(tmp_path / f"shard{i}.jsonl", s) for i, s in enumerate(shards)]
+    job, rounds = "hil-ssh", 3
+    server = _server(tmp_path, broker.url, artifact, job, rounds, n)
+    remotes = []
+    try:
+        remotes = [RemoteDevice(d) for d in inv.devices]
+        for r, f in zip(remotes, files):
+            r.start(broker.url, job, artifact, f)
+        results = [r.wait(300) for r in remotes]
+        assert server.wait(60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for r in remotes:
+            r.close()
+        if server.poll() is None:
+            server.kill()
+        if not inv.broker:
+            broker.stop()
+    glob, info = trainables_from_store(tmp_path / "server.db", job)
+    assert info["rounds"] == rounds
+    for dev, res in zip(inv.devices, results):
+        assert res.exit_code == 0, res.log[-3000:]
+        np.testing.assert_array_equal(trainables_from_checkpoint(res.checkpoint, artifact)[0], glob)
+        budget = load_device_config(dev.config).memory_budget_mb
+        assert res.peak_rss_mb is not None and res.peak_rss_mb <= budget, (res.peak_rss_mb, budget)
+        assert res.rounds == rounds and res.rounds_per_minute > 0
+        print(f"{dev.name} ({dev.config}): {res.rounds_per_minute:.1f} rounds/min, peak RSS {res.peak_rss_mb:.0f} MB "
+              f"of {budget} MB")

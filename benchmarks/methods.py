@@ -22,6 +22,23 @@ Rows (--methods; the first named --baseline, fedkseed by default, runs first):
   fedprox         fedavg + the proximal term (prox_mu 0.01)
   fedavg-adam     fedavg + FedAdam on the server (server_opt=adam, server_lr 1e-2)
   fedavg-bf16     fedavg with bf16 updates (half the bytes up)
+  hetlora         torch hosts of two device classes: --pi-clients clients "pi" at rank --pi-rank, the rest
+                  "gpu" at rank --gpu-rank (the `assign` rule), truncations of the global r_max adapter,
+                  per-component sparsity-weighted aggregation (Cho et al. 2024)
+  hetlora-samples hetlora with sample weights (hetlora_weights=samples) instead of the sparsity weights
+  flora           the same classes and ranks; a fresh adapter per round, the round's stack merged into
+                  every host's frozen weights (Wang et al. 2024). Its global model is not the ONNX
+                  graph's trainables (they restart each round) but the hosts' merged weights: its
+                  accuracy is one host's TorchModel after the job (every host that finished holds the
+                  same bits, checked), and the ONNX global model's accuracy is kept beside it to show
+                  the difference. The torch evaluation is checked against ONNX Runtime on the starting
+                  model (the same rows, the same predictions)
+
+Runs add up: --merge-into FILE runs only the named --methods and adds them to a saved run (--json
+of an earlier invocation with the same settings), replacing rows of the same name; the baseline
+and the held-out rows come from it (the starting model is evaluated again and must give the same
+predictions), and the baseline's probe runs again so the time ratios of the new rows are taken
+against a probe measured beside them.
 
 Every job runs through the real aggregation server (edgefed_server.engine.Server) and device
 agents (edgefed.agent.DeviceAgent) over the in-process transport, clients as threads sharing
@@ -67,16 +84,23 @@ METHOD_ROWS = {  # row name -> (registry method, client backend, what differs)
     "fedprox": ("fedavg", "torch", "AdamW + prox"),
     "fedavg-adam": ("fedavg", "torch", "AdamW, FedAdam server"),
     "fedavg-bf16": ("fedavg", "torch", "AdamW, bf16 deltas"),
+    "hetlora": ("hetlora", "torch", "AdamW, ranks by class, truncation"),
+    "hetlora-samples": ("hetlora", "torch", "hetlora, sample weights instead of sparsity weights"),
+    "flora": ("flora", "torch", "AdamW, fresh adapters stacked + merged"),
 }
+RANKED = ("hetlora", "flora")  # methods whose rank comes per device class (assign)
 FULL = {"model": "smollm2-135m", "trainable": "lora:r=8,targets=q_proj,v_proj", "rounds": 4, "local_steps": 4,
         "batch": 8, "seq_len": 64, "clients": 10, "devices_per_round": 4, "eval_n": 160, "train": 0,
-        "lr_zo": 2e-3, "eps": 1e-3, "lr_backprop": 5e-4}
+        "lr_zo": 2e-3, "eps": 1e-3, "lr_backprop": 5e-4,
+        "pi_clients": 4, "pi_rank": 2, "gpu_rank": 8}
 TINY = {"model": "tiny", "trainable": "lora:r=4,targets=q_proj,v_proj", "rounds": 2, "local_steps": 2,
         "batch": 8, "seq_len": 32, "clients": 10, "devices_per_round": 4, "eval_n": 60, "train": 400,
-        "lr_zo": 1e-2, "eps": 1e-3, "lr_backprop": 5e-3}
+        "lr_zo": 1e-2, "eps": 1e-3, "lr_backprop": 5e-3,
+        "pi_clients": 4, "pi_rank": 2, "gpu_rank": 4}
 # seconds per local step on the 2-core dev machine with a test suite beside it (SmolLM2-135M LoRA,
 # batch 8 x 64 tokens, one thread): for the estimate printed before the probes measure it
-STEP_S = {("onnx", "fedkseed"): 1.7, ("onnx", "fedmezo"): 1.7, ("torch", "fedkseed"): 2.5, ("torch", "fedavg"): 3.2}
+STEP_S = {("onnx", "fedkseed"): 1.7, ("onnx", "fedmezo"): 1.7, ("torch", "fedkseed"): 2.5, ("torch", "fedavg"): 3.2,
+          ("torch", "hetlora"): 3.2, ("torch", "flora"): 3.2}
 EVAL_ROW_S = 0.22
 PROBE_S = 25.0
 
@@ -89,7 +113,12 @@ def row_settings(name: str, cfg: dict, args) -> dict:
     """The method, backend, lr / eps and job params of one row."""
     method, backend, what = METHOD_ROWS[name]
     params: dict = {}
-    if method == "fedavg":
+    if method in RANKED:
+        lr, eps = cfg["lr_backprop"], 0.0
+        params["assign"] = json.dumps({"pi": {"rank": cfg["pi_rank"]}, "*": {"rank": cfg["gpu_rank"]}})
+        if name == "hetlora-samples":
+            params["hetlora_weights"] = "samples"
+    elif method == "fedavg":
         lr, eps = cfg["lr_backprop"], 0.0
         if name == "fedprox":
             params["prox_mu"] = args.prox_mu
@@ -104,6 +133,12 @@ def row_settings(name: str, cfg: dict, args) -> dict:
             "params": params}
 
 
+def device_classes(cfg: dict) -> list[str]:
+    """The class each client announces: the first pi_clients are "pi", the rest "gpu" (only the
+    ranked rows pass them: the other methods run as before, every client x86-sim)."""
+    return ["pi"] * cfg["pi_clients"] + ["gpu"] * (cfg["clients"] - cfg["pi_clients"])
+
+
 def make_job(row: dict, cfg: dict, args, artifact, job_id: str):
     from edgefed.methods import JobConfig
     return JobConfig(job=job_id, method=row["method"], artifact=str(artifact), rounds=cfg["rounds"],
@@ -115,6 +150,10 @@ def make_job(row: dict, cfg: dict, args, artifact, job_id: str):
 
 def lr_text(row: dict) -> str:
     p = row["params"]
+    if row["method"] in RANKED:
+        ranks = json.loads(p["assign"])
+        return (f"AdamW {row['lr']:g}, rank pi {ranks['pi']['rank']} / gpu {ranks['*']['rank']}"
+                + (f", {p['hetlora_weights']} weights" if "hetlora_weights" in p else ""))
     if row["method"] == "fedavg":
         s = f"AdamW {row['lr']:g}"
         if "prox_mu" in p:
@@ -139,13 +178,20 @@ def selection(n_clients: int, per_round: int, rounds: int, seed: int) -> list[li
     return out
 
 
-def sampled_agent_cls(chosen: list[list[str]]):
+def sampled_agent_cls(chosen: list[list[str]], limits=None):
     """A DeviceAgent that sits out the rounds it was not drawn for; when drawn again it catches
-    up on the missed rounds as any device that was away does (a SyncRequest, exact deltas)."""
+    up on the missed rounds as any device that was away does (a SyncRequest, exact deltas).
+    limits: the codec's limits (edgefed.protocol.Limits) for jobs whose messages are larger than
+    the default (offsite-tuning's full-layer deltas)."""
     from edgefed.agent import DeviceAgent
 
     class SampledAgent(DeviceAgent):
         skipped = 0
+
+        def __init__(self, *a, **kw):
+            if limits is not None:
+                kw.setdefault("limits", limits)
+            super().__init__(*a, **kw)
 
         def _serve(self, plan):
             r = int(plan.round)
@@ -175,7 +221,10 @@ def probe_main(spec_path: str) -> int:
     from edgefed.data import read_jsonl
     from edgefed.methods import get_method
 
-    plan = P.decode(Path(spec["plan"]).read_bytes())
+    plan = P.decode(Path(spec["plan"]).read_bytes(), limits=P.Limits(max_message_bytes=1 << 30))
+    if spec.get("device_class"):  # this class's own plan (assign rules: e.g. its LoRA rank)
+        from edgefed.assign import plan_for
+        plan = plan_for(plan, "probe", spec["device_class"])
     shard = read_jsonl(spec["shard"])
     rss_imports = rss()
     t0 = time.time()
@@ -199,33 +248,40 @@ def probe_main(spec_path: str) -> int:
     t0 = time.time()
     res = client.local_train(model, shard, plan, seed=spec["seed"])
     t_round = time.time() - t0
+    # the update as an agent sends it: the ClientResult's payload fields the Update has (seeds,
+    # scalars and/or tensors, depending on the protocol version)
+    import dataclasses
+    payload = {f.name: getattr(res, f.name) for f in dataclasses.fields(P.Update)
+               if f.name in ("seeds", "scalars", "tensors") and hasattr(res, f.name)}
     upd = P.Update(job=plan.job, round=plan.round, device="probe", method=plan.method, msg_id=1,
-                   num_samples=res.num_samples, seeds=res.seeds, scalars=res.scalars, tensors=res.tensors,
-                   train_loss=res.train_loss)
+                   num_samples=res.num_samples, train_loss=res.train_loss, **payload)
     out = {"peak_rss": peak_rss_bytes(), "peak_rss_loaded": peak_loaded, "rss_imports": rss_imports,
+           "device_class": spec.get("device_class") or "", "rank": plan.params.get("rank"),
            "rss_loaded": rss_loaded, "load_s": t_load, "round_s": t_round, "train_loss": res.train_loss,
-           "update_bytes": len(upd.encode()), "torch_imported": "torch" in sys.modules,
+           "update_bytes": len(upd.encode(P.Limits(max_message_bytes=1 << 30))), "torch_imported": "torch" in sys.modules,
            "backward_count": int(getattr(model, "backward_count", 0))}
     print("PROBE " + json.dumps(out), flush=True)
     return 0
 
 
-def probe(row: dict, job, artifact, shard, cfg: dict, args, work: Path) -> dict:
-    """One client's local round of `row` in a fresh interpreter (see probe_main)."""
+def probe(row: dict, job, artifact, shard, cfg: dict, args, work: Path, device_class: str = "") -> dict:
+    """One client's local round of `row` in a fresh interpreter (see probe_main); device_class:
+    the class whose plan it runs (per-device rules)."""
     from edgefed import protocol as P
     from edgefed.data import write_jsonl
+    from edgefed.research import build_plan
     from edgefed.methods import get_method
 
     strategy = get_method(job.method).server()
-    pf = strategy.plan_round(job, strategy.init_state(job), 0)
-    plan = P.RoundPlan(job=job.job, round=0, method=job.method, seed_pool_id=pf.seed_pool_id, k=pf.k, lr=pf.lr,
-                       eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size, deadline=0.0,
-                       min_devices=1, seed_probs=pf.seed_probs, params=dict(pf.params))
+    # the round-0 plan as the server builds it (edgefed.research.build_plan: the method's plan
+    # fields and the job's per-device rules), whatever the protocol calls its fields
+    plan = build_plan(job, 0, strategy.plan_round(job, strategy.init_state(job), 0), None)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "plan.bin").write_bytes(plan.encode())
+    (work / "plan.bin").write_bytes(plan.encode(P.Limits(max_message_bytes=1 << 30)))
     write_jsonl(work / "shard.jsonl", shard)
     spec = {"plan": str(work / "plan.bin"), "shard": str(work / "shard.jsonl"), "artifact": str(artifact),
-            "backend": row["backend"], "seq_len": cfg["seq_len"], "threads": args.client_threads, "seed": 12345}
+            "backend": row["backend"], "seq_len": cfg["seq_len"], "threads": args.client_threads, "seed": 12345,
+            "device_class": device_class}
     (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
     t0 = time.time()
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_probe", str(work / "spec.json")],
@@ -241,13 +297,19 @@ def probe(row: dict, job, artifact, shard, cfg: dict, args, work: Path) -> dict:
 
 # ----------------------------------------------------------------------------- one federated job
 
-def run_job(row: dict, cfg: dict, args, artifact, base, evaluator, shards, held, chosen, out: Path) -> dict:
+def run_job(row: dict, cfg: dict, args, artifact, base, evaluator, shards, held, chosen, out: Path, *,
+            limits=None, job_prefix: str = "methods") -> dict:
+    """One federated job through the server and device agents; the global model scored on `held`
+    by `evaluator` (ONNX Runtime), or, for FLoRA, by a host's own TorchModel (see flora_eval).
+    limits: the codec's limits on the server and every device (larger messages)."""
     from edgefed.federation import run_federation
     from edgefed.simulate import thread_devices
 
-    job_id = f"methods-{row['name']}-{uuid.uuid4().hex[:6]}"
+    job_id = f"{job_prefix}-{row['name']}-{uuid.uuid4().hex[:6]}"
     job = make_job(row, cfg, args, artifact, job_id)
-    starter = thread_devices(base, job_id, shards, agent_cls=sampled_agent_cls(chosen))
+    classes = device_classes(cfg) if row["method"] in RANKED else None
+    starter = thread_devices(base, job_id, shards, agent_cls=sampled_agent_cls(chosen, limits),
+                             device_classes=classes)
     load0 = os.getloadavg()
     t0 = time.time()
     # the server's own evaluation runs on a few rows only (before and at the last round); the
@@ -256,21 +318,28 @@ def run_job(row: dict, cfg: dict, args, artifact, base, evaluator, shards, held,
                          out_dir=out / row["name"], start_devices=starter, eval_n=args.server_eval_n,
                          eval_every=cfg["rounds"], eval_threads=args.threads, progress=False,
                          seq_len=cfg["seq_len"], title=f"{row['name']}",
-                         timeout=args.round_timeout * (cfg["rounds"] + 2))
+                         timeout=args.round_timeout * (cfg["rounds"] + 2),
+                         server_options={"limits": limits} if limits is not None else None)
     t_fed = time.time() - t0
     if res.rounds_completed != cfg["rounds"]:
         raise RuntimeError(f"{job_id}: {res.rounds_completed}/{cfg['rounds']} rounds")
     t0 = time.time()
     evaluator.params[:] = res.final_params
     ev = evaluator.evaluate(held, batch_size=32)
+    extra: dict = {}
+    if row["method"] == "flora":  # the global model is in the hosts' merged weights, not the trainables
+        extra = flora_eval(starter.agents, base, held, cfg, args)
+        extra["onnx_global_accuracy"] = float(ev["accuracy"])
+        extra["onnx_global_correct"] = np.asarray(ev["correct"]).astype(int).tolist()
+        ev = extra.pop("eval")
     t_eval = time.time() - t0
     rounds = [h for h in res.history if h["round"] > 0]
     up = float(np.mean([h["bytes_in"] / max(1, h["n_updates"]) for h in rounds]))
-    carried = [h["bytes_out"] for h in rounds if h["round"] >= 2] or [h["bytes_out"] for h in rounds]
+    carried, down_note = bytes_down(res.history, job_id, out / row["name"] / "server.sqlite")
     trained = {a.device: a.stats.rounds_trained for a in starter.agents}
     return {"job": job_id, "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
             "correct": np.asarray(ev["correct"]).astype(int).tolist(),
-            "bytes_up": up, "bytes_down": float(np.mean(carried)),
+            "bytes_up": up, "bytes_down": float(np.mean(carried)), "bytes_down_note": down_note,
             "bytes_down_all_rounds": res.bytes_down_per_device_round,
             "round_s": float(np.mean([h["duration_s"] for h in rounds])),
             "round_s_each": [h["duration_s"] for h in rounds],
@@ -283,7 +352,80 @@ def run_job(row: dict, cfg: dict, args, artifact, base, evaluator, shards, held,
                                            for a in starter.agents),
             "delta_norm": float(np.linalg.norm(res.final_params - evaluator_init(evaluator))),
             "seconds": {"federation": t_fed, "evaluation": t_eval}, "loadavg_start": load0,
-            "loadavg_end": os.getloadavg(), "history": res.history}
+            "loadavg_end": os.getloadavg(), "history": res.history,
+            "device_classes": classes, "server_summary": res.server_summary, **extra}
+
+
+def bytes_down(history: list[dict], job_id: str, db: Path) -> tuple[list[float], str]:
+    """Bytes down per client in rounds 2..R (round 1's plan carries no delta): the round plan,
+    plus the previous round's delta where it did not fit the plan (the server then publishes the
+    plan with delta_by_sync and each device fetches the delta in its own sync reply; counted as
+    the delta's tensor bytes, the reply's header aside). The deltas come from the server's store."""
+    from edgefed_server.store import Store
+
+    rounds = [h for h in history if h["round"] > 0]
+    with Store(db) as st:
+        deltas = st.load_deltas(job_id, 0, len(rounds) - 1)
+    tb = [int(sum(np.asarray(t.data).nbytes for t in d.tensors)) for d in deltas]
+    per, parts = [], []
+    for h in rounds[1:] or rounds:
+        prev = tb[h["round"] - 2] if h["round"] >= 2 else 0  # the delta this round's plan carries
+        by_sync = h["bytes_out"] < prev
+        per.append(float(h["bytes_out"] + (prev if by_sync else 0)))
+        parts.append(f"round {h['round']}: plan {h['bytes_out']:,} B" + (f" + delta {prev:,} B by sync" if by_sync else ""))
+    return per, "; ".join(parts)
+
+
+def _torch_eval(model, held, args) -> dict:
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return model.evaluate(held, batch_size=32)
+    finally:
+        torch.set_num_threads(n)
+
+
+def flora_eval(agents, base, held, cfg: dict, args) -> dict:
+    """FLoRA's global model: the frozen weights with every round's stack merged (the trainables
+    restart each round, so the ONNX graph at the final trainables is the starting model). Every
+    host that finished the job must hold the same merged bits; one of them is evaluated with its
+    own TorchModel. The torch evaluation is checked against ONNX Runtime on the starting model
+    (torch_start_check)."""
+    from edgefed.methods.hetlora import lora_modules
+
+    mods = [m[0] for m in lora_modules(base.manifest)]
+    done = [a for a in agents if a.final_round == cfg["rounds"]]
+    if not done:
+        raise RuntimeError("flora: no host finished the job")
+    ref = done[0].model
+    same = sum(all(np.array_equal(a.model.base_weight(m), ref.base_weight(m)) for m in mods) for a in done)
+    change = float(np.sqrt(sum(float(np.sum((ref.base_weight(m).astype(np.float64)
+                                             - base.base_weight(m).astype(np.float64)) ** 2)) for m in mods)))
+    if not change > 0:
+        raise RuntimeError("flora: the hosts' frozen weights were never merged (|W - W0| = 0): the round "
+                           "stacks did not reach them (a stack over the codec limit falls back to a full "
+                           "sync of the trainables, which carries no merge: raise --max-message-mb)")
+    if not np.array_equal(ref.params, base._init):
+        raise RuntimeError("flora host's trainables are not the fresh adapter: evaluation would double count")
+    ev = _torch_eval(ref, held, args)
+    return {"eval": ev, "evaluated_by": f"TorchModel of {ref_name(done[0])} (merged weights)",
+            "hosts_finished": len(done), "hosts_same_merged_weights": int(same),
+            "merged_weight_change_fro": change}
+
+
+def ref_name(agent) -> str:
+    return str(getattr(agent, "device", "?"))
+
+
+def torch_start_check(base_torch, held, start_correct: np.ndarray, start_pred, args) -> dict:
+    """The starting model scored by torch (the FLoRA hosts' evaluator) against ONNX Runtime's
+    score of the same rows: how many rows get the same prediction."""
+    ev = _torch_eval(base_torch, held, args)
+    pred_t = np.asarray(ev["predictions"])
+    return {"accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
+            "same_correct": int(np.sum(np.asarray(ev["correct"]).astype(int) == start_correct)),
+            "same_prediction": int(np.sum(pred_t == np.asarray(start_pred))), "n": int(len(held))}
 
 
 def evaluator_init(ev) -> np.ndarray:
@@ -307,7 +449,9 @@ def _ci(g: dict) -> str:
 
 
 def _ratio(x: float, ref: float) -> str:
-    return f"{x / ref:.2f}x" if ref else "-"
+    if not ref:
+        return "-"
+    return f"{x / ref:.0f}x" if x / ref >= 100 else f"{x / ref:.2f}x"
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
@@ -319,7 +463,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
           "---: | ---: |", file=file)
     for r in rows:
         vs = "(baseline)" if r is ref else _ci(r["vs_baseline"])
-        p, rp = r["probe"], ref["probe"]
+        # a row merged into a saved run: its probe's ratios against the baseline's probe run beside it
+        p, rp = r["probe"], (r.get("probe_ref") or ref["probe"])
         print(f"| {r['name']} | {r['backend']} | {lr_text(r)} | {100 * r['gain']['before']:.1f}% | "
               f"{100 * r['accuracy']:.1f}% | {_ci(r['gain'])} | {vs} | "
               f"{r['bytes_up']:,.0f} | {_ratio(r['bytes_up'], ref['bytes_up'])} | "
@@ -401,6 +546,26 @@ def report(rows: list[dict], cfg: dict, n_held: int, start_acc: float) -> None:
               f"{r['delta_norm']:.4g}" + (f", {r['backward_passes']} backward passes (exact projections)"
                                           if r["backward_passes"] else "")
               + f", train loss per round {[round(x, 4) if x is not None else None for x in r['train_loss_per_round']]}")
+        if r.get("device_classes"):
+            cls = r["device_classes"]
+            print(f"  {r['name']}: classes {', '.join(f'{c} x{cls.count(c)}' for c in dict.fromkeys(cls))}; server "
+                  f"summary {r.get('server_summary', {}).get('strategy', r.get('server_summary'))}")
+        if r.get("probe_pi"):
+            pp = r["probe_pi"]
+            print(f"  {r['name']} probe of class pi (rank {pp.get('rank')}): local round {pp['round_s']:.2f} s, peak "
+                  f"RSS {pp['peak_rss'] / 2**20:,.0f} MB, update {pp['update_bytes']:,} B; class gpu (rank "
+                  f"{r['probe'].get('rank')}): {r['probe']['round_s']:.2f} s, {r['probe']['peak_rss'] / 2**20:,.0f} MB, "
+                  f"{r['probe']['update_bytes']:,} B")
+        if r.get("probe_ref"):
+            print(f"  {r['name']}: probe ratios against the baseline's probe run again beside it "
+                  f"({r['probe_ref']['round_s']:.2f} s, {r['probe_ref']['peak_rss'] / 2**20:,.0f} MB)")
+        if "onnx_global_accuracy" in r:
+            tc = r.get("torch_start_check") or {}
+            print(f"  {r['name']}: scored by {r['evaluated_by']}: {r['hosts_same_merged_weights']} of "
+                  f"{r['hosts_finished']} hosts that finished hold the same merged weights (|W - W0|_F "
+                  f"{r['merged_weight_change_fro']:.4g}); the ONNX global model (trainables only) would score "
+                  f"{100 * r['onnx_global_accuracy']:.1f}%; torch vs ONNX Runtime on the starting model: same "
+                  f"prediction on {tc.get('same_prediction')}/{tc.get('n')} rows")
 
 
 def replot(path: str, plot_path: str | None) -> int:
@@ -410,6 +575,9 @@ def replot(path: str, plot_path: str | None) -> int:
     out = plot(d["rows"], Path(plot_path or d["plot"]), run_title(cfg))
     print(f"(from {path}: {d['seconds'] / 60:.1f} min, load average {d['loadavg_start'][0]:.2f} at start, "
           f"{d['loadavg_end'][0]:.2f} at the end; plot {out})")
+    for i, m in enumerate(d.get("merged_runs", [])):
+        print(f"(merged run {i + 1}: {', '.join(m['rows'])}, {m['seconds'] / 60:.1f} min, load average "
+              f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at the end; {m.get('note', '')})")
     return 0
 
 
@@ -435,9 +603,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eps", type=float, default=None)
     ap.add_argument("--lr-backprop", type=float, default=None, help=f"AdamW rows (default {FULL['lr_backprop']:g})")
     ap.add_argument("--prox-mu", type=float, default=0.01)
+    ap.add_argument("--pi-clients", type=int, default=None, help="hetlora / flora: the first N clients announce "
+                    f"class pi, the rest gpu (default {FULL['pi_clients']})")
+    ap.add_argument("--pi-rank", type=int, default=None, help=f"LoRA rank of class pi (default {FULL['pi_rank']})")
+    ap.add_argument("--gpu-rank", type=int, default=None, help="LoRA rank of class gpu (default "
+                    f"{FULL['gpu_rank']}, the artifact's r_max)")
     ap.add_argument("--server-lr", type=float, default=1e-2, help="FedAdam server lr (fedavg-adam)")
     ap.add_argument("--k", type=int, default=4096, help="FedKSeed seed pool")
     ap.add_argument("--round-timeout", type=float, default=900.0)
+    ap.add_argument("--max-message-mb", type=float, default=64.0, help="the codec's message limit on the server "
+                    "and every device (as their --max-message-mb): FLoRA's round stack of mixed ranks is ~6 MB "
+                    "on SmolLM2, over the 4 MiB default; messages over the broker's 4 MiB go in chunks")
     ap.add_argument("--server-eval-n", type=int, default=8, help="rows of the server's own evaluation")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the held-out evaluation")
     ap.add_argument("--client-threads", type=int, default=1, help="threads per client (sim and probe)")
@@ -449,6 +625,9 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="what else ran on the machine (kept in the JSON)")
     ap.add_argument("--from-json", default=None, metavar="FILE", help="print the table and draw the plot of a "
                     "saved run (--json FILE of an earlier invocation) without running anything")
+    ap.add_argument("--merge-into", default=None, metavar="FILE", help="run only --methods and add them to the "
+                    "saved run FILE (its settings, held-out rows and baseline; rows of the same name are "
+                    "replaced); write the merged run to --json (FILE itself when --json is not given)")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._probe:
@@ -456,10 +635,28 @@ def main(argv=None) -> int:
     if args.from_json:
         return replot(args.from_json, args.plot)
 
+    saved = None
+    if args.merge_into:
+        saved = json.loads(Path(args.merge_into).read_text(encoding="utf-8"))
+        args.model = saved["config"]["model"]
     cfg = dict(TINY if args.model == "tiny" else FULL)
     cfg["model"] = args.model
-    for key in ("rounds", "local_steps", "batch", "seq_len", "clients", "devices_per_round", "eval_n", "train",
-                "lr_zo", "eps", "lr_backprop"):
+    keys = ("rounds", "local_steps", "batch", "seq_len", "clients", "devices_per_round", "eval_n", "train",
+            "lr_zo", "eps", "lr_backprop", "pi_clients", "pi_rank", "gpu_rank")
+    if saved is not None:  # the saved run's settings; a different one given here is an error
+        for key in keys + ("alpha", "seed", "k", "prox_mu", "server_lr", "client_threads"):
+            if key not in saved["config"]:
+                continue
+            mine = getattr(args, key, None)
+            if key in ("alpha", "seed", "k", "prox_mu", "server_lr", "client_threads"):
+                if mine != saved["config"][key] and mine != ap.get_default(key):
+                    ap.error(f"--{key.replace('_', '-')} {mine} differs from the saved run's {saved['config'][key]}")
+                setattr(args, key, saved["config"][key])
+            elif mine is not None and mine != saved["config"][key]:
+                ap.error(f"--{key.replace('_', '-')} {mine} differs from the saved run's {saved['config'][key]}")
+            cfg[key] = saved["config"][key]
+        args.baseline = saved["rows"][0]["name"]
+    for key in keys:
         v = getattr(args, key)
         if v is not None:
             cfg[key] = v
@@ -467,10 +664,16 @@ def main(argv=None) -> int:
     bad = [m for m in names + [args.baseline] if m not in METHOD_ROWS]
     if bad:
         ap.error(f"unknown method row(s) {bad}; known: {', '.join(METHOD_ROWS)}")
-    names = [args.baseline] + [m for m in names if m != args.baseline]
+    if saved is None:
+        names = [args.baseline] + [m for m in names if m != args.baseline]
+    elif args.baseline in names:
+        ap.error(f"--merge-into keeps the saved baseline {args.baseline}: run it again without --merge-into")
     if not 0 < cfg["devices_per_round"] <= cfg["clients"]:
         ap.error("need 0 < --devices-per-round <= --clients")
+    if not 0 <= cfg["pi_clients"] <= cfg["clients"]:
+        ap.error("need 0 <= --pi-clients <= --clients")
     rows = [row_settings(n, cfg, args) for n in names]
+    ref_row = row_settings(args.baseline, cfg, args) if saved is not None else None
 
     from edgefed import kernels
     from edgefed.data import SENTIMENT_TEMPLATE, dirichlet_split, load_rotten_tomatoes, train_heldout_split
@@ -482,6 +685,8 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     out = Path(args.out or f"runs/methods-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        _log(f"adding {', '.join(names)} to {args.merge_into} ({len(saved['rows'])} rows, baseline {args.baseline})")
     steps = cfg["rounds"] * cfg["devices_per_round"] * cfg["local_steps"]
     scale = (cfg["batch"] * cfg["seq_len"]) / (8 * 64) * (0.03 if cfg["model"] == "tiny" else 1.0)
     est = sum(steps * STEP_S[(r["backend"], r["method"])] * scale for r in rows) \
@@ -499,6 +704,9 @@ def main(argv=None) -> int:
         train = train[:cfg["train"]]
     shards = dirichlet_split(train, cfg["clients"], args.alpha, seed=args.seed)
     chosen = selection(cfg["clients"], cfg["devices_per_round"], cfg["rounds"], args.seed)
+    if saved is not None and ([len(x) for x in shards] != saved["shard_sizes"] or chosen != saved["selection"]):
+        raise SystemExit(f"the shards or the client draw differ from {args.merge_into}'s: the data or the "
+                         "split changed since; run every row again")
     kernels.set_num_threads(args.client_threads)
     evaluator = DeviceModel(artifact, threads=args.threads, seq_len=cfg["seq_len"], check_memory=False)
     evaluator_init(evaluator)
@@ -510,16 +718,31 @@ def main(argv=None) -> int:
 
     # 1. one client's local round per method, each in a fresh process (memory, time alone)
     probe_shard = max(range(len(shards)), key=lambda i: len(shards[i]))  # any shard; the largest
+
+    def show(i, name, p):
+        _log(f"probe {i + 1}/{len(rows)} {name}: peak RSS {p['peak_rss'] / 2**20:.0f} MB (after loading "
+             f"{p['peak_rss_loaded'] / 2**20:.0f} MB), load {p['load_s']:.1f} s, local round {p['round_s']:.1f} s, "
+             f"update {p['update_bytes']:,} B, torch imported: {p['torch_imported']}")
+    ref_probe = None
+    if saved is not None and not args.no_probe:  # the baseline's probe again, beside the new rows'
+        ref_probe = probe(ref_row, make_job(ref_row, cfg, args, artifact, f"probe-{ref_row['name']}"), artifact,
+                          shards[probe_shard], cfg, args, out / "probes" / ref_row["name"])
+        show(-1, f"{ref_row['name']} (the saved baseline, again)", ref_probe)
     for i, r in enumerate(rows):
         if args.no_probe:
             r["probe"] = {"peak_rss": float("nan"), "round_s": float("nan")}
             continue
         job = make_job(r, cfg, args, artifact, f"probe-{r['name']}")
-        r["probe"] = probe(r, job, artifact, shards[probe_shard], cfg, args, out / "probes" / r["name"])
-        p = r["probe"]
-        _log(f"probe {i + 1}/{len(rows)} {r['name']}: peak RSS {p['peak_rss'] / 2**20:.0f} MB (after loading "
-             f"{p['peak_rss_loaded'] / 2**20:.0f} MB), load {p['load_s']:.1f} s, local round {p['round_s']:.1f} s, "
-             f"update {p['update_bytes']:,} B, torch imported: {p['torch_imported']}")
+        # ranked rows: the top class (rank gpu_rank) in the table, the pi class beside it
+        r["probe"] = probe(r, job, artifact, shards[probe_shard], cfg, args, out / "probes" / r["name"],
+                           device_class="gpu" if r["method"] in RANKED else "")
+        show(i, r["name"], r["probe"])
+        if r["method"] in RANKED:
+            r["probe_pi"] = probe(r, job, artifact, shards[probe_shard], cfg, args, out / "probes" / (r["name"] + "-pi"),
+                                  device_class="pi")
+            show(i, r["name"] + " (class pi)", r["probe_pi"])
+        if ref_probe is not None:
+            r["probe_ref"] = ref_probe
     if not args.no_probe:
         par = 2.0 if os.getloadavg()[0] < 1.0 else 1.3  # clients of a round share the cores
         est2 = sum(cfg["rounds"] * cfg["devices_per_round"] * r["probe"]["round_s"] / par for r in rows) \
@@ -532,6 +755,10 @@ def main(argv=None) -> int:
     start_correct = np.asarray(start["correct"]).astype(int)
     _log(f"starting model: acc {start['accuracy']:.4f}, loss {start['loss']:.4f} on {len(held)} rows "
          f"({time.time() - t0:.0f} s)")
+    if saved is not None and start_correct.tolist() != saved["start"]["correct"]:
+        raise SystemExit(f"the starting model scores the held-out rows differently from {args.merge_into}: the "
+                         "rows, the artifact or the evaluator changed; run every row again")
+    baseline_correct = saved["rows"][0]["correct"] if saved is not None else None
 
     # 3. the jobs
     base = {"onnx": DeviceModel(artifact, threads=args.client_threads, batch_size=cfg["batch"],
@@ -543,12 +770,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.client_threads)
         base["torch"] = TorchModel(artifact, seq_len=cfg["seq_len"], batch_size=cfg["batch"],
                                    threads=args.client_threads)
+    torch_check = None
+    if any(r["method"] == "flora" for r in rows):  # flora is scored by torch: check it against ONNX Runtime
+        torch_check = torch_start_check(base["torch"], held, start_correct, start["predictions"], args)
+        _log(f"torch evaluator on the starting model: acc {torch_check['accuracy']:.4f}, loss "
+             f"{torch_check['loss']:.4f}; the same prediction as ONNX Runtime on {torch_check['same_prediction']}"
+             f"/{torch_check['n']} rows")
+    from edgefed import protocol as P
+    limits = P.Limits(max_message_bytes=max(P.DEFAULT_LIMITS.max_message_bytes, int(args.max_message_mb * 2**20)))
     for i, r in enumerate(rows):
         _log(f"job {i + 1}/{len(rows)}: {r['name']} ({r['backend']}, {lr_text(r)}) "
              f"({(time.time() - t_start) / 60:.1f} min so far)")
-        r.update(run_job(r, cfg, args, artifact, base[r["backend"]], evaluator, shards, held, chosen, out))
+        r.update(run_job(r, cfg, args, artifact, base[r["backend"]], evaluator, shards, held, chosen, out,
+                         limits=limits))
+        r["max_message_mb"] = args.max_message_mb
         r["gain"] = paired_gain(start_correct, r["correct"])
-        r["vs_baseline"] = paired_gain(rows[0]["correct"], r["correct"])
+        r["vs_baseline"] = paired_gain(baseline_correct if baseline_correct is not None else rows[0]["correct"],
+                                       r["correct"])
+        if torch_check is not None and r["method"] == "flora":
+            r["torch_start_check"] = torch_check
         _log(f"  {r['name']}: acc {r['accuracy']:.4f} ({_ci(r['gain'])} pts), up {r['bytes_up']:,.0f} B, down "
              f"{r['bytes_down']:,.0f} B, {r['round_s']:.1f} s/round, train loss {r['train_loss_per_round']}, "
              f"{r['seconds']['federation']:.0f} + {r['seconds']['evaluation']:.0f} s")
@@ -557,6 +797,27 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     cfg.update(alpha=args.alpha, seed=args.seed)
     title = run_title(cfg)
+    this_run = {"argv": sys.argv, "rows": names, "seconds": total, "loadavg_start": load0, "loadavg_end": load1,
+                "note": args.note, "baseline_probe_again": ref_probe}
+    if saved is not None:
+        merged = [r for r in saved["rows"]]
+        for r in rows:
+            r["run"] = len(saved.get("merged_runs", [])) + 1
+            at = [j for j, o in enumerate(merged) if o["name"] == r["name"]]
+            if at:
+                merged[at[0]] = r
+            else:
+                merged.append(r)
+        saved["rows"] = merged
+        saved["config"].update({k: cfg[k] for k in ("pi_clients", "pi_rank", "gpu_rank")})
+        saved["merged_runs"] = saved.get("merged_runs", []) + [this_run]
+        plot_path = plot(merged, Path(args.plot or saved.get("plot") or out / "methods.png"), run_title(saved["config"]))
+        saved["plot"] = str(plot_path)
+        report(merged, saved["config"], len(held), start["accuracy"])
+        print(f"(this run {total / 60:.1f} min; load average {load0[0]:.2f} at start, {load1[0]:.2f} at the end; "
+              f"plot {plot_path}; runs in {out})")
+        Path(args.json or args.merge_into).write_text(json.dumps(saved, indent=1, default=str), encoding="utf-8")
+        return 0
     report(rows, cfg, len(held), start["accuracy"])
     plot_path = plot(rows, Path(args.plot) if args.plot else out / "methods.png", title)
     print(f"({total / 60:.1f} min; load average {load0[0]:.2f} at start, {load1[0]:.2f} at the end; plot "

@@ -27,15 +27,18 @@ from edgefed import protocol as P  # noqa: E402
 
 
 def messages():
-    rd = P.RoundDelta(2, np.array([3], np.uint32), np.array([0.5], np.float32))
+    rd = P.RoundDelta(2, [P.Tensor("seeds", np.array([3], np.uint32)),
+                          P.Tensor("coeffs", np.array([0.5], np.float32))])
     return [
-        P.RoundPlan(job="j", round=3, method="fedkseed", k=8, seed_probs=np.full(8, 0.125, np.float32),
-                    params={"x": 1, "y": 0.5, "z": "s"}, delta_seeds=np.array([1, 2], np.uint32),
-                    delta_coeffs=np.array([0.1, -0.2], np.float32),
-                    delta_tensors=[P.Tensor("w", np.ones((2, 3), np.float32))]),
+        P.RoundPlan(job="j", round=3, method="fedkseed", params={"x": 1, "y": 0.5, "z": "s", "k": 8},
+                    tensors=[P.Tensor("seed_probs", np.full(8, 0.125, np.float32))],
+                    delta_tensors=[P.Tensor("seeds", np.array([1, 2], np.uint32)),
+                                   P.Tensor("coeffs", np.array([0.1, -0.2], np.float32)),
+                                   P.Tensor("w", np.ones((2, 3), np.float32))]),
         P.Update(job="j", round=3, device="a", method="fedkseed", msg_id=12345, num_samples=8,
-                 seeds=np.array([1, 5, 7], np.uint32), scalars=np.array([0.1, -2, 3], np.float32),
-                 tensors=[P.Tensor("lora.A", np.arange(6, dtype=np.float32).reshape(2, 3))], train_loss=0.7),
+                 tensors=[P.Tensor("seeds", np.array([1, 5, 7], np.uint32)),
+                          P.Tensor("scalars", np.array([0.1, -2, 3], np.float32)),
+                          P.Tensor("lora.A", np.arange(6, dtype=np.float32).reshape(2, 3))], train_loss=0.7),
         P.Ack(job="j", round=3, device="a", msg_id=12345, status=P.AckStatus.LATE, reason="late"),
         P.Status(job="j", device="a", state="online", round=2, timestamp=1.5, text="héllo"),
         P.SyncRequest(job="j", device="a", from_round=1, request_id=7),

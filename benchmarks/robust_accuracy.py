@@ -56,7 +56,7 @@ from edgefed.agent import DeviceAgent  # noqa: E402
 from edgefed.data import (SENTIMENT_TEMPLATE, iid_split, label_targets, load_rotten_tomatoes,  # noqa: E402
                           train_heldout_split)
 from edgefed.methods import JobConfig, get_method  # noqa: E402
-from edgefed.methods.fedkseed import probe_bound  # noqa: E402
+from edgefed.methods.fedkseed import SCALARS, SEEDS, probe_bound, seed_pairs, seed_tensors  # noqa: E402
 from edgefed.metrics import paired_gain  # noqa: E402
 from edgefed.simulate import thread_devices  # noqa: E402
 
@@ -124,13 +124,14 @@ class ByzantineAgent(DeviceAgent):
             def local_train(model, examples, plan, seed, progress=False):
                 res = honest(model, examples, plan, seed, progress)
                 probes = int(plan.local_steps) * max(1, int(plan.params.get("n_perturb", 1)))
-                clean = res.scalars
-                res.scalars, clamped = corrupt(clean, self.attack, rng, self.bound, probes)
+                seeds, clean = seed_pairs(res.tensors, SCALARS, "honest result")
+                sent, clamped = corrupt(clean, self.attack, rng, self.bound, probes)
+                res.tensors = seed_tensors(seeds, sent, SCALARS)
                 self.sent.append({"round": plan.round, "n": int(clean.size),
                                   "honest_max_abs": float(np.abs(clean).max()),
-                                  "sent_max_abs": float(np.abs(res.scalars).max()),
+                                  "sent_max_abs": float(np.abs(sent).max()),
                                   "honest_rms": float(np.sqrt(np.mean(clean.astype(np.float64) ** 2))),
-                                  "sent_rms": float(np.sqrt(np.mean(res.scalars.astype(np.float64) ** 2))),
+                                  "sent_rms": float(np.sqrt(np.mean(sent.astype(np.float64) ** 2))),
                                   "clamped": clamped})
                 return res
             client.local_train = local_train
@@ -208,7 +209,8 @@ def accepted_log(db: Path, job: str, rounds: int, attackers: set) -> dict:
         for r in range(rounds):
             ups = [decode(raw) for _, _, raw in store.accepted_updates(job, r)]
             attacker_rounds += any(u.device in attackers for u in ups)
-            seeds = np.concatenate([np.unique(u.seeds) for u in ups]) if ups else np.zeros(0, np.int64)
+            seeds = (np.concatenate([np.unique(u.tensor(SEEDS).data) for u in ups]) if ups
+                     else np.zeros(0, np.int64))
             _, voters = np.unique(seeds, return_counts=True)
             groups += int(voters.size)
             robust += int((voters >= 3).sum())

@@ -42,6 +42,7 @@ LORA_BYTES_EACH_WAY = 1_843_200  # SmolLM2-135M LoRA r=8 on q,v, fp32
 
 def run_worker(a: argparse.Namespace) -> int:
     """Simulated devices first..first+count-1 on one MQTT client."""
+    from edgefed.methods.fedkseed import SCALARS as SCALARS_T, seed_tensors
     from edgefed.protocol import MessageIds, Status, Topics, Update, decode
     from edgefed.transport.mqtt import MqttTransport
 
@@ -76,7 +77,7 @@ def run_worker(a: argparse.Namespace) -> int:
         answered.add(plan.round)
         for i, n in enumerate(names):
             u = Update(job=a.job, round=plan.round, device=n, method=plan.method, msg_id=ids.next(),
-                       num_samples=8, seeds=seeds[i], scalars=scalars[i], train_loss=0.5)
+                       num_samples=8, tensors=seed_tensors(seeds[i], scalars[i], SCALARS_T), train_loss=0.5)
             t.publish(top.update(n), u.encode(), wait=False)
 
     for n in names:
@@ -176,6 +177,7 @@ def engine_run(tmp: Path, n_devices: int = 2000) -> dict:
     paho), same validation, SQLite group commit and Acks. Shows what the MQTT runs leave on
     the table on a small machine."""
     from edgefed.methods import JobConfig
+    from edgefed.methods.fedkseed import SCALARS as SCALARS_T, seed_tensors
     from edgefed.protocol import MessageIds, Status, Topics, Update
     from edgefed.transport import InProcBroker
     from edgefed_server.engine import Server
@@ -190,8 +192,9 @@ def engine_run(tmp: Path, n_devices: int = 2000) -> dict:
         dev.publish(top.status(n), Status(job=job, device=n, state="online").encode(), retain=True)
     rng, ids = np.random.default_rng(0), MessageIds()
     msgs = [(top.update(n), Update(job=job, round=0, device=n, method="fedkseed", msg_id=ids.next(),
-                                   num_samples=8, seeds=np.sort(rng.choice(K, SCALARS, replace=False)).astype(np.uint32),
-                                   scalars=rng.normal(size=SCALARS).astype(np.float32)).encode())
+                                   num_samples=8, tensors=seed_tensors(
+                                       np.sort(rng.choice(K, SCALARS, replace=False)).astype(np.uint32),
+                                       rng.normal(size=SCALARS).astype(np.float32), SCALARS_T)).encode())
             for n in names]
     store = Store(tmp / "engine.db")
     cfg = JobConfig(job=job, method="fedkseed", rounds=1, k=K, local_steps=SCALARS,
@@ -216,6 +219,7 @@ def engine_run(tmp: Path, n_devices: int = 2000) -> dict:
 def bytes_run(tmp: Path, devices: int = 10, rounds: int = 5, steps: int = 200) -> dict:
     """Encoded Update (uplink) and RoundPlan (downlink) sizes of real fedkseed rounds."""
     from edgefed.methods import JobConfig
+    from edgefed.methods.fedkseed import SCALARS as SCALARS_T, seed_tensors
     from edgefed.protocol import MessageIds, Status, Topics, Update, decode
     from edgefed.transport import InProcBroker
     from edgefed_server.engine import Server
@@ -235,13 +239,13 @@ def bytes_run(tmp: Path, devices: int = 10, rounds: int = 5, steps: int = 200) -
         plan = decode(payload)
         down.append((plan.round, len(payload)))
         for n in names:  # 200 local steps, seeds drawn from the pool with replacement
-            idx = rng.integers(0, plan.k, steps)
+            idx = rng.integers(0, int(plan.params["k"]), steps)
             u_idx, inv = np.unique(idx, return_inverse=True)
             g = np.zeros(u_idx.size, np.float64)
             np.add.at(g, inv, rng.normal(size=steps))
             payload = Update(job=job, round=plan.round, device=n, method=plan.method, msg_id=ids.next(),
-                             num_samples=steps * 8, seeds=u_idx.astype(np.uint32),
-                             scalars=g.astype(np.float32), train_loss=0.7).encode()
+                             num_samples=steps * 8, tensors=seed_tensors(u_idx, g, SCALARS_T),
+                             train_loss=0.7).encode()
             up.append(len(payload))
             dev.publish(top.update(n), payload)
 
@@ -262,7 +266,8 @@ def bytes_run(tmp: Path, devices: int = 10, rounds: int = 5, steps: int = 200) -
     total = uplink + downlink
     return {"devices_per_round": devices, "local_steps": steps, "k": K,
             "uplink_update_bytes": uplink, "downlink_plan_bytes": downlink,
-            "delta_seeds_per_plan": float(np.mean([h["delta_seeds"] for h in out["history"]])),
+            # a fedkseed delta is the tensors seeds + coeffs: two values per seed
+            "delta_seeds_per_plan": float(np.mean([h["delta_values"] for h in out["history"]])) / 2,
             "bytes_per_device_per_round": total,
             "fedkseed_paper_bytes": FEDKSEED_PAPER_BYTES,
             "ratio_vs_fedkseed_paper": total / FEDKSEED_PAPER_BYTES,

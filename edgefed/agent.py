@@ -271,7 +271,7 @@ class DeviceAgent:
         method = get_method(plan.method)
         if self._client is None or type(self._client) is not method.client:
             self._client = method.client()
-        pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
+        pparams = dict(plan.params)  # the method's settings (a ZO method's k, seed_pool_id, dist ...)
         self._last_pparams = pparams
         try:
             if not self._sync_to(plan, pparams) or not self._check_state(plan, pparams):
@@ -312,8 +312,8 @@ class DeviceAgent:
                 self._status("idle")
                 return
         upd = P.Update(job=self.job, round=plan.round, device=self.device, method=plan.method,
-                       msg_id=self.ids.next(), num_samples=result.num_samples, seeds=result.seeds,
-                       scalars=result.scalars, tensors=result.tensors, train_loss=result.train_loss)
+                       msg_id=self.ids.next(), num_samples=result.num_samples, tensors=result.tensors,
+                       train_loss=result.train_loss)
         data = self._enc(upd)
         ack = self._send_update(data, upd, plan)
         if ack is not None:
@@ -424,7 +424,7 @@ class DeviceAgent:
         if self.start_round == plan.round:
             return True
         if self.start_round == plan.round - 1 and not plan.params.get("delta_by_sync"):
-            delta = P.RoundDelta(plan.round - 1, plan.delta_seeds, plan.delta_coeffs, plan.delta_tensors)
+            delta = P.RoundDelta(plan.round - 1, plan.delta_tensors)
             self._client.apply_delta(self.model, delta, pparams)
             self.start_round = plan.round
             return True

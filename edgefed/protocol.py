@@ -1,4 +1,4 @@
-"""EdgeFed wire protocol v1: topic layout and compact binary messages.
+"""EdgeFed wire protocol v2: topic layout and compact binary messages.
 
 One spec, two renderings: this module is the executable one, docs/protocol.md the readable
 one (tests/test_protocol.py checks that their field tables agree).
@@ -11,6 +11,10 @@ Every message is
     [signature]            only with header flag SIGNED (0x0001): <H> key id length, key id
                            (utf-8), <H> signature length, signature over signing_input(key id,
                            header + body + CRC) -- see "Signatures" in docs/protocol.md
+
+Each message is declared once (a dataclass whose fields carry their wire kind in `wire(...)`);
+SCHEMA, the codec and the per-field checks follow from it. The generic messages know nothing of
+any method: a method's settings travel as plan `params`, its payloads as named tensors.
 
 Device-side module: numpy + stdlib only (no torch); payloads are parsed field by field.
 """
@@ -30,8 +34,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MAGIC = b"EDGF"
 HEADER = struct.Struct("<4sBBHI")
 TRAILER = struct.Struct("<I")
@@ -52,7 +56,7 @@ TOPIC_ROOT = "edgefed/v1"  # topic-layout version; independent of PROTOCOL_VERSI
 # --------------------------------------------------------------------------- errors
 
 class ProtocolError(ValueError):
-    """A message or field is not valid EdgeFed protocol v1. The text says what and what to do."""
+    """A message or field is not valid EdgeFed protocol. The text says what and what to do."""
 
 
 class MessageTooLarge(ProtocolError):
@@ -104,9 +108,7 @@ class Limits:
     """Size limits, enforced on encode and on decode before any buffer is allocated."""
 
     max_message_bytes: int = 4 * 1024 * 1024
-    max_seeds: int = 65536  # per update, per plan delta, per sync-reply round
-    max_pool_size: int = 1 << 24  # K
-    max_tensors: int = 256
+    max_tensors: int = 256  # per tensor list
     max_tensor_ndim: int = 8
     max_sync_rounds: int = 4096
     max_params: int = 64
@@ -150,29 +152,6 @@ def _check_finite(value: Any, what: str) -> float:
     if not math.isfinite(f):
         raise InvalidField(f"{what} is {f} (must be finite)")
     return f
-
-
-def _as_u32(value: Any, what: str) -> np.ndarray:
-    a = np.asarray(value if value is not None else [])
-    if a.ndim != 1:
-        raise InvalidField(f"{what} must be a 1-D array, got shape {a.shape}")
-    if a.size == 0:
-        return np.zeros(0, np.uint32)
-    if a.dtype.kind not in "iu":
-        raise InvalidField(f"{what} must hold integers (seed indices), got dtype {a.dtype}")
-    if a.dtype != np.uint32 and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
-        raise InvalidField(f"{what} holds values outside uint32")
-    return np.ascontiguousarray(a, dtype=np.uint32)
-
-
-def _as_f32(value: Any, what: str, ndim1: bool = True) -> np.ndarray:
-    try:
-        a = np.asarray(value if value is not None else [], dtype=np.float32)  # no copy if already f32
-    except (TypeError, ValueError):
-        raise InvalidField(f"{what} must be an array of numbers") from None
-    if ndim1 and a.ndim != 1:
-        raise InvalidField(f"{what} must be a 1-D array, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
 def _check_all_finite(a: np.ndarray, what: str, hint: str = "") -> None:
@@ -219,8 +198,9 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 @dataclass(eq=False)
 class Tensor:
-    """A named array: f32 (LoRA factors, deltas, full-state chunks), f16 / bf16 (halved update
-    bytes), i8 (quantised payloads; their scales travel as an f32 tensor of their own) or u32 (a
+    """A named array: f32 (LoRA factors, deltas, full-state chunks, FedKSeed's scalars and
+    coefficients), f16 / bf16 (halved update bytes), i8 (quantised payloads; their scales travel as
+    an f32 tensor of their own) or u32 (indices such as FedKSeed's seed indices, or a
     secure-aggregation masked vector: ring elements, not numbers).
 
     `dtype` is inferred from the data (float32, uint32, float16, int8; anything else numeric is
@@ -278,18 +258,15 @@ class Tensor:
 
 @dataclass(eq=False)
 class RoundDelta:
-    """The scalar deltas (and/or tensor deltas) the server applied in one round."""
+    """What the server applied in one round, as the method's named tensors (FedKSeed: "seeds"
+    u32 and "coeffs" f32; FedAvg: "delta"; ...): a device's apply_delta reads them."""
 
     round: int
-    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    coeffs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     tensors: List[Tensor] = field(default_factory=list)
 
 
 Param = Union[int, float, str]
 
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<u4")}  # wire dtype codes of plain arrays; 0 = absent
-_DTYPE_CODE = {"f4": 1, "u4": 2}
 _PARAM_INT, _PARAM_FLOAT, _PARAM_STR = 1, 2, 3
 
 
@@ -310,13 +287,6 @@ class _Writer:
         b = s.encode("utf-8")
         self.pack("H", len(b), what)
         self.parts.append(b)
-
-    def array(self, a: Optional[np.ndarray], code: str, what: str) -> None:
-        if a is None:
-            self.parts.append(struct.pack("<BI", 0, 0))
-            return
-        self.parts.append(struct.pack("<BI", _DTYPE_CODE[code], a.size))
-        self.parts.append(np.ascontiguousarray(a, dtype="<" + code).tobytes())
 
     def tensors(self, ts: List[Tensor], what: str) -> None:
         self.pack("H", len(ts), what)
@@ -346,8 +316,6 @@ class _Writer:
         self.pack("I", len(rs), what)
         for r in rs:
             self.pack("I", r.round, what + ".round")
-            self.array(r.seeds, "u4", what + ".seeds")
-            self.array(r.coeffs, "f4", what + ".coeffs")
             self.tensors(r.tensors, what + ".tensors")
 
 
@@ -382,24 +350,6 @@ class _Reader:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidField(f"{what} is not valid utf-8") from None
-
-    def array(self, code: str, what: str, max_count: int, optional: bool = False
-              ) -> Optional[np.ndarray]:
-        dcode, count = self.unpack("BI", what)
-        if dcode == 0 and optional:
-            if count:
-                raise InvalidField(f"{what}: absent array with non-zero count {count}")
-            return None
-        want = _DTYPE_CODE[code]
-        if dcode != want:
-            raise InvalidField(f"{what} has dtype code {dcode}, expected {want} ({_DTYPES[want]})")
-        if count > max_count:
-            raise MessageTooLarge(f"{what} has {count} elements; the limit is {max_count}")
-        nbytes = count * 4
-        self._need(nbytes, what)
-        a = np.frombuffer(self.buf, dtype=_DTYPES[want], count=count, offset=self.pos)
-        self.pos += nbytes
-        return a.astype(_DTYPES[want].newbyteorder("="), copy=True)  # own, writable, native
 
     def tensors(self, what: str) -> List[Tensor]:
         n = self.unpack("H", what)
@@ -457,10 +407,7 @@ class _Reader:
         if n > self.limits.max_sync_rounds:
             raise MessageTooLarge(f"{what} has {n} rounds; the limit is "
                                   f"{self.limits.max_sync_rounds}; request a full-state sync")
-        return [RoundDelta(self.unpack("I", f"{what}[{i}].round"),
-                           self.array("u4", f"{what}[{i}].seeds", self.limits.max_seeds),
-                           self.array("f4", f"{what}[{i}].coeffs", self.limits.max_seeds),
-                           self.tensors(f"{what}[{i}].tensors"))
+        return [RoundDelta(self.unpack("I", f"{what}[{i}].round"), self.tensors(f"{what}[{i}].tensors"))
                 for i in range(n)]
 
 
@@ -473,10 +420,6 @@ def _write_field(w: _Writer, kind: str, value: Any, what: str) -> None:
         w.pack(_SCALAR_FMT[kind], value, what)
     elif kind in ("id", "id?", "text"):
         w.str(value, what)
-    elif kind == "u32[]":
-        w.array(value, "u4", what)
-    elif kind in ("f32[]", "f32[]?"):
-        w.array(value, "f4", what)
     else:
         getattr(w, kind)(value, what)  # tensors / params / rounds
 
@@ -490,12 +433,6 @@ def _read_field(r: _Reader, kind: str, what: str) -> Any:
         return r.str(what, MAX_ID_LEN)
     if kind == "text":
         return r.str(what, lim.max_text)
-    if kind == "u32[]":
-        return r.array("u4", what, lim.max_seeds)
-    if kind == "f32[]":
-        return r.array("f4", what, lim.max_seeds)
-    if kind == "f32[]?":
-        return r.array("f4", what, lim.max_pool_size, optional=True)
     return getattr(r, kind)(what)
 
 
@@ -521,7 +458,7 @@ class AckStatus(IntEnum):
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _INT_RANGE = {"u8": (0, 0xFF), "u32": (0, _U32), "u64": (0, _U64), "i64": (-(1 << 63), (1 << 63) - 1)}
-WIRE_KINDS = (*_SCALAR_FMT, "id", "id?", "text", "u32[]", "f32[]", "f32[]?", "tensors", "params", "rounds")
+WIRE_KINDS = (*_SCALAR_FMT, "id", "id?", "text", "tensors", "params", "rounds")
 
 
 @dataclass(frozen=True)
@@ -534,11 +471,10 @@ class WireField:
     lo: Any = None  # integers / floats: smallest allowed value (default: the kind's range)
     hi: Any = None  # integers: largest allowed value; a str names a Limits attribute
     enum: Any = None  # u8 etc.: an IntEnum the value must belong to
-    finite: bool = True  # float arrays: refuse NaN / inf here (False: a cross-field rule does, with more context)
 
 
 def wire(kind: str, default: Any = MISSING, *, default_factory: Any = MISSING, lo: Any = None,
-         hi: Any = None, enum: Any = None, what: str = "", finite: bool = True, kw_only: bool = False) -> Any:
+         hi: Any = None, enum: Any = None, what: str = "", kw_only: bool = False) -> Any:
     """Declare a message field once: its wire kind and bounds ride in the dataclass field's
     metadata; the message's SCHEMA (wire order = declaration order), the codec and the per-field
     checks are derived from them (see @message). Only cross-field rules live in `_check`.
@@ -546,7 +482,7 @@ def wire(kind: str, default: Any = MISSING, *, default_factory: Any = MISSING, l
     positional constructor need not follow the wire order)."""
     if kind not in WIRE_KINDS:
         raise ValueError(f"unknown wire kind {kind!r}; known: {WIRE_KINDS}")
-    meta = {"wire": {"kind": kind, "what": what, "lo": lo, "hi": hi, "enum": enum, "finite": finite}}
+    meta = {"wire": {"kind": kind, "what": what, "lo": lo, "hi": hi, "enum": enum}}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta, kw_only=kw_only)
     if default is not MISSING:
@@ -564,7 +500,7 @@ def message(cls: Type["Message"]) -> Type["Message"]:
         w = f.metadata.get("wire")
         if w is None:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with protocol.wire(kind, ...)")
-        out.append(WireField(f.name, w["kind"], w["what"] or f.name, w["lo"], w["hi"], w["enum"], w["finite"]))
+        out.append(WireField(f.name, w["kind"], w["what"] or f.name, w["lo"], w["hi"], w["enum"]))
     cls.FIELDS = tuple(out)
     cls.SCHEMA = tuple((w.name, w.kind) for w in out)
     return cls
@@ -609,24 +545,6 @@ def _check_params(p: Dict[str, Param], what: str, limits: Limits) -> None:
             raise InvalidField(f"{what}[{k!r}] must be int, float or str, got {type(v).__name__}")
 
 
-def _check_pairs(seeds: np.ndarray, vals: np.ndarray, what: str, k: int = 0) -> None:
-    if seeds.size != vals.size:
-        raise InvalidField(f"{what}: {seeds.size} seed indices but {vals.size} values; send one value per seed")
-    if k and seeds.size and int(seeds.max()) >= k:
-        bad = int(np.flatnonzero(seeds >= k)[0])
-        raise InvalidField(f"{what}: seed index {int(seeds[bad])} at position {bad} is out of range "
-                           f"for a pool of K={k}")
-
-
-def _check_array(a: Any, code: str, what: str, max_count: int, finite: bool = True) -> np.ndarray:
-    a = _as_u32(a, what) if code == "u4" else _as_f32(a, what)
-    if a.size > max_count:
-        raise MessageTooLarge(f"{what} has {a.size} elements; the limit is {max_count}")
-    if finite and code == "f4":
-        _check_all_finite(a, what)
-    return a
-
-
 def _check_rounds(rs: Any, what: str, limits: Limits) -> List["RoundDelta"]:
     if not isinstance(rs, list):
         raise InvalidField(f"{what} must be a list of protocol.RoundDelta")
@@ -637,9 +555,6 @@ def _check_rounds(rs: Any, what: str, limits: Limits) -> List["RoundDelta"]:
         if not isinstance(r, RoundDelta):
             raise InvalidField(f"{what}[{i}] must be a protocol.RoundDelta")
         r.round = _check_int(r.round, 0, _U32, f"{what}[{i}].round")
-        r.seeds = _check_array(r.seeds, "u4", f"{what}[{i}].seeds", limits.max_seeds)
-        r.coeffs = _check_array(r.coeffs, "f4", f"{what}[{i}].coeffs", limits.max_seeds)
-        _check_pairs(r.seeds, r.coeffs, f"{what}[{i}]")
         _check_tensors(r.tensors, f"{what}[{i}].tensors", limits)
     return rs
 
@@ -674,12 +589,6 @@ def _check_field(f: WireField, value: Any, limits: Limits) -> Any:
         return value if value == "" else check_id(value, what)
     if kind == "text":
         return _check_text(value, what, limits)
-    if kind == "u32[]":
-        return _check_array(value, "u4", what, limits.max_seeds)
-    if kind == "f32[]":
-        return _check_array(value, "f4", what, limits.max_seeds, f.finite)
-    if kind == "f32[]?":
-        return None if value is None else _check_array(value, "f4", what, limits.max_pool_size, f.finite)
     if kind == "tensors":
         _check_tensors(value, what, limits)
         return value
@@ -742,40 +651,29 @@ class Message:
 
 @message
 class RoundPlan(Message):
-    """Published retained on plan/: what every device should do this round."""
+    """Published retained on plan/: what every device should do this round. The generic
+    training settings are fields; everything method-specific travels in `params` (settings such
+    as a ZO method's eps, k and seed_pool_id) and `tensors` (e.g. FedKSeed-Pro's seed_probs)."""
 
     TYPE: ClassVar[MessageType] = MessageType.ROUND_PLAN
 
     job: str = wire("id")
     round: int = wire("u32")
     method: str = wire("id")
-    seed_pool_id: int = wire("u64", 0)  # identifies the K-seed pool (devices derive the seeds from it)
-    k: int = wire("u32", 0, hi="max_pool_size", what="k (seed pool size)")  # 0 = no seed pool
     lr: float = wire("f64", 0.0)
-    eps: float = wire("f64", 0.0, lo=0.0)
     local_steps: int = wire("u32", 1)
     batch_size: int = wire("u32", 1)
     deadline: float = wire("f64", 0.0, lo=0.0)  # unix time; 0 = none
     min_devices: int = wire("u32", 1)
-    seed_probs: Optional[np.ndarray] = wire("f32[]?", None)  # float32[K] sampling probabilities, None = uniform
-    params: Dict[str, Param] = wire("params", default_factory=dict)
-    delta_seeds: np.ndarray = wire("u32[]", default_factory=lambda: np.zeros(0, np.uint32))
-    delta_coeffs: np.ndarray = wire("f32[]", default_factory=lambda: np.zeros(0, np.float32))
-    delta_tensors: List[Tensor] = wire("tensors", default_factory=list)
-
-    def _check(self, limits: Limits) -> None:
-        p = self.seed_probs
-        if p is not None:
-            if p.size != self.k:
-                raise InvalidField(f"seed_probs has {p.size} entries but K={self.k}; send one per seed")
-            if p.size and (float(p.min()) < 0 or float(p.sum()) <= 0):
-                raise InvalidField("seed_probs must be >= 0 with a positive sum")
-        _check_pairs(self.delta_seeds, self.delta_coeffs, "delta", self.k)
+    params: Dict[str, Param] = wire("params", default_factory=dict)  # method settings, engine facts
+    tensors: List[Tensor] = wire("tensors", default_factory=list)  # the method's plan tensors
+    delta_tensors: List[Tensor] = wire("tensors", default_factory=list)  # the previous round's delta
 
 
 @message
 class Update(Message):
-    """A device's result for one round: per-seed accumulated scalars (and/or tensors)."""
+    """A device's result for one round: the method's named tensors (FedKSeed: "seeds" u32 and
+    "scalars" f32; FedAvg: "delta"; a secure round: the masked vector)."""
 
     TYPE: ClassVar[MessageType] = MessageType.UPDATE
 
@@ -785,8 +683,6 @@ class Update(Message):
     method: str = wire("id")
     msg_id: int = wire("u64")  # per-device, strictly increasing (see MessageIds): the idempotency key
     num_samples: int = wire("u32")
-    seeds: np.ndarray = wire("u32[]", default_factory=lambda: np.zeros(0, np.uint32))
-    scalars: np.ndarray = wire("f32[]", default_factory=lambda: np.zeros(0, np.float32), finite=False)
     tensors: List[Tensor] = wire("tensors", default_factory=list)
     train_loss: float = wire("f32", 0.0)
 
@@ -794,12 +690,10 @@ class Update(Message):
         if self.num_samples <= 0:
             raise InvalidField(f"num_samples must be > 0 (device {self.device} trained on no data); "
                                f"do not send an update for an empty round")
-        _check_pairs(self.seeds, self.scalars, "update")
-        if self.scalars.size and not np.isfinite(self.scalars).all():
-            bad = int(np.flatnonzero(~np.isfinite(self.scalars))[0])
-            raise InvalidField(
-                f"scalars[{bad}] is {self.scalars[bad]} (seed index {int(self.seeds[bad])}) from device "
-                f"{self.device}: the local ZO step diverged; lower lr/eps, the update is not usable")
+
+    def tensor(self, name: str) -> Optional[Tensor]:
+        """The tensor called `name`, or None."""
+        return next((t for t in self.tensors if t.name == name), None)
 
 
 @message
@@ -878,8 +772,6 @@ class JobState(Message):
     round: int = wire("u32")  # round of the latest published plan
     history_from: int = wire("u32")  # oldest from_round a delta sync can start at; older devices sync full
     method: str = wire("id")
-    seed_pool_id: int = wire("u64", 0)
-    k: int = wire("u32", 0, hi="max_pool_size")
     model: str = wire("text", "")  # artifact id the devices must run
     digest: str = wire("text", "")  # e.g. sha256 hex of the global trainable state (optional)
     updated_at: float = wire("f64", 0.0)
@@ -1002,8 +894,9 @@ def decode(data: Union[bytes, bytearray, memoryview], *, limits: Limits = DEFAUL
 
 
 def validate_update(update: Update, plan: RoundPlan) -> Update:
-    """Check an update against the plan it answers (job, round, method, seed range, probs)."""
-    update.validate()  # normalises arrays too; both are cheap next to the network
+    """Check an update against the plan it answers: job, round and method. What its tensors mean
+    (names, dtypes, ranges) is the method's to check (ServerStrategy.validate_update)."""
+    update.validate()  # normalises fields too; both are cheap next to the network
     plan.validate()
     if update.job != plan.job:
         raise InvalidField(f"update from {update.device} is for job {update.job!r}, not {plan.job!r}")
@@ -1013,17 +906,6 @@ def validate_update(update: Update, plan: RoundPlan) -> Update:
     if update.method != plan.method:
         raise InvalidField(f"update from {update.device} uses method {update.method!r}, the plan "
                            f"says {plan.method!r}; the device runs another configuration")
-    if plan.k:
-        if update.seeds.size and int(update.seeds.max()) >= plan.k:
-            bad = int(np.flatnonzero(update.seeds >= plan.k)[0])
-            raise InvalidField(f"update from {update.device}: seed index {int(update.seeds[bad])} at "
-                               f"position {bad} is out of range for a pool of K={plan.k}")
-        if plan.seed_probs is not None and update.seeds.size:
-            zero = np.flatnonzero(plan.seed_probs[update.seeds] <= 0)
-            if zero.size:
-                s = int(update.seeds[zero[0]])
-                raise InvalidField(f"update from {update.device} uses seed index {s}, which has "
-                                   f"sampling probability 0 in round {plan.round}")
     return update
 
 
@@ -1126,6 +1008,6 @@ __all__ = [
     "ProtocolError", "MessageTooLarge", "TruncatedMessage", "BadMagic", "UnsupportedVersion",
     "ChecksumMismatch", "InvalidField", "SignatureError", "Signature", "signing_input",
     "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "TENSOR_DTYPES", "bf16_bits", "bf16_to_f32", "RoundDelta", "MessageType",
-    "AckStatus", "Message", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
+    "AckStatus", "Message", "message", "wire", "WireField", "WIRE_KINDS", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
     "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
     "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds"]

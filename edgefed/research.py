@@ -34,11 +34,9 @@ def build_plan(job: JobConfig, rnd: int, pf: PlanFields, delta: Optional[P.Round
     checks such as state_digest, which change nothing in training)."""
     pf.params = {**pf.params, **device_rules(job)}
     return P.RoundPlan(
-        job=job.job, round=rnd, method=job.method, seed_pool_id=pf.seed_pool_id, k=pf.k, lr=pf.lr,
-        eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size, deadline=deadline,
-        min_devices=max(1, int(job.min_devices)), seed_probs=pf.seed_probs, params=dict(pf.params),
-        delta_seeds=delta.seeds if delta is not None else np.zeros(0, np.uint32),
-        delta_coeffs=delta.coeffs if delta is not None else np.zeros(0, np.float32),
+        job=job.job, round=rnd, method=job.method, lr=pf.lr, local_steps=pf.local_steps,
+        batch_size=pf.batch_size, deadline=deadline, min_devices=max(1, int(job.min_devices)),
+        params=dict(pf.params), tensors=list(pf.tensors),
         delta_tensors=list(delta.tensors) if delta is not None else [])
 
 
@@ -76,7 +74,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
         plan = build_plan(job, rnd, strategy.plan_round(job, state, rnd), delta)
         plan_bytes = len(plan.encode(limits))
         plan = P.decode(plan.encode(limits), limits=limits, expect=P.RoundPlan)  # as devices read it
-        pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
+        pparams = dict(plan.params)
         if delta is not None:
             for client, model in zip(clients, models):
                 client.apply_delta(model, delta, pparams)
@@ -87,8 +85,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
                 continue
             res = client.local_train(model, shard, mine, batch_seed(job.job, dev, mine))
             upd = P.Update(job=job.job, round=rnd, device=dev, method=job.method, msg_id=ids_gen.next(),
-                           num_samples=res.num_samples, seeds=res.seeds, scalars=res.scalars,
-                           tensors=res.tensors, train_loss=res.train_loss)
+                           num_samples=res.num_samples, tensors=res.tensors, train_loss=res.train_loss)
             raw = upd.encode(limits)
             upd = P.decode(raw, limits=limits, expect=P.Update)
             P.validate_update(upd, mine)
@@ -102,8 +99,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
         for upd in sorted(updates, key=lambda u: u.device):
             acc.add(upd)
         state, delta = acc.finalize()
-        delta = P.RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
-                             coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
+        delta = P.RoundDelta(round=rnd, tensors=list(delta.tensors))
         w = np.array([u.num_samples for u in updates], np.float64)
         metrics = {"round": rnd, "train_loss": float((w * [u.train_loss for u in updates]).sum() / w.sum()),
                    "bytes_up": float(np.mean(up_bytes)), "bytes_down": plan_bytes, "n_updates": len(updates)}
@@ -115,7 +111,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
             clients[0].apply_delta(probe, delta, pparams)
             on_round(rnd, probe.params.copy(), metrics)
             probe.params[:] = saved
-    pparams = {**plan.params, "k": plan.k, "seed_pool_id": plan.seed_pool_id}
+    pparams = dict(plan.params)
     for client, model in zip(clients, models):  # the last round's delta: the final global model
         client.apply_delta(model, delta, pparams)
     final = models[0].params.copy()

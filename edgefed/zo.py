@@ -34,9 +34,10 @@ class SeedPool:
     so the pool costs nothing to ship and can't collide with perturbation streams."""
 
     STREAM = 1
+    MAX_K = 1 << 20
 
     def __init__(self, pool_id: int, k: int):
-        if not 1 <= k <= 1 << 20:
+        if not 1 <= k <= self.MAX_K:
             raise ValueError(f"seed pool size K must be in [1, 2**20], got {k}")
         self.pool_id = int(pool_id)
         self.k = int(k)

@@ -8,8 +8,9 @@ the metrics, the log line and the Ack that the decision names.
     3. round closed or job finished              -> LATE (stored within quotas, never aggregated)
     4. round not started                         -> REJECT future_round
     5. a second update of the device this round  -> DUPLICATE (stored within quotas)
-    6. protocol.validate_update                  -> REJECT by reason class
-    7. secure round: the masked vector; else float32 tensors and strategy.validate_update
+    6. protocol.validate_update (job, round, method) -> REJECT by reason class
+    7. secure round: the masked vector; else strategy.validate_update (the method's tensor
+       names, dtypes and values: each strategy refuses tensors it does not expect)
                                                  -> REJECT secagg / strategy
     8. otherwise                                 -> ACCEPT
 
@@ -155,9 +156,6 @@ class Admission:
             except (ProtocolError, SecAggError) as e:
                 return reject("secagg", str(e), msg.round)
         else:
-            if any(t.dtype == "u32" for t in msg.tensors):
-                return reject("strategy", f"update from {device} carries a u32 tensor; only secure "
-                              f"rounds carry masked (uint32) vectors", msg.round)
             try:
                 strategy.validate_update(job, state, plan, msg)
             except ProtocolError as e:

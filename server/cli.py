@@ -144,7 +144,7 @@ def run_server(args: argparse.Namespace) -> int:
     from edgefed.transport.broker import start_broker
 
     from .engine import Server
-    from .store import Store
+    from .store import IncompatibleJob, Store
 
     root = logging.getLogger()
     if not root.handlers:
@@ -195,6 +195,12 @@ def run_server(args: argparse.Namespace) -> int:
             return 2
         if args.resume and not store.has_job(args.job):
             print(f"job {args.job!r} is not in {db} yet: starting it", flush=True)
+        if args.resume and store.has_job(args.job):
+            try:  # a job stored by another protocol version cannot be resumed
+                store.check_protocol(args.job)
+            except IncompatibleJob as e:
+                print(f"edgefed server: {e}", file=sys.stderr)
+                return 2
         if heldout:  # bad data fails here, before any broker or server starts
             evaluator = _make_evaluator(args, (store.load_job(args.job) if args.resume else None) or cfg,
                                         db, log)

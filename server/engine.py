@@ -1102,7 +1102,7 @@ class Server:
         (the codec's or the transport's limit, 1 KiB left for the signature), the plan carries
         `delta_by_sync` instead, and each device fetches the delta in its own sync reply, which
         the transport chunks. Costs the server one reply per device instead of one broadcast."""
-        if not (plan.delta_tensors or plan.delta_seeds.size):
+        if not plan.delta_tensors:
             return plan
         cap = min(self.limits.max_message_bytes,
                   int(getattr(self.transport, "max_payload_bytes", self.limits.max_message_bytes))) - 1024
@@ -1114,17 +1114,13 @@ class Server:
             return plan
         self.log.info("round %d: the delta (%d B of plan) exceeds one message (%d B): devices fetch it by sync",
                       plan.round, size, cap)
-        return dataclasses.replace(plan, delta_seeds=np.zeros(0, np.uint32), delta_coeffs=np.zeros(0, np.float32),
-                                   delta_tensors=[], params={**plan.params, "delta_by_sync": 1})
+        return dataclasses.replace(plan, delta_tensors=[], params={**plan.params, "delta_by_sync": 1})
 
     def _plan_from(self, rnd: int, pf, delta: Optional[RoundDelta], deadline: float) -> RoundPlan:
         return RoundPlan(
-            job=self.job.job, round=rnd, method=self.job.method, seed_pool_id=pf.seed_pool_id,
-            k=pf.k, lr=pf.lr, eps=pf.eps, local_steps=pf.local_steps, batch_size=pf.batch_size,
-            deadline=deadline, min_devices=max(1, int(self.job.min_devices)),
-            seed_probs=pf.seed_probs, params={**pf.params, **device_rules(self.job)},
-            delta_seeds=delta.seeds if delta is not None else np.zeros(0, np.uint32),
-            delta_coeffs=delta.coeffs if delta is not None else np.zeros(0, np.float32),
+            job=self.job.job, round=rnd, method=self.job.method, lr=pf.lr, local_steps=pf.local_steps,
+            batch_size=pf.batch_size, deadline=deadline, min_devices=max(1, int(self.job.min_devices)),
+            params={**pf.params, **device_rules(self.job)}, tensors=list(pf.tensors),
             delta_tensors=list(delta.tensors) if delta is not None else [])
 
     def _set_plan(self, plan: RoundPlan, now: float) -> None:
@@ -1150,8 +1146,7 @@ class Server:
             new_state, delta = self.acc.finalize()
         updates = [self.accepted[d][0] for d in devices]
         agg_s = time.perf_counter() - t0
-        delta = RoundDelta(round=rnd, seeds=np.asarray(delta.seeds, np.uint32),
-                           coeffs=np.asarray(delta.coeffs, np.float32), tensors=list(delta.tensors))
+        delta = RoundDelta(round=rnd, tensors=list(delta.tensors))
         if self.replica is not None:  # rebuilt from the store if anything below fails
             self.replica.apply(delta)
         weights = np.array([u.num_samples for u in updates], np.float64)
@@ -1171,7 +1166,7 @@ class Server:
             "num_samples": int(weights.sum()),
             "bytes_in": int(sum(self.accepted[d][1] for d in devices)),
             "bytes_out": len(self.plan_bytes), "next_plan_bytes": len(next_bytes or b""),
-            "delta_seeds": int(delta.seeds.size),
+            "delta_values": int(sum(t.data.size for t in delta.tensors)),
             "duration_s": max(0.0, now - self.opened_at), "aggregate_s": agg_s,
             "target": self._target(), "extensions": self.extensions,
             "opened_at": self.opened_at, "closed_at": now, "strategy": summary,
@@ -1245,8 +1240,7 @@ class Server:
 
     def _job_state(self, now: float) -> JobState:
         return JobState(job=self.job.job, round=self.round, history_from=self._history_from(),
-                        method=self.job.method, seed_pool_id=int(self.job.seed_pool_id),
-                        k=int(self.job.k), model=_truncate(self.model_id, 1024), digest=self.digest,
+                        method=self.job.method, model=_truncate(self.model_id, 1024), digest=self.digest,
                         updated_at=now,
                         params={"done": int(self.done), "rounds": int(self.job.rounds),
                                 "min_devices": int(self.job.min_devices),

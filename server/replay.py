@@ -38,6 +38,7 @@ def replay_log(store: Store, job: str, strategy: Optional[ServerStrategy] = None
     cfg = store.load_job(job)
     if cfg is None:
         raise StoreError(f"job {job!r} is not in {store.path}")
+    store.check_protocol(job)  # a job stored by another protocol version cannot be replayed
     strat = strategy if strategy is not None else get_method(cfg.method).server()
     state = strat.init_state(cfg)
     res = ReplayResult(state=state, rounds=0)
@@ -86,7 +87,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     store = Store(a.db)
     try:
-        res = replay_log(store, a.job)
+        try:
+            res = replay_log(store, a.job)
+        except StoreError as e:  # e.g. a job stored by another protocol version (IncompatibleJob)
+            print(f"replay: {e}", file=sys.stderr)
+            return 2
         stored = store.load_state(a.job, res.rounds)
         if stored is None:
             print(f"no stored state for round {res.rounds}", file=sys.stderr)

@@ -76,8 +76,8 @@ class SecureRound:
         if self.stage != "masked":
             raise SecAggError(f"update from {update.device} before the forwards went out or after "
                               f"unmasking began ({self.stage})")
-        if update.seeds.size or update.scalars.size or len(update.tensors) != 1 \
-                or update.tensors[0].name != MASKED_TENSOR or update.tensors[0].data.dtype != np.uint32:
+        if len(update.tensors) != 1 or update.tensors[0].name != MASKED_TENSOR \
+                or update.tensors[0].data.dtype != np.uint32:
             raise SecAggError(f"a secure round's update carries exactly one uint32 tensor "
                               f"{MASKED_TENSOR!r} (the masked vector), nothing in the clear")
         self.sa.add_masked_vector(update.device, from_wire(update.tensors[0].data, self.cfg))

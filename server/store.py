@@ -4,8 +4,8 @@ Tables (every row carries its job id, so one file can hold several jobs):
 
     jobs          job, JobConfig as JSON, method, created, finished
     rounds        job, round, status open|closed, plan (encoded protocol RoundPlan), deadline,
-                  opened_at, closed_at, n_accepted, delta (raw array bytes + JSON metadata),
-                  metrics JSON
+                  opened_at, closed_at, n_accepted, delta (its tensors as raw array bytes + JSON
+                  metadata with each tensor's name and wire dtype), metrics JSON
     updates       job, round, device, msg_id, received_at, raw message bytes, status/reason of
                   the Ack that was sent, accepted/late flags, nbytes + sha256 of the message;
                   UNIQUE(job, device, msg_id). Accepted rows always keep `raw` (replay needs it);
@@ -21,6 +21,10 @@ the update rows and the round aggregation it contains survive a power cut before
 publishes any Ack; status-only batches use NORMAL (safe against a process crash).
 Aggregating a round is ONE transaction (`commit_round`): new state + delta + round closed +
 next round opened.
+
+Plans and updates are stored as protocol messages, so a job belongs to the protocol version
+that wrote it: resuming a job stored by another version (its plans' header) is refused
+(`IncompatibleJob`); finish it with the edgefed that started it, or start a new job.
 """
 from __future__ import annotations
 
@@ -37,10 +41,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from edgefed.methods import JobConfig, MethodState
-from edgefed.protocol import RoundDelta, Tensor
+from edgefed.protocol import HEADER, MAGIC, PROTOCOL_VERSION, TENSOR_DTYPES, RoundDelta, Tensor
 
-__all__ = ["Store", "StoreError", "ResumeInfo", "pack_arrays", "unpack_arrays", "encode_delta",
-           "decode_delta", "u64_to_i64", "i64_to_u64"]
+__all__ = ["Store", "StoreError", "IncompatibleJob", "ResumeInfo", "pack_arrays", "unpack_arrays",
+           "encode_delta", "decode_delta", "u64_to_i64", "i64_to_u64"]
+
+DELTA_FORMAT = 2  # delta_meta layout: named tensors with their wire dtype (protocol v2)
 
 SCHEMA_VERSION = 1
 
@@ -76,6 +82,18 @@ CREATE TABLE IF NOT EXISTS devices (
 
 class StoreError(RuntimeError):
     """The store is inconsistent or was asked for something it does not hold."""
+
+
+class IncompatibleJob(StoreError):
+    """The job was stored by another protocol version; this server cannot resume it."""
+
+    def __init__(self, job: str, path: str, version: object):
+        super().__init__(
+            f"job {job!r} in {path} was stored by EdgeFed protocol v{version}; this server speaks protocol "
+            f"v{PROTOCOL_VERSION}, whose plans, updates and deltas differ, so it cannot resume the job. Finish "
+            f"the job with the edgefed version that started it (devices of that version too), or start a new "
+            f"job (another --job id, or a new --db file) with this version.")
+        self.job, self.version = job, version
 
 
 # --------------------------------------------------------------------------- codecs (no pickle)
@@ -128,24 +146,27 @@ def unpack_arrays(meta_json: str, blob: bytes) -> Dict[str, np.ndarray]:
 
 
 def encode_delta(delta: RoundDelta) -> Tuple[str, bytes]:
-    """A RoundDelta as (JSON metadata, raw bytes): seeds u32, coeffs f32, float32 tensors."""
-    arrays: Dict[str, np.ndarray] = {
-        "seeds": np.asarray(delta.seeds, np.uint32).reshape(-1),
-        "coeffs": np.asarray(delta.coeffs, np.float32).reshape(-1)}
-    names = []
+    """A RoundDelta as (JSON metadata, raw bytes): its tensors, each with its name and wire dtype
+    (f32, u32 seed indices, bf16 bit patterns, ...), bit for bit."""
+    arrays: Dict[str, np.ndarray] = {}
+    tensors = []
     for i, t in enumerate(delta.tensors or []):
-        arrays[f"tensor{i}"] = np.asarray(t.data, np.float32)
-        names.append(t.name)
+        arrays[f"tensor{i}"] = np.asarray(t.data, TENSOR_DTYPES[t.dtype][1])
+        tensors.append([t.name, t.dtype])
     meta, blob = pack_arrays(arrays)
-    return json.dumps({"round": int(delta.round), "arrays": json.loads(meta), "tensors": names}), blob
+    return json.dumps({"format": DELTA_FORMAT, "round": int(delta.round), "arrays": json.loads(meta),
+                       "tensors": tensors}), blob
 
 
 def decode_delta(meta_json: str, blob: bytes) -> RoundDelta:
     meta = json.loads(meta_json)
+    if meta.get("format") != DELTA_FORMAT:
+        raise StoreError(f"the stored delta of round {meta.get('round')} was written by EdgeFed protocol v1 "
+                         f"(seeds / coeffs arrays); this edgefed reads protocol v{PROTOCOL_VERSION} deltas: finish "
+                         f"that job with the edgefed version that started it, or start a new job")
     arrays = unpack_arrays(json.dumps(meta["arrays"]), blob)
-    tensors = [Tensor(name, arrays[f"tensor{i}"]) for i, name in enumerate(meta["tensors"])]
-    return RoundDelta(round=int(meta["round"]), seeds=arrays["seeds"].astype(np.uint32),
-                      coeffs=arrays["coeffs"].astype(np.float32), tensors=tensors)
+    tensors = [Tensor(name, arrays[f"tensor{i}"], dtype) for i, (name, dtype) in enumerate(meta["tensors"])]
+    return RoundDelta(round=int(meta["round"]), tensors=tensors)
 
 
 def _json_default(o: Any) -> Any:
@@ -488,10 +509,27 @@ class Store:
                 c.execute("UPDATE jobs SET finished=? WHERE job=?", (float(closed_at), job))
 
     # ------------------------------------------------------------------ resume
+    def stored_protocol(self, job: str) -> Optional[int]:
+        """The protocol version of the job's stored plans (the header of its first one), or None."""
+        rows = self._q("SELECT plan FROM rounds WHERE job=? AND plan IS NOT NULL ORDER BY round LIMIT 1", (job,))
+        if not rows:
+            return None
+        head = bytes(rows[0][0])[:HEADER.size]
+        if len(head) < HEADER.size or head[:4] != MAGIC:
+            return None  # not a message at all: decoding it fails later with its own error
+        return int(HEADER.unpack(head)[1])
+
+    def check_protocol(self, job: str) -> None:
+        """Refuse (IncompatibleJob) a job whose stored messages are of another protocol version."""
+        version = self.stored_protocol(job)
+        if version is not None and version != PROTOCOL_VERSION:
+            raise IncompatibleJob(job, self.path, version)
+
     def load_resume(self, job: str) -> Optional[ResumeInfo]:
         cfg = self.load_job(job)
         if cfg is None:
             return None
+        self.check_protocol(job)
         info = self.job_info(job) or {}
         latest = self.load_state(job)
         if latest is None:

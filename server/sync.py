@@ -62,7 +62,7 @@ class SyncBuilder:
         if why:
             return None, why
         try:
-            rounds = [RoundDelta(round=d.round + 1, seeds=d.seeds, coeffs=d.coeffs, tensors=d.tensors)
+            rounds = [RoundDelta(round=d.round + 1, tensors=d.tensors)
                       for d in self.load_deltas(s, cur - 1)]
             if len(rounds) <= self.limits.max_sync_rounds:
                 return SyncReply(job=self.job, device=req.device, from_round=s, to_round=cur,

@@ -30,6 +30,7 @@ pytest.importorskip("cryptography")
 pytest.importorskip("paho.mqtt")
 
 from edgefed import protocol as P
+from edgefed.methods.fedkseed import SCALARS, seed_tensors, zo_plan
 from edgefed.security import broker_auth as BA
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
@@ -182,7 +183,8 @@ def test_attacks_are_refused_and_the_job_completes_bit_identical(tiny_artifacts,
             res["seen"], res["mal_acks"], res["plans"] = seen, mal_acks, plans
             assert wait_for(lambda: any(p.round == 0 for p in plans.msgs(P.RoundPlan))), "no signed plan 0"
             plan0 = [p for p in plans.msgs(P.RoundPlan) if p.round == 0][0]
-            seed = int(np.flatnonzero(plan0.seed_probs > 0)[0]) if plan0.seed_probs is not None else 0
+            probs = zo_plan(plan0).probs
+            seed = int(np.flatnonzero(probs > 0)[0]) if probs is not None else 0
 
             # (a) anonymous client, even with a CA-issued certificate: refused at CONNECT
             anon = conn(**{k: v for k, v in ident(info, "mallory").items()
@@ -207,8 +209,7 @@ def test_attacks_are_refused_and_the_job_completes_bit_identical(tiny_artifacts,
 
             # (b1) mallory's credentials publishing on another device's topic: the broker's ACL
             upd = P.Update(job=JOB, round=0, device="sim-001", method="fedkseed", msg_id=10**6,
-                           num_samples=8, seeds=np.array([seed], np.uint32),
-                           scalars=np.array([0.5], np.float32), train_loss=0.5)
+                           num_samples=8, tensors=seed_tensors([seed], [0.5], SCALARS), train_loss=0.5)
             try:
                 mal.publish(t.update("sim-001"), upd.encode(signer=mallory_key))
                 res["b_acl"] = "published"
@@ -234,11 +235,9 @@ def test_attacks_are_refused_and_the_job_completes_bit_identical(tiny_artifacts,
 
             # (e) valid credentials and key, absurd values, for the current round
             big_n = P.Update(job=JOB, round=0, device="mallory", method="fedkseed", msg_id=1,
-                             num_samples=2**32 - 1, seeds=np.array([seed], np.uint32),
-                             scalars=np.array([0.5], np.float32), train_loss=0.5)
+                             num_samples=2**32 - 1, tensors=seed_tensors([seed], [0.5], SCALARS), train_loss=0.5)
             big_g = P.Update(job=JOB, round=0, device="mallory", method="fedkseed", msg_id=2,
-                             num_samples=8, seeds=np.array([seed], np.uint32),
-                             scalars=np.array([3.4e38], np.float32), train_loss=0.5)
+                             num_samples=8, tensors=seed_tensors([seed], [3.4e38], SCALARS), train_loss=0.5)
             for m in (big_n, big_g):
                 mal.publish(t.update("mallory"), m.encode(signer=mallory_key))
             wait_for(lambda: {a.msg_id for a in mal_acks.msgs(P.Ack)} >= {1, 2}, timeout=15)
@@ -268,8 +267,8 @@ def test_attacks_are_refused_and_the_job_completes_bit_identical(tiny_artifacts,
             thief.subscribe(t.ack("sim-000"), thief_acks)
             res["thief_acks"] = thief_acks
             redated = P.Update(job=JOB, round=cap.round + 1, device="sim-000", method=cap.method,
-                               msg_id=cap.msg_id + 1000, num_samples=cap.num_samples, seeds=cap.seeds,
-                               scalars=cap.scalars, tensors=cap.tensors, train_loss=cap.train_loss)
+                               msg_id=cap.msg_id + 1000, num_samples=cap.num_samples, tensors=cap.tensors,
+                               train_loss=cap.train_loss)
             thief.publish(t.update("sim-000"), redated.encode(signer=FixedSigner("sim-000", sig)))
             res["c_sent"] = True
             wait_for(lambda: any(a.status == P.AckStatus.REJECTED for a in thief_acks.msgs(P.Ack)), timeout=15)

@@ -11,7 +11,8 @@ import pytest
 from edgefed.data import iid_split, load_rotten_tomatoes, train_heldout_split
 from edgefed.federation import run_federation
 from edgefed.methods import JobConfig
-from edgefed.methods.fedkseed import FedKSeedClient, FedKSeedServer, zo_plan_params
+from edgefed.methods.fedkseed import (COEFFS, SCALARS, FedKSeedClient, FedKSeedServer, seed_pairs, seed_tensors,
+                                      zo_plan_params)
 from edgefed.methods.fedmezo import FedMeZOClient, FedMeZOServer, delta_norm_bound
 from edgefed.protocol import InvalidField, RoundPlan, Tensor, Update
 from edgefed.security import dp
@@ -41,8 +42,16 @@ class StubModel:
 
 
 def _plan(method="fedkseed", *, steps=10, k=64, params=None, lr=1e-3, rnd=0):
-    return RoundPlan(job="j", round=rnd, method=method, seed_pool_id=3, k=k, lr=lr, eps=1e-3,
-                     local_steps=steps, batch_size=4, params=dict(params or {}))
+    return RoundPlan(job="j", round=rnd, method=method, lr=lr, local_steps=steps, batch_size=4,
+                     params={**(params or {}), "seed_pool_id": 3, "k": k, "eps": 1e-3})
+
+
+def _scalars(res):
+    return seed_pairs(res.tensors, SCALARS, "result")[1]
+
+
+def _delta(d):
+    return seed_pairs(d.tensors, COEFFS, "delta")
 
 
 def _job(method="fedkseed", **params):
@@ -83,17 +92,17 @@ def test_fedkseed_client_takes_dp_from_the_plan():
     model = StubModel()
     res = FedKSeedClient(noise_seed=7).local_train(model, list(range(8)), plan, seed=0)
     assert np.array_equal(model.params, np.zeros_like(model.params))  # back to the global state
-    z = (float(res.scalars[0]) - steps * C) / (sigma * C * math.sqrt(steps))
+    z = (float(_scalars(res)[0]) - steps * C) / (sigma * C * math.sqrt(steps))
     assert abs(z) < 5
     again = FedKSeedClient(noise_seed=7).local_train(StubModel(), list(range(8)), plan, seed=0)
-    assert np.array_equal(res.scalars, again.scalars)
+    assert np.array_equal(_scalars(res), _scalars(again))
     # default: os.urandom-seeded, so two runs differ (and the server cannot regenerate the noise)
     a = FedKSeedClient().local_train(StubModel(), list(range(8)), plan, seed=0)
     b = FedKSeedClient().local_train(StubModel(), list(range(8)), plan, seed=0)
-    assert a.scalars[0] != b.scalars[0]
+    assert _scalars(a)[0] != _scalars(b)[0]
     # without DP: the raw sum
     plain = FedKSeedClient().local_train(StubModel(), list(range(8)), _plan(steps=steps, k=1), seed=0)
-    assert float(plain.scalars[0]) == pytest.approx(500.0 * steps, rel=1e-6)
+    assert float(_scalars(plain)[0]) == pytest.approx(500.0 * steps, rel=1e-6)
 
 
 def test_fedmezo_client_clips_the_delta_and_adds_noise():
@@ -134,7 +143,7 @@ def test_dp_settings_are_checked_at_job_creation():
     srv = FedKSeedServer()
     state = srv.init_state(job)
     upd = Update(job="j", round=0, device="d", method="fedkseed", msg_id=1, num_samples=40,
-                 seeds=np.array([1, 2], np.uint32), scalars=np.array([9.5, -2.0], np.float32))  # > clip x (10 - 2 + 1)
+                 tensors=seed_tensors([1, 2], [9.5, -2.0], SCALARS))  # > clip x (10 - 2 + 1)
     srv.validate_update(job, state, _plan(params=zo_plan_params(job)), upd)
     with pytest.raises(InvalidField):
         srv.validate_update(_job(clip=1.0), srv.init_state(_job(clip=1.0)), _plan(), upd)
@@ -177,11 +186,11 @@ def test_summary_reports_epsilon_from_the_round_count():
     state = srv.init_state(job)
     assert srv.summary(state)["dp_epsilon"] == 0.0
     ups = [Update(job="j", round=0, device=f"d{i}", method="fedkseed", msg_id=1, num_samples=40,
-                  seeds=np.array([i, 5], np.uint32), scalars=np.array([3.0, -4.0], np.float32)) for i in range(3)]
+                  tensors=seed_tensors([i, 5], [3.0, -4.0], SCALARS)) for i in range(3)]
     eps = []
     for r in range(3):
         state, delta = srv.aggregate(job, state, _plan(params=zo_plan_params(job), rnd=r), ups)
-        assert delta.seeds.size == job.k  # central noise on every seed of the pool
+        assert _delta(delta)[0].size == job.k  # central noise on every seed of the pool
         s = srv.summary(state)
         assert s["dp_mode"] == "central" and s["dp_q"] == pytest.approx(0.1) and s["dp_delta"] == 1e-6
         assert s["dp_epsilon"] == dp.epsilon("central", 1.1, r + 1, 1e-6, q=0.1)
@@ -193,14 +202,14 @@ def test_summary_reports_epsilon_from_the_round_count():
     a = srv.aggregate(job, s0, _plan(params=zo_plan_params(job), rnd=0), ups)[1]
     b = srv.aggregate(job, s0, _plan(params=zo_plan_params(job), rnd=0), ups)[1]
     c = srv.aggregate(job, s0, _plan(params=zo_plan_params(job), rnd=1), ups)[1]
-    assert np.array_equal(a.coeffs, b.coeffs) and not np.array_equal(a.coeffs, c.coeffs)
+    assert np.array_equal(_delta(a)[1], _delta(b)[1]) and not np.array_equal(_delta(a)[1], _delta(c)[1])
     # clipping: a device's vector of norm 5 counts as norm 1 (sigma 0 to see it)
     job0 = dataclasses.replace(job, params={**job.params, "dp_noise_multiplier": 0.0})
     st, d = srv.aggregate(job0, srv.init_state(job0), _plan(params=zo_plan_params(job0)), ups[:1])
     G = np.zeros(job.k)
     G[[0, 5]] = np.array([3.0, -4.0]) / 5.0 / 3   # clipped to norm 1, over devices_per_round 3
     got = np.zeros(job.k)
-    got[d.seeds.astype(np.int64)] = d.coeffs
+    got[_delta(d)[0].astype(np.int64)] = _delta(d)[1]
     np.testing.assert_allclose(got, -1e-3 * G, rtol=1e-6)
     assert srv.summary(st)["dp_epsilon"] == math.inf
     assert "dp_epsilon" not in srv.summary(srv.init_state(_job()))

@@ -19,19 +19,25 @@ def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def _zo(seeds, values, name="scalars"):
+    """A ZO method's (seed index, value) pairs as the tensors it sends: "seeds" u32 + f32 values."""
+    return [P.Tensor("seeds", np.asarray(seeds, np.uint32)), P.Tensor(name, np.asarray(values, np.float32))]
+
+
 def sample_messages():
     r = _rng(1)
     k = 4096
     return [
-        P.RoundPlan("job-1", 7, "fedkseed", seed_pool_id=2**63 + 5, k=k, lr=3e-7, eps=1e-3,
-                    local_steps=10, batch_size=8, deadline=1.8e9, min_devices=3,
-                    seed_probs=r.random(k).astype(np.float32),
-                    params={"alpha": 0.5, "rounds": 40, "loss": "label-token", "flag": True},
-                    delta_seeds=r.integers(0, k, 300), delta_coeffs=r.standard_normal(300),
-                    delta_tensors=[P.Tensor("layers.0.q_proj.lora_A", r.standard_normal((8, 64)))]),
+        P.RoundPlan("job-1", 7, "fedkseed", lr=3e-7, local_steps=10, batch_size=8, deadline=1.8e9,
+                    min_devices=3,
+                    params={"alpha": 0.5, "rounds": 40, "loss": "label-token", "flag": True, "eps": 1e-3,
+                            "k": k, "seed_pool_id": -(2**63) + 5},
+                    tensors=[P.Tensor("seed_probs", r.random(k).astype(np.float32))],
+                    delta_tensors=[*_zo(r.integers(0, k, 300), r.standard_normal(300), "coeffs"),
+                                   P.Tensor("layers.0.q_proj.lora_A", r.standard_normal((8, 64)))]),
         P.RoundPlan("j", 0, "fedavg"),
         P.Update("job-1", 7, "pi4-kitchen", "fedkseed", msg_id=P.MessageIds().next(), num_samples=64,
-                 seeds=r.integers(0, k, 200), scalars=r.standard_normal(200), train_loss=0.693),
+                 tensors=_zo(r.integers(0, k, 200), r.standard_normal(200)), train_loss=0.693),
         P.Update("job-1", 7, "jetson.2", "fedlora", msg_id=1, num_samples=1,
                  tensors=[P.Tensor("a", r.standard_normal((8, 576))),
                           P.Tensor("b", r.standard_normal((576, 8))), P.Tensor("scalar", 3.0)]),
@@ -41,10 +47,9 @@ def sample_messages():
         P.Status("job-1", "d", "offline"),
         P.SyncRequest("job-1", "pi4-kitchen", from_round=3, full=False, request_id=99),
         P.SyncReply("job-1", "pi4-kitchen", 3, 6, request_id=99, rounds=[
-            P.RoundDelta(4, [1, 2], [0.5, -0.5]), P.RoundDelta(6, [], [],
-                                                               [P.Tensor("t", np.ones(3))])]),
+            P.RoundDelta(4, _zo([1, 2], [0.5, -0.5], "coeffs")), P.RoundDelta(6, [P.Tensor("t", np.ones(3))])]),
         P.SyncReply("job-1", "d", 0, 6, full=True, state=[P.Tensor("w", r.standard_normal((4, 4)))]),
-        P.JobState("job-1", 7, 2, "fedkseed", seed_pool_id=42, k=k, model="smollm2-135m/lora-r8",
+        P.JobState("job-1", 7, 2, "fedkseed", model="smollm2-135m/lora-r8",
                    digest="ab" * 32, updated_at=1.7e9, params={"x": 1}),
     ]
 
@@ -68,14 +73,16 @@ def test_round_trip(msg):
 
 def test_decoded_arrays_are_owned_and_writable():
     u = P.decode(sample_messages()[2].encode())
-    u.scalars[0] = 1.0  # no read-only view of the payload
-    assert u.seeds.dtype == np.uint32 and u.scalars.dtype == np.float32
+    u.tensor("scalars").data[0] = 1.0  # no read-only view of the payload
+    assert u.tensor("seeds").data.dtype == np.uint32 and u.tensor("scalars").data.dtype == np.float32
 
 
 def test_sizes_are_compact():
     k = 4096
-    u = P.Update("j", 1, "d", "fedkseed", 1, 8, np.arange(k), np.zeros(k))
+    u = P.Update("j", 1, "d", "fedkseed", 1, 8, _zo(np.arange(k), np.zeros(k)))
     assert len(u.encode()) < 8 * k + 128  # 4 B index + 4 B scalar per seed, small fixed part
+    # v2 (ZO pairs as two named tensors: names, shapes) costs 26 B more than v1 (64 + 8k: two plain arrays)
+    assert len(u.encode()) == 8 * k + 90
     assert len(P.Ack("j", 1, "d", 1).encode()) < 48
 
 
@@ -100,9 +107,14 @@ def test_wrong_version_message_text():
     data[4] = 3
     with pytest.raises(P.UnsupportedVersion) as e:
         P.decode(_refresh_crc(bytes(data)))
-    assert str(e.value) == ("protocol version 3 not supported (this build speaks 1); "
+    assert str(e.value) == ("protocol version 3 not supported (this build speaks 2); "
                             "upgrade edgefed on the device")
     assert e.value.received == 3
+    data[4] = 1  # a v1 message (an edgefed from before the v2 change): the same error, with its hint
+    with pytest.raises(P.UnsupportedVersion) as e:
+        P.decode(_refresh_crc(bytes(data)))
+    assert str(e.value) == ("protocol version 1 not supported (this build speaks 2); "
+                            "the sender runs an older edgefed; upgrade it")
     data[4] = 0
     with pytest.raises(P.UnsupportedVersion, match="version 0 not supported.*older"):
         P.decode(bytes(data))
@@ -110,11 +122,12 @@ def test_wrong_version_message_text():
 
 def test_version_checked_before_crc():
     # a future version may change the trailer; the version error must still be the one shown
-    data = bytearray(P.Ack("j", 1, "d", 1).encode())
-    data[4] = 2
-    data[-1] ^= 0xFF
-    with pytest.raises(P.UnsupportedVersion):
-        P.decode(bytes(data))
+    for version in (1, 3):
+        data = bytearray(P.Ack("j", 1, "d", 1).encode())
+        data[4] = version
+        data[-1] ^= 0xFF
+        with pytest.raises(P.UnsupportedVersion):
+            P.decode(bytes(data))
 
 
 @pytest.mark.parametrize("cut", [0, 1, 15, 16, 30, -1])
@@ -155,15 +168,15 @@ def test_oversize_message_rejected_up_front():
     with pytest.raises(P.MessageTooLarge, match="limit is 4194304"):
         P.decode(b"\0" * (4 * 1024 * 1024 + 1))
     small = P.Limits(max_message_bytes=1000)
-    big = P.Update("j", 1, "d", "m", 1, 1, np.arange(500), np.zeros(500))
+    big = P.Update("j", 1, "d", "m", 1, 1, _zo(np.arange(500), np.zeros(500)))
     with pytest.raises(P.MessageTooLarge):
         big.encode(limits=small)
     with pytest.raises(P.MessageTooLarge):
         P.decode(big.encode(), limits=small)
 
 
-def _update_body_claiming(count: int) -> bytes:
-    """An Update body whose seed array claims `count` elements but carries none."""
+def _update_body_claiming(count: int, n_tensors: int = 1) -> bytes:
+    """An Update body whose (first) u32 tensor claims `count` elements but carries none."""
     w = b""
     for s in ("j",):
         w += struct.pack("<H", len(s)) + s.encode()
@@ -171,7 +184,8 @@ def _update_body_claiming(count: int) -> bytes:
     for s in ("d", "m"):
         w += struct.pack("<H", len(s)) + s.encode()
     w += struct.pack("<QI", 1, 1)
-    w += struct.pack("<BI", 2, count)
+    w += struct.pack("<H", n_tensors) + struct.pack("<H", 5) + b"seeds"
+    w += struct.pack("<BI", 1, count) + struct.pack("<BI", 2, count)
     return w
 
 
@@ -189,11 +203,11 @@ def test_huge_counts_rejected_before_allocating():
 
 
 def test_limits_on_counts():
-    with pytest.raises(P.MessageTooLarge, match="limit is 65536"):
-        P.decode(_frame(int(P.MessageType.UPDATE), _update_body_claiming(65537)))
-    lim = P.Limits(max_seeds=10, max_tensors=1, max_params=1, max_text=5)
-    with pytest.raises(P.MessageTooLarge):
-        P.Update("j", 1, "d", "m", 1, 1, np.arange(11), np.zeros(11)).encode(limits=lim)
+    with pytest.raises(P.MessageTooLarge, match="limit is 256"):
+        P.decode(_frame(int(P.MessageType.UPDATE), _update_body_claiming(1, n_tensors=257)))
+    with pytest.raises(P.MessageTooLarge, match="message limit is 4194304"):
+        P.decode(_frame(int(P.MessageType.UPDATE), _update_body_claiming(2**20 + 1)))
+    lim = P.Limits(max_tensors=1, max_params=1, max_text=5)
     with pytest.raises(P.MessageTooLarge):
         P.Update("j", 1, "d", "m", 1, 1, tensors=[P.Tensor("a", [1]), P.Tensor("b", [1])]
                  ).encode(limits=lim)
@@ -209,14 +223,14 @@ def test_limits_on_counts():
 def test_nan_scalar_names_the_index():
     s = np.zeros(10, np.float32)
     s[7] = np.nan
-    with pytest.raises(P.InvalidField, match=r"scalars\[7\] is nan \(seed index 17\)"):
-        P.Update("j", 1, "d", "m", 1, 4, np.arange(10, 20), s).encode()
+    with pytest.raises(P.InvalidField, match=r"tensors\[1\] \(scalars\) flat index \[7\] is nan"):
+        P.Update("j", 1, "d", "m", 1, 4, _zo(np.arange(10, 20), s)).encode()
     # also when a foreign encoder put it on the wire
-    good = P.Update("j", 1, "d", "m", 1, 4, np.arange(10, 20), np.zeros(10)).encode()
-    at = good.index(struct.pack("<BI", 1, 10)) + 5  # start of the f32[10] scalars
+    good = P.Update("j", 1, "d", "m", 1, 4, _zo(np.arange(10, 20), np.zeros(10))).encode()
+    at = good.index(b"scalars") + 7 + 5 + 5  # name, ndim + dim, dtype + count: start of the f32[10]
     bad = bytearray(good)
     bad[at + 4 * 3: at + 4 * 4] = struct.pack("<f", float("inf"))
-    with pytest.raises(P.InvalidField, match=r"scalars\[3\] is inf"):
+    with pytest.raises(P.InvalidField, match=r"\(scalars\) flat index \[3\] is inf"):
         P.decode(_refresh_crc(bytes(bad)))
 
 
@@ -229,23 +243,17 @@ def test_other_non_finite_values():
         P.Update("j", 1, "d", "m", 1, 1, train_loss=float("nan")).encode()
     with pytest.raises(P.InvalidField, match="lr"):
         P.RoundPlan("j", 1, "m", lr=float("inf")).encode()
-    with pytest.raises(P.InvalidField, match="delta_coeffs"):
-        P.RoundPlan("j", 1, "m", k=10, delta_seeds=[1], delta_coeffs=[np.nan]).encode()
+    with pytest.raises(P.InvalidField, match=r"delta_tensors\[1\] \(coeffs\)"):
+        P.RoundPlan("j", 1, "m", delta_tensors=_zo([1], [np.nan], "coeffs")).encode()
+    with pytest.raises(P.InvalidField, match=r"tensors\[0\] \(seed_probs\)"):
+        P.RoundPlan("j", 1, "m", tensors=[P.Tensor("seed_probs", [np.inf])]).encode()
 
 
 def test_field_rules():
     with pytest.raises(P.InvalidField, match="num_samples must be > 0"):
         P.Update("j", 1, "d", "m", 1, 0).encode()
-    with pytest.raises(P.InvalidField, match="2 seed indices but 3 values"):
-        P.Update("j", 1, "d", "m", 1, 1, [1, 2], [1, 2, 3]).encode()
-    with pytest.raises(P.InvalidField, match="outside uint32"):
-        P.Update("j", 1, "d", "m", 1, 1, [-1], [1.0]).encode()
-    with pytest.raises(P.InvalidField, match="must hold integers"):
-        P.Update("j", 1, "d", "m", 1, 1, [1.5], [1.0]).encode()
-    with pytest.raises(P.InvalidField, match="out of range for a pool of K=10"):
-        P.RoundPlan("j", 1, "m", k=10, delta_seeds=[3, 10], delta_coeffs=[1, 1]).encode()
-    with pytest.raises(P.InvalidField, match="seed_probs has 3 entries but K=4"):
-        P.RoundPlan("j", 1, "m", k=4, seed_probs=[1, 1, 1]).encode()
+    with pytest.raises(P.InvalidField, match="deadline"):
+        P.RoundPlan("j", 1, "m", deadline=-1.0).encode()
     with pytest.raises(P.InvalidField, match="round"):
         P.Ack("j", -1, "d", 1).encode()
     with pytest.raises(P.InvalidField, match="ack status"):
@@ -275,14 +283,9 @@ def test_bad_id_on_the_wire():
 
 
 def test_validate_update_against_plan():
-    k = 100
-    probs = np.ones(k, np.float32)
-    probs[5] = 0
-    plan = P.RoundPlan("job", 4, "fedkseed", k=k, seed_probs=probs)
-    ok = P.Update("job", 4, "d", "fedkseed", 1, 8, [1, 2, 99], [0.1, 0.2, 0.3])
+    plan = P.RoundPlan("job", 4, "fedkseed")
+    ok = P.Update("job", 4, "d", "fedkseed", 1, 8, _zo([1, 2, 99], [0.1, 0.2, 0.3]))
     assert P.validate_update(ok, plan) is ok
-    with pytest.raises(P.InvalidField, match="seed index 100 at position 1 is out of range"):
-        P.validate_update(P.Update("job", 4, "d", "fedkseed", 1, 8, [1, 100], [0, 0]), plan)
     with pytest.raises(P.RoundMismatch, match="round 3, the current round is 4") as e:
         P.validate_update(P.Update("job", 3, "d", "fedkseed", 1, 8), plan)
     assert (e.value.expected, e.value.received) == (4, 3)
@@ -290,8 +293,81 @@ def test_validate_update_against_plan():
         P.validate_update(P.Update("other", 4, "d", "fedkseed", 1, 8), plan)
     with pytest.raises(P.InvalidField, match="method"):
         P.validate_update(P.Update("job", 4, "d", "mezo", 1, 8), plan)
+
+
+def _fedkseed_plan(k=100, probs=None, **kw):
+    from edgefed.methods import JobConfig
+    from edgefed.methods.fedkseed import FedKSeedServer
+    job = JobConfig(job="job", method="fedkseed", k=k, local_steps=4, batch_size=2,
+                    params={"pro": 1} if probs is not None else {})
+    srv = FedKSeedServer()
+    state = srv.init_state(job)
+    pf = srv.plan_round(job, state, 4)
+    plan = P.RoundPlan("job", 4, "fedkseed", lr=pf.lr, local_steps=pf.local_steps, batch_size=pf.batch_size,
+                       params=pf.params, tensors=pf.tensors if probs is None else
+                       [P.Tensor("seed_probs", np.asarray(probs, np.float32))], **kw)
+    return srv, job, state, P.decode(plan.encode())
+
+
+def test_fedkseed_checks_what_its_tensors_mean():
+    """v1 checked seed ranges, sampling probabilities and seed/scalar pairs in the generic messages;
+    v2 leaves them to the method (the wire layer only checks structure)."""
+    from edgefed.methods.fedkseed import FedKSeedClient, zo_plan
+    probs = np.ones(100, np.float32)
+    probs[5] = 0
+    srv, job, state, plan = _fedkseed_plan(probs=probs)
+    assert zo_plan(plan).k == 100 and zo_plan(plan).probs[5] == 0
+
+    def check(tensors):
+        u = P.Update("job", 4, "d", "fedkseed", 1, 8, tensors)
+        srv.validate_update(job, state, plan, P.validate_update(u, plan))
+
+    check(_zo([1, 2, 99], [0.1, 0.2, 0.3]))
+    with pytest.raises(P.InvalidField, match="seed index 100 at position 1 is out of range for a pool of K=100"):
+        check(_zo([1, 100], [0, 0]))
     with pytest.raises(P.InvalidField, match="probability 0"):
-        P.validate_update(P.Update("job", 4, "d", "fedkseed", 1, 8, [5], [0.0]), plan)
+        check(_zo([5], [0.0]))
+    with pytest.raises(P.InvalidField, match="2 seed indices but 3 scalars"):
+        check([P.Tensor("seeds", np.array([1, 2], np.uint32)), P.Tensor("scalars", np.zeros(3, np.float32))])
+    with pytest.raises(P.InvalidField, match="'seeds' has dtype f32; expected u32"):
+        check([P.Tensor("seeds", np.array([1.5])), P.Tensor("scalars", np.zeros(1, np.float32))])
+    with pytest.raises(P.InvalidField, match="unexpected: \\['delta'\\]"):
+        check([*_zo([1], [0.1]), P.Tensor("delta", np.zeros(3, np.float32))])
+    with pytest.raises(P.InvalidField, match="missing: \\['scalars'\\]"):
+        check([P.Tensor("seeds", np.array([1], np.uint32))])
+    with pytest.raises(P.InvalidField, match="'scalars' has dtype u32"):  # e.g. a masked vector
+        check([P.Tensor("seeds", np.array([1], np.uint32)), P.Tensor("scalars", np.array([1], np.uint32))])
+    # the plan's own settings and tensors
+    with pytest.raises(P.InvalidField, match="seed_probs has 3 entries but K=4"):
+        zo_plan(_fedkseed_plan(k=4, probs=[1, 1, 1])[3])
+    with pytest.raises(P.InvalidField, match="positive sum"):
+        zo_plan(_fedkseed_plan(k=2, probs=[0, 0])[3])
+    bad = P.RoundPlan("job", 4, "fedkseed", params={**plan.params, "eps": -1.0})
+    with pytest.raises(P.InvalidField, match="eps=-1.0 must be >= 0"):
+        zo_plan(bad)
+    with pytest.raises(P.InvalidField, match="no 'k' param"):
+        zo_plan(P.RoundPlan("job", 4, "fedkseed"))
+    # a delta with a seed index outside the pool is refused before anything is applied
+    with pytest.raises(P.InvalidField, match="seed index 10 at position 1 is out of range for a pool of K=10"):
+        FedKSeedClient().apply_delta(None, P.RoundDelta(3, _zo([3, 10], [1, 1], "coeffs")),
+                                     {"k": 10, "seed_pool_id": 0})
+
+
+def test_the_seed_pool_is_not_a_per_device_setting():
+    from edgefed.methods import JobConfig
+    from edgefed.methods.fedkseed import FedKSeedServer
+    job = JobConfig(job="j", method="fedkseed", k=8, params={"assign": '{"pi": {"k": 4}}'})
+    with pytest.raises(ValueError, match="assign\\['pi'\\] sets k"):
+        FedKSeedServer().init_state(job)
+
+
+def test_seed_pool_id_round_trips_the_whole_u64_range():
+    from edgefed.methods import JobConfig
+    from edgefed.methods.fedkseed import zo_plan, zo_plan_params
+    for pool_id in (0, 5, 2**63 - 1, 2**63, 2**64 - 1):
+        params = zo_plan_params(JobConfig(job="j", method="fedkseed", k=8, seed_pool_id=pool_id))
+        plan = P.decode(P.RoundPlan("j", 0, "fedkseed", params=params).encode())
+        assert zo_plan(plan).seed_pool_id == pool_id
 
 
 def test_message_ids_monotonic():

@@ -11,7 +11,7 @@ from edgefed.agent import DeviceAgent
 from edgefed.data import iid_split, load_rotten_tomatoes, train_heldout_split
 from edgefed.federation import run_federation
 from edgefed.methods import JobConfig, get_method
-from edgefed.methods.fedkseed import FedKSeedServer
+from edgefed.methods.fedkseed import SCALARS, FedKSeedServer, seed_tensors
 from edgefed.methods.fedmezo import FedMeZOServer, delta_norm_bound
 from edgefed.protocol import AckStatus, InvalidField, RoundPlan, Tensor, Update, validate_update
 from edgefed.runtime import DeviceModel
@@ -45,9 +45,9 @@ class ByzantineAgent(DeviceAgent):
 
             def local_train(model, examples, plan, seed, progress=False):
                 res = honest(model, examples, plan, seed, progress)
-                if res.scalars.size:
-                    res.scalars = corrupt(res.scalars, self.attack, rng)
-                res.tensors = [Tensor(t.name, corrupt(t.data, self.attack, rng)) for t in res.tensors]
+                # the values, not the indices: FedKSeed's u32 "seeds" stay, its "scalars" are corrupted
+                res.tensors = [t if t.dtype == "u32" else Tensor(t.name, corrupt(t.data, self.attack, rng))
+                               for t in res.tensors]
                 return res
             client.local_train = local_train
             client.byzantine = True
@@ -181,14 +181,13 @@ def test_aggregator_params_are_checked():
 def _plan(strategy, job, rnd=0):
     state = strategy.init_state(job)
     pf = strategy.plan_round(job, state, rnd)
-    return state, RoundPlan(job=job.job, round=rnd, method=job.method, seed_pool_id=pf.seed_pool_id,
-                            k=pf.k, lr=pf.lr, eps=pf.eps, local_steps=pf.local_steps,
-                            batch_size=pf.batch_size, seed_probs=pf.seed_probs, params=pf.params)
+    return state, RoundPlan(job=job.job, round=rnd, method=job.method, lr=pf.lr, local_steps=pf.local_steps,
+                            batch_size=pf.batch_size, params=pf.params, tensors=pf.tensors)
 
 
 def _ks_update(plan, seeds, scalars, n=8, device="evil"):
     return Update(job=plan.job, round=plan.round, device=device, method=plan.method, msg_id=1,
-                  num_samples=n, seeds=np.asarray(seeds, np.uint32), scalars=np.asarray(scalars, np.float32))
+                  num_samples=n, tensors=seed_tensors(seeds, scalars, SCALARS))
 
 
 def test_issue_9_update_is_rejected_with_its_reason():
@@ -216,9 +215,9 @@ def test_issue_9_update_is_rejected_with_its_reason():
     srv.validate_update(clipped, state, plan, _ks_update(plan, list(range(10)), [5.0] * 10))
     with pytest.raises(InvalidField, match=r"\|g\| <= clip 5"):
         srv.validate_update(clipped, state, plan, _ks_update(plan, list(range(10)), [5.0] * 9 + [5.1]))
-    # NaN / inf never get that far: the protocol refuses them
+    # NaN / inf never get that far: the protocol refuses them (any float tensor, naming it and the index)
     for bad in (np.nan, np.inf, -np.inf):
-        with pytest.raises(InvalidField, match="diverged"):
+        with pytest.raises(InvalidField, match=r"\(scalars\) flat index \[0\] is .* \(must be finite\)"):
             validate_update(_ks_update(plan, [1], [bad]), plan)
 
 
@@ -266,7 +265,7 @@ def test_engine_rejects_the_issue_9_update(tmp_path):
     srv = Server(broker.client("server"), store, job, settle=0.02).start()
     try:
         evil = Update(job="j9", round=0, device="evil", method="fedkseed", msg_id=1, num_samples=2 ** 32 - 1,
-                      seeds=np.array([3], np.uint32), scalars=np.array([3.4e38], np.float32))
+                      tensors=seed_tensors([3], [3.4e38], SCALARS))
         dev.publish(topics.update("evil"), evil.encode())
         end = time.monotonic() + 5
         while not acks and time.monotonic() < end:

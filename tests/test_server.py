@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from edgefed.methods import JobConfig, MethodState
+from edgefed.methods.fedkseed import COEFFS, SCALARS, seed_pairs, seed_tensors
 from edgefed.protocol import (AckStatus, MessageIds, RoundDelta, Status, SyncRequest, Tensor,
                               Topics, Update, decode)
 from edgefed.transport import InProcBroker
@@ -94,8 +95,8 @@ class Fleet:
         if self.method == "fedkseed":
             return Update(job=self.job, round=rnd, device=name, method="fedkseed",
                           msg_id=msg_id or self.ids.next(), num_samples=n or int(rng.integers(4, 20)),
-                          seeds=rng.integers(0, self.k, self.steps).astype(np.uint32),
-                          scalars=rng.normal(size=self.steps).astype(np.float32),
+                          tensors=seed_tensors(rng.integers(0, self.k, self.steps),
+                                               rng.normal(size=self.steps), SCALARS),
                           train_loss=float(rng.uniform(0.5, 1.0)))
         return Update(job=self.job, round=rnd, device=name, method=self.method,
                       msg_id=msg_id or self.ids.next(), num_samples=n or int(rng.integers(4, 20)),
@@ -163,7 +164,8 @@ def fedkseed_reference(job: JobConfig, rounds_updates):
         total = sum(u.num_samples for u in ups)
         G = np.zeros(job.k, np.float64)
         for u in sorted(ups, key=lambda u: u.device):
-            for s, g in zip(u.seeds.astype(np.int64), u.scalars.astype(np.float64)):
+            seeds, scalars = seed_pairs(u.tensors, SCALARS, "update")
+            for s, g in zip(seeds.astype(np.int64), scalars.astype(np.float64)):
                 G[s] += u.num_samples / total * g
         coeff = -job.lr * G
         nz = np.flatnonzero(coeff)
@@ -202,10 +204,11 @@ def test_rounds_advance_and_state_equals_recomputation(env):
     np.testing.assert_allclose(state.arrays["cum_coeffs"], cum, rtol=1e-6, atol=1e-12)
     # each plan r+1 carries the delta of round r
     plans = {p.round: p for p in fleet.plans}
-    assert sorted(plans) == [0, 1, 2, 3] and plans[0].delta_seeds.size == 0
+    assert sorted(plans) == [0, 1, 2, 3] and plans[0].delta_tensors == []
     for r in range(3):
-        np.testing.assert_array_equal(plans[r + 1].delta_seeds, deltas[r][0])
-        np.testing.assert_allclose(plans[r + 1].delta_coeffs, deltas[r][1], rtol=1e-6)
+        seeds, coeffs = seed_pairs(plans[r + 1].delta_tensors, COEFFS, "delta")
+        np.testing.assert_array_equal(seeds, deltas[r][0])
+        np.testing.assert_allclose(coeffs, deltas[r][1], rtol=1e-6)
     # final JobState announces the end
     wait_for(lambda: fleet.states and fleet.states[-1].params.get("done") == 1, what="final JobState")
     assert fleet.states[-1].round == 4 and fleet.states[-1].digest == srv.digest
@@ -340,9 +343,9 @@ def test_late_updates_acked_late_not_aggregated(env):
 def _patched(update: Update, offset_from_end_of_scalars: int, value: float) -> bytes:
     """Encode, overwrite one float32 scalar, and fix the CRC so only the value check fires."""
     b = bytearray(update.encode())
-    n = update.seeds.size
-    # layout tail: scalars (n*4) | tensors u16 count (2) | train_loss f32 (4) | crc (4)
-    start = len(b) - 4 - 4 - 2 - n * 4
+    n = update.tensor(SCALARS).data.size
+    # layout tail: scalars tensor's values (n*4, the last tensor) | train_loss f32 (4) | crc (4)
+    start = len(b) - 4 - 4 - n * 4
     struct.pack_into("<f", b, start + 4 * offset_from_end_of_scalars, value)
     struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
     return bytes(b)
@@ -356,9 +359,9 @@ def test_bad_input_rejected_with_reason_and_server_keeps_going(env, caplog):
     fleet.raw("a", b"\x00garbage\xff" * 3)
     fleet.raw("a", b"EDGF" + bytes(5 * 1024 * 1024))  # oversize
     fleet.raw("a", _patched(good, 1, float("nan")))
-    v2 = bytearray(good.encode())
-    v2[4] = 2
-    fleet.raw("a", bytes(v2))
+    v1 = bytearray(good.encode())
+    v1[4] = 1  # a device of the protocol v1 edgefed
+    fleet.raw("a", bytes(v1))
     fleet.update("ghost", 0)  # never announced itself
     fleet.raw("a", fleet.make_update("b", 0).encode())  # b's update on a's topic
     fleet.t.publish(fleet.topics.status("a"), b"not a status")
@@ -372,7 +375,7 @@ def test_bad_input_rejected_with_reason_and_server_keeps_going(env, caplog):
     text = caplog.text
     assert "rejected edgefed/v1/j/update/a: not an EdgeFed message" in text
     assert "rejected edgefed/v1/j/update/ghost: unknown device 'ghost'" in text
-    assert "protocol version 2 not supported" in text
+    assert "protocol version 1 not supported (this build speaks 2)" in text
     assert "is nan" in text.lower()
     # the job still runs: valid updates close the round
     fleet.update("a", 0, upd=good)
@@ -396,17 +399,23 @@ def test_strategy_validation_rejects(env):
     wait_for(lambda: fleet.plans, what="plan")
     u = fleet.make_update("a", 0)
     too_many = Update(job="j", round=0, device="a", method="fedkseed", msg_id=fleet.ids.next(), num_samples=4,
-                      seeds=np.arange(9, dtype=np.uint32), scalars=np.ones(9, np.float32))
+                      tensors=seed_tensors(np.arange(9), np.ones(9), SCALARS))
     wrong_method = Update(job="j", round=0, device="a", method="fedmezo", msg_id=fleet.ids.next(),
-                          num_samples=4, seeds=u.seeds, scalars=u.scalars)
+                          num_samples=4, tensors=u.tensors)
+    # protocol v2: the seed range is FedKSeed's own check (v1: the wire layer's, label invalid_field)
     out_of_pool = Update(job="j", round=0, device="a", method="fedkseed", msg_id=fleet.ids.next(),
-                         num_samples=4, seeds=np.array([64], np.uint32), scalars=np.ones(1, np.float32))
+                         num_samples=4, tensors=seed_tensors([64], [1.0], SCALARS))
+    # a tensor FedKSeed does not expect (v1: the admission's "u32 only in secure rounds" rule)
+    masked = Update(job="j", round=0, device="a", method="fedkseed", msg_id=fleet.ids.next(), num_samples=4,
+                    tensors=[*u.tensors, Tensor("masked", np.arange(3, dtype=np.uint32))])
     future = fleet.make_update("a", 5)
-    for x in (too_many, wrong_method, out_of_pool, future):
+    for x in (too_many, wrong_method, out_of_pool, masked, future):
         fleet.update("a", 0, upd=x)
-    wait_for(lambda: len(fleet.acks_of("a")) == 4, what="acks")
-    assert [a.status for a in fleet.acks_of("a")] == [AckStatus.REJECTED] * 4
-    assert srv.metrics["rejected"] == {"strategy": 1, "invalid_field": 2, "future_round": 1}
+    wait_for(lambda: len(fleet.acks_of("a")) == 5, what="acks")
+    assert [a.status for a in fleet.acks_of("a")] == [AckStatus.REJECTED] * 5
+    assert srv.metrics["rejected"] == {"strategy": 3, "invalid_field": 1, "future_round": 1}
+    assert "out of range for a pool of K=64" in fleet.acks_of("a")[2].reason
+    assert "unexpected: ['masked']" in fleet.acks_of("a")[3].reason
     fleet.update("a", 0, upd=u)  # rejected ones are not remembered: a valid one still works
     assert srv.run(timeout=5)["done"]
 
@@ -429,8 +438,8 @@ def test_sync_replies_delta_and_full(env):
     assert not r.full and r.request_id == 7 and (r.from_round, r.to_round) == (2, 4)
     assert [d.round for d in r.rounds] == [3, 4]  # labelled by the round each delta leads to
     d3 = store.load_delta("j", 3)
-    np.testing.assert_array_equal(r.rounds[1].seeds, d3.seeds)
-    np.testing.assert_array_equal(r.rounds[1].coeffs, d3.coeffs)
+    for got, want in zip(r.rounds[1].tensors, d3.tensors):
+        assert (got.name, got.dtype) == (want.name, want.dtype) and np.array_equal(got.data, want.data)
     r = ask(4)
     assert not r.full and r.rounds == [] and r.to_round == 4
     r = ask(1)  # older than history_from
@@ -446,7 +455,8 @@ def test_sync_replies_delta_and_full(env):
     assert [d.round for d in r.rounds] == [1, 2, 3, 4]
     acc = np.zeros_like(cum)
     for d in r.rounds:
-        acc[d.seeds.astype(np.int64)] += d.coeffs.astype(np.float64)
+        seeds, coeffs = seed_pairs(d.tensors, COEFFS, "delta")
+        acc[seeds.astype(np.int64)] += coeffs.astype(np.float64)
     np.testing.assert_allclose(acc, cum, rtol=1e-6, atol=1e-12)
     wait_for(lambda: fleet.states and fleet.states[-1].params.get("done") == 1, what="final JobState")
     assert fleet.states[-1].history_from == 2
@@ -464,11 +474,12 @@ def test_store_codecs_round_trip(tmp_path):
         assert back[k].shape == v.shape and np.array_equal(back[k], v)
     with pytest.raises(Exception):
         pack_arrays({"o": np.array([object()])})
-    d = RoundDelta(round=3, seeds=np.array([1, 5], np.uint32), coeffs=np.array([0.5, -1], np.float32),
-                   tensors=[Tensor("lora.A", np.ones((2, 2)))])
+    d = RoundDelta(round=3, tensors=[*seed_tensors([1, 5], [0.5, -1], COEFFS), Tensor("lora.A", np.ones((2, 2))),
+                                     Tensor.bf16("h", np.array([1.5, -2.25], np.float32))])
     d2 = decode_delta(*encode_delta(d))
-    assert d2.round == 3 and np.array_equal(d2.seeds, d.seeds) and np.array_equal(d2.coeffs, d.coeffs)
-    assert d2.tensors[0].name == "lora.A" and d2.tensors[0].shape == (2, 2)
+    assert d2.round == 3 and [t.name for t in d2.tensors] == ["seeds", "coeffs", "lora.A", "h"]
+    for a, b in zip(d.tensors, d2.tensors):  # every tensor with its wire dtype, bit for bit
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.data, b.data)
     for v in (0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1):
         assert i64_to_u64(u64_to_i64(v)) == v and -(2 ** 63) <= u64_to_i64(v) < 2 ** 63
     s = Store(tmp_path / "x.db")
@@ -492,6 +503,47 @@ def test_store_codecs_round_trip(tmp_path):
     s2 = Store(tmp_path / "x.db")  # reopen: everything is on disk
     assert s2.load_resume("x").round == 1 and s2.load_delta("x", 0).round == 3
     s2.close()
+
+
+def _v1_store(path, job="old"):
+    """A store as protocol v1 left it: plans with header version 1, a delta with seeds / coeffs arrays."""
+    from edgefed.protocol import RoundPlan
+    s = Store(path)
+    cfg = JobConfig(job=job, method="fedkseed", rounds=3, k=8)
+    plan = bytearray(RoundPlan(job, 0, "fedkseed").encode())
+    plan[4] = 1
+    struct.pack_into("<I", plan, len(plan) - 4, zlib.crc32(bytes(plan[:-4])))
+    st = MethodState({"rounds_aggregated": 0}, {"cum_coeffs": np.zeros(8)})
+    s.start_job(cfg, st, bytes(plan), 10.0, 1.0)
+    meta, blob = pack_arrays({"seeds": np.array([1], np.uint32), "coeffs": np.array([0.5], np.float32)})
+    with s.transaction() as c:
+        c.execute("UPDATE rounds SET status='closed', delta_meta=?, delta=? WHERE job=? AND round=0",
+                  (json.dumps({"round": 0, "arrays": json.loads(meta), "tensors": []}), blob, job))
+        s.save_state(job, 1, st, 2.0)
+        s.open_round(job, 1, bytes(plan), 20.0, 2.0)
+    return s, cfg
+
+
+def test_a_store_written_by_protocol_v1_is_not_resumed(tmp_path, capsys):
+    from edgefed_server.cli import main as server_main
+    from edgefed_server.store import IncompatibleJob, StoreError
+    store, cfg = _v1_store(tmp_path / "v1.db")
+    assert store.stored_protocol("old") == 1
+    with pytest.raises(IncompatibleJob, match="stored by EdgeFed protocol v1; this server speaks protocol v2") as e:
+        store.load_resume("old")
+    assert "Finish the job with the edgefed version that started it" in str(e.value)
+    assert "start a new job" in str(e.value)
+    with pytest.raises(StoreError, match="written by EdgeFed protocol v1"):
+        store.load_delta("old", 0)
+    with pytest.raises(IncompatibleJob):
+        replay_log(store, "old")
+    with pytest.raises(IncompatibleJob):  # the engine refuses it too, before publishing anything
+        Server(InProcBroker().client("server"), store, cfg, settle=0.0).start()
+    store.close()
+    # the CLI says what to do, without a traceback
+    rc = server_main(["--job", "old", "--db", str(tmp_path / "v1.db"), "--resume", "--broker", "mqtt://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stored by EdgeFed protocol v1" in err and "start a new job" in err
 
 
 def test_resume_mid_round_no_double_count(env, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgefed.methods.fedkseed import SCALARS, seed_tensors
 from edgefed.protocol import (AckStatus, MessageIds, RoundPlan, Status, Topics, Update, decode)
 from edgefed.transport.broker import find_mosquitto, start_broker
 from edgefed.transport.mqtt import MqttTransport
@@ -152,8 +153,8 @@ class Device:
             time.sleep(self.rng.uniform(0, self.jitter))
             u = Update(job=self.job, round=plan.round, device=self.name, method=plan.method,
                        msg_id=self.ids.next(), num_samples=int(self.rng.integers(4, 16)),
-                       seeds=self.rng.integers(0, plan.k, plan.local_steps).astype(np.uint32),
-                       scalars=self.rng.normal(size=plan.local_steps).astype(np.float32),
+                       tensors=seed_tensors(self.rng.integers(0, int(plan.params["k"]), plan.local_steps),
+                                            self.rng.normal(size=plan.local_steps), SCALARS),
                        train_loss=float(self.rng.uniform(0.3, 0.9)))
             payload = u.encode()
             with self.lock:
@@ -188,7 +189,7 @@ def clear_retained(url: str, job: str, names=()):
 
 def nan_update(u: Update) -> bytes:
     b = bytearray(u.encode())
-    start = len(b) - 4 - 4 - 2 - u.seeds.size * 4
+    start = len(b) - 4 - 4 - u.tensor(SCALARS).data.size * 4  # the scalars' values | train_loss | crc
     struct.pack_into("<f", b, start + 4, float("nan"))
     struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
     return bytes(b)
@@ -214,13 +215,13 @@ def test_bad_input_rejected_and_rounds_complete(broker, tmp_path):
             d.start()
         wait_for(lambda: plans, 20, "the server's plan")
         good = Update(job=job, round=0, device="a", method="fedkseed", msg_id=1, num_samples=4,
-                      seeds=np.arange(8, dtype=np.uint32), scalars=np.ones(8, np.float32))
-        v2 = bytearray(good.encode())
-        v2[4] = 2
+                      tensors=seed_tensors(np.arange(8), np.ones(8), SCALARS))
+        v1 = bytearray(good.encode())
+        v1[4] = 1  # a device of the protocol v1 edgefed
         ghost = Update(job=job, round=0, device="ghost", method="fedkseed", msg_id=1, num_samples=4,
-                       seeds=np.arange(8, dtype=np.uint32), scalars=np.ones(8, np.float32))
+                       tensors=seed_tensors(np.arange(8), np.ones(8), SCALARS))
         for payload in (b"\x00\x01malformed bytes\xff" * 4, b"EDGF" + bytes(4 * 1024 * 1024 + 1),
-                        nan_update(good), bytes(v2)):
+                        nan_update(good), bytes(v1)):
             raw.publish(top.update("a"), payload)
         raw.publish(top.update("ghost"), ghost.encode())
         wait_for(lambda: len([a for a in acks if a.status == AckStatus.REJECTED]) >= 5, 20, "5 rejected acks")
@@ -233,7 +234,7 @@ def test_bad_input_rejected_and_rounds_complete(broker, tmp_path):
         log = srv.log()
         pre = f"rejected {top.update('a')}: "
         for reason in ("not an EdgeFed message", "message is 4194309 bytes; the limit is 4194304",
-                       "scalars[1] is nan", "protocol version 2 not supported"):
+                       "tensors[1] (scalars) flat index [1] is nan", "protocol version 1 not supported"):
             assert pre + reason in log, reason
         assert f"rejected {top.update('ghost')}: unknown device 'ghost'" in log
         assert "WARNING" in log and "round 2 done (3/3)" in log and "job " + job + " finished" in log

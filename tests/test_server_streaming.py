@@ -11,7 +11,7 @@ import numpy as np
 
 from edgefed.methods import JobConfig, MethodState
 from edgefed.methods.base import RoundAccumulator
-from edgefed.methods.fedkseed import FedKSeedServer
+from edgefed.methods.fedkseed import SCALARS, FedKSeedServer, seed_pairs
 from edgefed.protocol import AckStatus, Update
 from edgefed.transport import InProcBroker
 from edgefed_server.engine import Server
@@ -33,8 +33,9 @@ class StreamingAcc(RoundAccumulator):
         self.finalized = 0
 
     def add(self, update: Update) -> None:
-        idx = update.seeds.astype(np.int64)
-        g = update.scalars.astype(np.float64)
+        seeds, scalars = seed_pairs(update.tensors, SCALARS, "update")
+        idx = seeds.astype(np.int64)
+        g = scalars.astype(np.float64)
         np.add.at(self.sums, idx, update.num_samples * g)
         np.add.at(self.state.arrays["abs_sum"], idx, np.abs(g))
         np.add.at(self.state.arrays["counts"], idx, 1)

@@ -13,6 +13,7 @@ pytest.importorskip("cryptography")
 
 from edgefed import protocol as P
 from edgefed.methods import JobConfig
+from edgefed.methods.fedkseed import COEFFS, SCALARS, seed_tensors
 from edgefed.security.signing import (DeviceSigning, DeviceVerifier, ServerSigning, ServerVerifier,
                                       Signer, generate, load_public_key, load_registry)
 from edgefed.transport import InProcBroker, make_transport
@@ -48,8 +49,8 @@ class FixedSigner:
 def _update(device, rnd, msg_id, job="j"):
     rng = np.random.default_rng([rnd, ord(device[0])])
     return P.Update(job=job, round=rnd, device=device, method="fedkseed", msg_id=msg_id,
-                    num_samples=8, seeds=rng.integers(0, 64, 4).astype(np.uint32),
-                    scalars=rng.normal(size=4).astype(np.float32), train_loss=0.7)
+                    num_samples=8, tensors=seed_tensors(rng.integers(0, 64, 4), rng.normal(size=4), SCALARS),
+                    train_loss=0.7)
 
 
 # ----------------------------------------------------------------------------- keys and codec
@@ -72,15 +73,15 @@ def test_certs_writes_signing_keys_private_and_a_registry(keys):
 
 def _all_messages():
     return [
-        P.RoundPlan(job="j", round=3, method="fedkseed", k=8, seed_probs=np.full(8, 0.125, np.float32),
-                    params={"x": 1, "y": 0.5, "z": "s"}, delta_seeds=np.array([1, 2], np.uint32),
-                    delta_coeffs=np.array([0.1, -0.2], np.float32)),
+        P.RoundPlan(job="j", round=3, method="fedkseed", params={"x": 1, "y": 0.5, "z": "s", "k": 8},
+                    tensors=[P.Tensor("seed_probs", np.full(8, 0.125, np.float32))],
+                    delta_tensors=seed_tensors([1, 2], [0.1, -0.2], COEFFS)),
         _update("a", 3, 12345),
         P.Ack(job="j", round=3, device="a", msg_id=12345, status=P.AckStatus.LATE, reason="late"),
         P.Status(job="j", device="a", state="online", round=2, timestamp=1.5),
         P.SyncRequest(job="j", device="a", from_round=1, request_id=7),
         P.SyncReply(job="j", device="a", from_round=1, to_round=2, request_id=7,
-                    rounds=[P.RoundDelta(2, np.array([3], np.uint32), np.array([0.5], np.float32))]),
+                    rounds=[P.RoundDelta(2, seed_tensors([3], [0.5], COEFFS))]),
         P.JobState(job="j", round=3, history_from=0, method="fedkseed", params={"done": 1}),
     ]
 
@@ -257,10 +258,9 @@ def test_signed_job_completes_bit_identical_and_ignores_forged_server_messages(
         t.publish(topics.state(), fake_state.encode(signer=impostor), retain=True, wait=True)
         halt = inner(url)
         wait_for(lambda: all(a.stats.bytes_received > 0 for a in inner.agents), what="devices joined")
-        bad_plan = P.RoundPlan(job=job.job, round=1, method="fedkseed", k=1024, seed_pool_id=7,
-                               lr=1.0, eps=1e-3, local_steps=4, batch_size=8,
-                               delta_seeds=np.array([1, 2, 3], np.uint32),
-                               delta_coeffs=np.array([5.0, -5.0, 5.0], np.float32))
+        bad_plan = P.RoundPlan(job=job.job, round=1, method="fedkseed", lr=1.0, local_steps=4, batch_size=8,
+                               params={"k": 1024, "seed_pool_id": 7, "eps": 1e-3},
+                               delta_tensors=seed_tensors([1, 2, 3], [5.0, -5.0, 5.0], COEFFS))
         for data in (fake_state.encode(), bad_plan.encode(), bad_plan.encode(signer=impostor)):
             topic = topics.state() if isinstance(P.decode(data), P.JobState) else topics.plan()
             t.publish(topic, data, retain=False, wait=True)

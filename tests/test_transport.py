@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgefed import protocol as P
@@ -16,6 +17,12 @@ from edgefed.transport import mqtt as M
 from edgefed.transport.base import check_topic_filter
 from edgefed.transport.broker import find_mosquitto, free_port
 from helpers import wait_for
+
+
+def _zo(seeds, scalars):
+    """A FedKSeed update's payload: the tensors "seeds" (u32) and "scalars" (f32)."""
+    return [P.Tensor("seeds", np.asarray(seeds, np.uint32)), P.Tensor("scalars", np.asarray(scalars, np.float32))]
+
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MOSQUITTO = find_mosquitto() is not None
@@ -76,8 +83,8 @@ def test_publish_subscribe_bytes_and_order(broker, clients):
     srv.subscribe(t.all_updates(), inbox)
     dev = clients(broker.url, "dev-ps")
     dev.connect()
-    sent = [P.Update("job-ps", 1, "dev-ps", "fedkseed", i + 1, 8, list(range(i + 1)),
-                     [0.5] * (i + 1)).encode() for i in range(30)]
+    sent = [P.Update("job-ps", 1, "dev-ps", "fedkseed", i + 1, 8, _zo(list(range(i + 1)),
+                     [0.5] * (i + 1))).encode() for i in range(30)]
     for data in sent:
         h = dev.publish(t.update("dev-ps"), data)  # waits for PUBACK
         assert h.done
@@ -97,8 +104,9 @@ def test_publish_subscribe_bytes_and_order(broker, clients):
 
 def test_retained_plan_reaches_late_subscriber(broker, clients):
     t = P.Topics("job-ret")
-    plan = P.RoundPlan("job-ret", 5, "fedkseed", k=64, lr=1e-3, eps=1e-3, delta_seeds=[1, 2],
-                       delta_coeffs=[0.1, -0.2])
+    plan = P.RoundPlan("job-ret", 5, "fedkseed", lr=1e-3, params={"k": 64, "eps": 1e-3},
+                       delta_tensors=[P.Tensor("seeds", np.array([1, 2], np.uint32)),
+                                      P.Tensor("coeffs", np.array([0.1, -0.2], np.float32))])
     srv = clients(broker.url, "srv-ret")
     srv.connect()
     srv.publish(t.plan(), plan.encode(), retain=True)
@@ -190,7 +198,7 @@ def test_callback_may_publish_and_wait(broker, clients):
     dev.connect()
     acks = Inbox()
     dev.subscribe(t.ack("dev-cb"), acks)
-    u = P.Update("job-cb", 1, "dev-cb", "fedkseed", 77, 4, [3], [0.25]).encode()
+    u = P.Update("job-cb", 1, "dev-cb", "fedkseed", 77, 4, _zo([3], [0.25])).encode()
     dev.publish(t.update("dev-cb"), u)
     dev.publish(t.update("dev-cb"), u)  # a redelivery
     assert wait_for(lambda: len(acks.payloads()) == 2)
@@ -318,14 +326,14 @@ def test_inproc_wildcards_retained_and_will(synchronous):
     updates, statuses = Inbox(), Inbox()
     srv.subscribe(t.all_updates(), updates)
     srv.subscribe(t.all_statuses(), statuses)
-    plan = P.RoundPlan("sim", 1, "fedkseed", k=8).encode()
+    plan = P.RoundPlan("sim", 1, "fedkseed", params={"k": 8}).encode()
     srv.publish(t.plan(), plan, retain=True)
 
     dev.set_will(t.status("dev-1"), P.Status("sim", "dev-1", "offline").encode())
     dev.connect()
     plans = Inbox()
     dev.subscribe("edgefed/v1/+/plan", plans)  # retained plan delivered on subscribe
-    payload = bytearray(P.Update("sim", 1, "dev-1", "fedkseed", 1, 4, [1], [0.5]).encode())
+    payload = bytearray(P.Update("sim", 1, "dev-1", "fedkseed", 1, 4, _zo([1], [0.5])).encode())
     dev.publish(t.update("dev-1"), payload)
     payload[0] = 0  # the broker took a copy: the same bytes arrive, not a shared buffer
     assert broker.wait_idle()

@@ -20,7 +20,7 @@ from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 
 __all__ = ["JobConfig", "MethodState", "PlanFields", "ClientResult", "ServerStrategy",
            "ClientAlgorithm", "Method", "check_num_samples", "SecureSpec", "parse_param",
-           "RoundAccumulator", "BufferedAccumulator"]
+           "RoundAccumulator", "BufferedAccumulator", "expect_tensors"]
 
 
 @dataclass
@@ -88,26 +88,49 @@ class MethodState:
 
 @dataclass
 class PlanFields:
-    """The method-specific part of a RoundPlan; the engine adds job, round, method, deadline,
-    min_devices and the previous round's delta."""
+    """The strategy's part of a RoundPlan: the generic training settings, the method's own
+    settings (`params`, e.g. a ZO method's eps, k, seed_pool_id) and tensors (e.g. seed_probs).
+    The engine adds job, round, method, deadline, min_devices and the previous round's delta."""
     lr: float = 0.0
-    eps: float = 0.0
     local_steps: int = 1
     batch_size: int = 1
-    seed_pool_id: int = 0
-    k: int = 0
-    seed_probs: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    tensors: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
 class ClientResult:
-    """The method-specific part of an Update."""
+    """The method-specific part of an Update: its named tensors."""
     num_samples: int
-    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    scalars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     tensors: list[Tensor] = field(default_factory=list)
     train_loss: float = 0.0
+
+
+def expect_tensors(tensors: Sequence[Tensor], spec: dict, what: str,
+                   optional: Sequence[str] = ()) -> dict[str, Tensor]:
+    """A strategy's check of the tensors it is sent: exactly the names of `spec` (those in
+    `optional` may be missing), each with one of its dtypes and, where given, its ndim.
+    spec: name -> (dtypes, ndim or None). Returns the tensors by name; raises InvalidField
+    naming what is unexpected (a u32 tensor in a method that takes floats, an unknown name...)."""
+    by_name: dict[str, Tensor] = {}
+    for t in tensors:
+        if t.name in by_name:
+            raise InvalidField(f"{what}: tensor {t.name!r} appears twice")
+        by_name[t.name] = t
+    unknown = sorted(set(by_name) - set(spec))
+    missing = sorted(set(spec) - set(by_name) - set(optional))
+    if unknown or missing:
+        raise InvalidField(f"{what} must carry the tensors {sorted(spec)}"
+                           + (f"; unexpected: {unknown}" if unknown else "")
+                           + (f"; missing: {missing}" if missing else ""))
+    for name, t in by_name.items():
+        dtypes, ndim = spec[name]
+        if t.dtype not in dtypes:
+            raise InvalidField(f"{what}: tensor {name!r} has dtype {t.dtype}; expected "
+                               f"{' or '.join(dtypes)}")
+        if ndim is not None and t.data.ndim != ndim:
+            raise InvalidField(f"{what}: tensor {name!r} has shape {t.shape}; expected {ndim} dimension(s)")
+    return by_name
 
 
 @dataclass(frozen=True)
@@ -171,7 +194,10 @@ class ServerStrategy(ABC):
 
     def validate_update(self, job: JobConfig, state: MethodState, plan: RoundPlan,
                         update: Update) -> None:
-        """Method-specific checks beyond the protocol's (raise protocol.InvalidField)."""
+        """What the update means (raise protocol.InvalidField): the wire layer checked only its
+        structure, so a strategy checks the names and dtypes of its tensors (expect_tensors: an
+        unexpected name or dtype, e.g. a u32 tensor where floats belong, is refused) and their
+        values (bounds, ranges). Not called in secure rounds (the masked vector is checked there)."""
 
     @abstractmethod
     def aggregate(self, job: JobConfig, state: MethodState, plan: RoundPlan,

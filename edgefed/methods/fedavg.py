@@ -26,7 +26,7 @@ from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
-                   ServerStrategy, check_num_samples)
+                   ServerStrategy, check_num_samples, expect_tensors)
 
 __all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
            "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
@@ -194,16 +194,12 @@ class FedAvgServer(ServerStrategy):
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
         p = job.params
         keep = ("optimizer", "update_dtype", "prox_mu", "weight_decay", "grad_clip")
-        return PlanFields(lr=job.lr, eps=0.0, local_steps=job.local_steps, batch_size=job.batch_size,
-                          seed_pool_id=0, k=0,
+        return PlanFields(lr=job.lr, local_steps=job.local_steps, batch_size=job.batch_size,
                           params={"run_seed": int(job.seed), **{k: p[k] for k in keep if k in p}})
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
-        ts = {t.name: t for t in update.tensors}
-        if set(ts) != {DELTA} or ts[DELTA].data.ndim != 1 or ts[DELTA].dtype not in UPDATE_DTYPES:
-            raise InvalidField(f"fedavg update from {update.device} must carry one flat float tensor {DELTA!r}")
-        if update.seeds.size:
-            raise InvalidField(f"fedavg update from {update.device} carries seeds; it is not a ZO method")
+        # one flat float tensor "delta" (f32 / bf16 / f16), nothing else (no seeds: not a ZO method)
+        ts = expect_tensors(update.tensors, {DELTA: (UPDATE_DTYPES, 1)}, f"fedavg update from {update.device}")
         n = int(state.scalars.get("n", 0))
         d = ts[DELTA].float32()
         if n and d.size != n:

@@ -5,6 +5,11 @@ Devices draw perturbation seeds from a shared pool of K seeds, run local two-poi
 and report the per-seed sum of projected gradients. The server averages those per seed
 (weighted by samples) and broadcasts coefficients c_j = -lr/q * G_j; every device replays them
 with the batched kernel. With `pro`, seeds whose scalars have been larger are sampled more.
+
+On the wire (protocol v2, nothing ZO in the generic messages): the plan's params carry `eps`,
+`k` and `seed_pool_id` (with the other ZO knobs), FedKSeed-Pro's sampling probabilities are
+the plan tensor "seed_probs" (f32[K]); an update is the tensors "seeds" (u32 seed indices) and
+"scalars" (f32, one per index); a delta the tensors "seeds" (u32) and "coeffs" (f32).
 """
 from __future__ import annotations
 
@@ -20,10 +25,15 @@ from ..snapshot import MEMORY_LIMIT_BYTES, ParamSnapshot
 from ..trainer import LocalTrainer
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
-                   ServerStrategy, check_num_samples)
+                   ServerStrategy, check_num_samples, expect_tensors)
 
 __all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds",
-           "dp_denominator", "DP_TAIL"]
+           "dp_denominator", "DP_TAIL", "ZOPlan", "zo_plan", "zo_plan_params", "seed_tensors", "seed_pairs",
+           "SEEDS", "SCALARS", "COEFFS", "SEED_PROBS"]
+
+# tensor names on the wire
+SEEDS, SCALARS, COEFFS, SEED_PROBS = "seeds", "scalars", "coeffs", "seed_probs"
+_U64 = (1 << 64) - 1
 
 # |g| of one probe, g = (L+ - L-) / (2 eps), that no healthy device reaches: a cross-entropy that
 # moves by 20 nats between theta +- eps z with eps = 1e-3 (docs/server.md, "Bounds").
@@ -48,11 +58,20 @@ def seed_pool(pool_id: int, k: int) -> SeedPool:
     return _pools[key]
 
 
-def zo_plan_params(job: JobConfig) -> dict:
-    """The ZO knobs a round plan carries to devices (read back by zo_config), and the job's seed,
-    from which devices derive their batch order (so a job is reproducible whatever its id)."""
+def _i64(v: int) -> int:
+    """A u64 (seed pool id) as the i64 a plan param holds (two's complement; read back by zo_plan)."""
+    v = int(v) & _U64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def zo_plan_params(job: JobConfig, seed_pool_id: int | None = None) -> dict:
+    """The ZO settings a round plan carries to devices (read back by zo_plan / zo_config): eps, the
+    seed pool (k, seed_pool_id), the probe knobs, and the job's seed, from which devices derive
+    their batch order (so a job is reproducible whatever its id)."""
     p = job.params
-    return {"n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
+    pool = job.seed_pool_id if seed_pool_id is None else seed_pool_id
+    return {"eps": float(job.eps), "k": int(job.k), "seed_pool_id": _i64(pool),
+            "n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
             **({"probe": str(p["probe"])} if "probe" in p else {}),
             **dp.DPConfig.from_params(p).plan_params()}
@@ -73,6 +92,12 @@ def probe_bound(job: JobConfig) -> float:
 def check_job_bounds(job: JobConfig, *, dense: bool) -> RobustConfig:
     """Refuse a job whose bound / aggregation params make no sense (at job creation)."""
     cfg = RobustConfig.from_params(job.params, dense=dense)
+    from ..assign import ASSIGN_KEY, parse_assign
+    for cls, over in parse_assign(job.params.get(ASSIGN_KEY)).items():
+        shared = sorted({"k", "seed_pool_id"} & set(over))
+        if shared:  # plan params since protocol v2, but every device must draw from the one pool
+            raise ValueError(f"assign[{cls!r}] sets {', '.join(shared)}: the seed pool is the job's, shared "
+                             f"by every device (set --k / --seed-pool-id for the job)")
     try:
         bound = float(job.params.get("scalar_bound", DEFAULT_SCALAR_BOUND))
         clip = float(job.params.get("clip", 0.0))
@@ -108,6 +133,84 @@ def dp_denominator(job: JobConfig, n_updates: int) -> int:
     return pop if pop > 0 else max(1, int(n_updates))
 
 
+class ZOPlan:
+    """A ZO plan's method settings, read from its params and tensors and checked (zo_plan)."""
+
+    def __init__(self, k: int, seed_pool_id: int, eps: float, probs: np.ndarray | None):
+        self.k, self.seed_pool_id, self.eps, self.probs = k, seed_pool_id, eps, probs
+
+    @property
+    def pool(self) -> SeedPool:
+        return seed_pool(self.seed_pool_id, self.k)
+
+
+def _param(params: dict, name: str, kind: type, what: str):
+    if name not in params:
+        raise InvalidField(f"the {what} plan has no {name!r} param: is the server older than this device?")
+    v = params[name]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+        raise InvalidField(f"plan param {name}={v!r} must be an integer")
+    if kind is float and (isinstance(v, str) or not np.isfinite(float(v))):
+        raise InvalidField(f"plan param {name}={v!r} must be a finite number")
+    return kind(v)
+
+
+def pool_params(params: dict, what: str = "ZO") -> tuple[int, int]:
+    """(k, seed_pool_id) from a plan's params (or the dict handed to apply_delta), checked."""
+    k = _param(params, "k", int, what)
+    if not 1 <= k <= SeedPool.MAX_K:
+        raise InvalidField(f"plan param k={k} (seed pool size) must be in [1, {SeedPool.MAX_K}]")
+    return k, _param(params, "seed_pool_id", int, what) & _U64
+
+
+def zo_plan(plan: RoundPlan) -> ZOPlan:
+    """The ZO settings of a plan (params eps, k, seed_pool_id; tensor seed_probs), checked: what
+    protocol v1 checked in the generic RoundPlan."""
+    k, pool_id = pool_params(plan.params, plan.method)
+    eps = _param(plan.params, "eps", float, plan.method)
+    if eps < 0:
+        raise InvalidField(f"plan param eps={eps} must be >= 0")
+    ts = expect_tensors(plan.tensors, {SEED_PROBS: (("f32",), 1)}, f"{plan.method} plan",
+                        optional=(SEED_PROBS,))
+    probs = None
+    if SEED_PROBS in ts:
+        probs = ts[SEED_PROBS].data
+        if probs.size != k:
+            raise InvalidField(f"seed_probs has {probs.size} entries but K={k}; send one per seed")
+        if probs.size and (float(probs.min()) < 0 or float(probs.sum()) <= 0):
+            raise InvalidField("seed_probs must be >= 0 with a positive sum")
+    return ZOPlan(k, pool_id, eps, probs)
+
+
+def seed_tensors(seeds: np.ndarray, values: np.ndarray, values_name: str) -> list[Tensor]:
+    """(seed indices, one value each) as the tensors "seeds" (u32) and `values_name` (f32)."""
+    return [Tensor(SEEDS, np.ascontiguousarray(seeds, dtype=np.uint32).reshape(-1)),
+            Tensor(values_name, np.ascontiguousarray(values, dtype=np.float32).reshape(-1))]
+
+
+def seed_pairs(tensors, values_name: str, what: str, k: int | None = None,
+               allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The (seeds u32, values f32) pair of an update ("scalars") or a delta ("coeffs"), checked:
+    exactly those two 1-D tensors, one value per seed, every seed index < k."""
+    if allow_empty and not tensors:
+        return np.zeros(0, np.uint32), np.zeros(0, np.float32)
+    ts = expect_tensors(tensors, {SEEDS: (("u32",), 1), values_name: (("f32",), 1)}, what)
+    seeds, vals = ts[SEEDS].data, ts[values_name].data
+    if seeds.size != vals.size:
+        raise InvalidField(f"{what}: {seeds.size} seed indices but {vals.size} {values_name}; send one "
+                           f"value per seed")
+    if k is not None and seeds.size and int(seeds.max()) >= k:
+        bad = int(np.flatnonzero(seeds >= k)[0])
+        raise InvalidField(f"{what}: seed index {int(seeds[bad])} at position {bad} is out of range "
+                           f"for a pool of K={k}")
+    return seeds, vals
+
+
+def update_pairs(u: Update) -> tuple[np.ndarray, np.ndarray]:
+    """An accepted update's (seeds, scalars) (validate_update checked them)."""
+    return seed_pairs(u.tensors, SCALARS, f"update from {u.device}")
+
+
 def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
     """Each reported scalar is the sum of the g of the probes that drew that seed; every probe has
     |g| <= probe_bound(job) and a device runs S = local_steps x n_perturb probes. So an honest
@@ -118,14 +221,15 @@ def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
     what = f"clip {b:g}" if 0 < clip <= b else f"scalar_bound {b:g}"
     q = max(1, int(plan.params.get("n_perturb", 1)))
     probes = int(plan.local_steps) * q
-    a = np.abs(update.scalars.astype(np.float64))
+    seeds, scalars = update_pairs(update)
+    a = np.abs(scalars.astype(np.float64))
     n = int(a.size)
     per_seed = b * max(1, probes - n + 1)
     worst = int(np.argmax(a))
     if a[worst] > per_seed * (1 + _REL_TOL):
         raise InvalidField(
-            f"update from {update.device}: scalar {float(update.scalars[worst]):.6g} for seed index "
-            f"{int(update.seeds[worst])} is out of bounds: each probe has |g| <= {what}, and with "
+            f"update from {update.device}: scalar {float(scalars[worst]):.6g} for seed index "
+            f"{int(seeds[worst])} is out of bounds: each probe has |g| <= {what}, and with "
             f"{probes} probes (local_steps {plan.local_steps} x n_perturb {q}) over {n} seeds one seed "
             f"sums at most {probes - n + 1} of them, |g| <= {per_seed:g}")
     total = float(a.sum())
@@ -148,8 +252,9 @@ class FedKSeedClient(ClientAlgorithm):
         self.noise_seed = noise_seed
 
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
-        pool = seed_pool(plan.seed_pool_id, plan.k)
-        cfg = zo_config(plan.lr, plan.eps, plan.params)
+        zp = zo_plan(plan)
+        pool = zp.pool
+        cfg = zo_config(plan.lr, zp.eps, plan.params)
         noise_gen = None
         dcfg = dp.DPConfig.from_params(plan.params)
         if dcfg.local:  # DP-ZO: every probe's g clipped to dp_clip, plus N(0, (sigma C)^2)
@@ -158,10 +263,10 @@ class FedKSeedClient(ClientAlgorithm):
             noise_gen = dp.device_rng(self.noise_seed)
         snapshot = ParamSnapshot(model.params, memory_limit=SNAPSHOT_LIMIT_BYTES)
         trainer = LocalTrainer(model, pool, cfg, progress=progress)
-        acc = ScalarAccumulator(plan.k)
+        acc = ScalarAccumulator(zp.k)
         try:
             trainer.train(examples, plan.local_steps, batch_size=plan.batch_size, seed=seed,
-                          probs=plan.seed_probs, desc=f"round {plan.round}", acc=acc, noise_gen=noise_gen)
+                          probs=zp.probs, desc=f"round {plan.round}", acc=acc, noise_gen=noise_gen)
         finally:
             # Back to the global state (also after a failed step), bit for bit: the aggregated
             # delta is what moves this device forward.
@@ -169,34 +274,35 @@ class FedKSeedClient(ClientAlgorithm):
             snapshot.close()
         idx, g = acc.arrays()
         return ClientResult(num_samples=plan.local_steps * min(plan.batch_size, len(examples)),
-                            seeds=idx, scalars=g, train_loss=acc.mean_loss())
+                            tensors=seed_tensors(idx, g, SCALARS), train_loss=acc.mean_loss())
 
     def apply_delta(self, model, delta: RoundDelta, plan_params: dict) -> None:
-        if delta.seeds.size == 0:
+        k, pool_id = pool_params(plan_params)
+        seeds, coeffs = seed_pairs(delta.tensors, COEFFS, f"fedkseed delta of round {delta.round}", k,
+                                   allow_empty=True)
+        if seeds.size == 0:
             return
-        k = int(plan_params["k"])
-        pool = seed_pool(int(plan_params["seed_pool_id"]), k)
-        if int(delta.seeds.max()) >= k:
-            raise InvalidField(f"delta seed index {int(delta.seeds.max())} outside the pool of {k}")
-        kernels.replay(model.buffers, pool.seeds[delta.seeds.astype(np.int64)], delta.coeffs,
+        pool = seed_pool(pool_id, k)
+        kernels.replay(model.buffers, pool.seeds[seeds.astype(np.int64)], coeffs,
                        str(plan_params.get("dist", "normal")))
 
     def apply_full_state(self, model, tensors: Sequence[Tensor], plan_params: dict) -> None:
         cum = {t.name: t.data for t in tensors}.get("cum_coeffs")
-        k = int(plan_params["k"])
+        k, pool_id = pool_params(plan_params)
         if cum is None or cum.shape != (k,):
             raise InvalidField(f"full state must hold cum_coeffs of shape ({k},)")
         model.reset_params()
         nz = np.flatnonzero(cum)
-        pool = seed_pool(int(plan_params["seed_pool_id"]), k)
+        pool = seed_pool(pool_id, k)
         kernels.replay(model.buffers, pool.seeds[nz], cum[nz], str(plan_params.get("dist", "normal")))
 
     def secure_vector(self, result: ClientResult, plan: RoundPlan) -> np.ndarray:
         """[w * G_0 .. w * G_{K-1}, w]: the per-seed sums of this device's scalars over the whole
         pool, weighted by its samples, and the weight, so the sum gives the weighted mean."""
         w = float(result.num_samples)
-        v = np.bincount(result.seeds.astype(np.int64), weights=result.scalars.astype(np.float64),
-                        minlength=int(plan.k))
+        k, _ = pool_params(plan.params)
+        seeds, scalars = seed_pairs(result.tensors, SCALARS, "this device's result", k)
+        v = np.bincount(seeds.astype(np.int64), weights=scalars.astype(np.float64), minlength=k)
         return np.concatenate([w * v, [w]])
 
 
@@ -218,18 +324,24 @@ class FedKSeedServer(ServerStrategy):
         if p.get("pro"):
             probs = pro_probabilities(state.arrays["abs_sum"], state.arrays["counts"]).astype(np.float32)
         decay = float(p.get("lr_decay", 1.0))
-        return PlanFields(lr=job.lr * decay ** round_id, eps=job.eps, local_steps=job.local_steps,
-                          batch_size=job.batch_size, seed_pool_id=job.seed_pool_id, k=job.k,
-                          seed_probs=probs, params=zo_plan_params(job))
+        return PlanFields(lr=job.lr * decay ** round_id, local_steps=job.local_steps,
+                          batch_size=job.batch_size, params=zo_plan_params(job),
+                          tensors=[] if probs is None else [Tensor(SEED_PROBS, probs)])
 
     def validate_update(self, job, state, plan: RoundPlan, update: Update) -> None:
-        if update.seeds.size == 0:
+        zp = zo_plan(plan)
+        # exactly "seeds" (u32) and "scalars" (f32), one scalar per seed, every index < K
+        seeds, _ = seed_pairs(update.tensors, SCALARS, f"fedkseed update from {update.device}", zp.k)
+        if seeds.size == 0:
             raise InvalidField(f"update from {update.device} carries no seed scalars")
-        if update.seeds.size > plan.local_steps * int(plan.params.get("n_perturb", 1)):
-            raise InvalidField(f"update from {update.device} has {update.seeds.size} seeds but the plan "
+        if seeds.size > plan.local_steps * int(plan.params.get("n_perturb", 1)):
+            raise InvalidField(f"update from {update.device} has {seeds.size} seeds but the plan "
                                f"allows at most {plan.local_steps} steps x {plan.params.get('n_perturb', 1)}")
-        if update.tensors:
-            raise InvalidField("fedkseed updates carry scalars only, no tensors")
+        if zp.probs is not None:
+            zero = np.flatnonzero(zp.probs[seeds] <= 0)
+            if zero.size:
+                raise InvalidField(f"update from {update.device} uses seed index {int(seeds[zero[0]])}, which "
+                                   f"has sampling probability 0 in round {plan.round}")
         check_num_samples(plan, update)
         check_scalars(job, plan, update)
 
@@ -247,7 +359,8 @@ class FedKSeedServer(ServerStrategy):
             # of its data, but it would tell who took part), over a fixed count.
             S = np.zeros(k, np.float64)
             for u in ordered:
-                v = np.bincount(u.seeds.astype(np.int64), weights=u.scalars.astype(np.float64), minlength=k)
+                seeds, scalars = update_pairs(u)
+                v = np.bincount(seeds.astype(np.int64), weights=scalars.astype(np.float64), minlength=k)
                 S += clip_to_norm(v, dcfg.clip)
             if dcfg.noise_std > 0:
                 S += dp.central_rng(job.seed, plan.round).normal(0.0, dcfg.noise_std, k)
@@ -259,13 +372,15 @@ class FedKSeedServer(ServerStrategy):
             total = float(sum(u.num_samples for u in ordered))
             G = np.zeros(k, np.float64)
             for u in ordered:
-                idx = u.seeds.astype(np.int64)
-                g = clip_to_norm(u.scalars, cfg.norm_clip) if cfg.norm_clip > 0 else u.scalars.astype(np.float64)
+                seeds, scalars = update_pairs(u)
+                idx = seeds.astype(np.int64)
+                g = clip_to_norm(scalars, cfg.norm_clip) if cfg.norm_clip > 0 else scalars.astype(np.float64)
                 np.add.at(G, idx, (u.num_samples / total) * g)
                 np.add.at(state.arrays["abs_sum"], idx, np.abs(g))
                 np.add.at(state.arrays["counts"], idx, 1)
         else:  # per seed over the devices that drew it (edgefed.security.robust.aggregate_sparse)
-            agg = aggregate_sparse(k, [u.seeds for u in ordered], [u.scalars for u in ordered], cfg)
+            pairs = [update_pairs(u) for u in ordered]
+            agg = aggregate_sparse(k, [s for s, _ in pairs], [v for _, v in pairs], cfg)
             G = agg.value
             state.arrays["abs_sum"] += agg.abs_value
             state.arrays["counts"] += agg.voters
@@ -284,13 +399,13 @@ class FedKSeedServer(ServerStrategy):
         c32 = coeff[nz].astype(np.float32)
         state.arrays["cum_coeffs"][nz] += c32.astype(np.float64)
         state.scalars["rounds_aggregated"] = int(state.scalars.get("rounds_aggregated", 0)) + 1
-        return state, RoundDelta(round=plan.round, seeds=nz, coeffs=c32)
+        return state, RoundDelta(round=plan.round, tensors=seed_tensors(nz, c32, COEFFS))
 
     def secure_spec(self, job: JobConfig, plan: RoundPlan) -> SecureSpec:
         # one seed sums at most all probes of the round: |w * G_j| <= cap * bound * probes
         cap = int(plan.local_steps) * int(plan.batch_size)
         probes = int(plan.local_steps) * max(1, int(plan.params.get("n_perturb", 1)))
-        return SecureSpec(length=int(plan.k) + 1, bound=float(cap) * probe_bound(job) * probes)
+        return SecureSpec(length=int(job.k) + 1, bound=float(cap) * probe_bound(job) * probes)
 
     def aggregate_secure(self, job, state: MethodState, plan: RoundPlan, total: np.ndarray,
                          updates: Sequence[Update]):

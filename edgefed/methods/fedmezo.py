@@ -12,8 +12,8 @@ from ..security import dp
 from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
-                   SecureSpec, check_num_samples)
-from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, seed_pool, zo_config,
+                   SecureSpec, check_num_samples, expect_tensors)
+from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, zo_config, zo_plan,
                        zo_plan_params)
 
 __all__ = ["FedMeZOClient", "FedMeZOServer", "delta_norm_bound"]
@@ -60,10 +60,11 @@ class FedMeZOClient(ClientAlgorithm):
 
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
         # Fresh seeds every round and device: the pool only names them.
-        pool = seed_pool(plan.seed_pool_id, plan.k)
+        zp = zo_plan(plan)
+        pool = zp.pool
         start = model.params.copy()
         try:
-            acc = LocalTrainer(model, pool, zo_config(plan.lr, plan.eps, plan.params), progress).train(
+            acc = LocalTrainer(model, pool, zo_config(plan.lr, zp.eps, plan.params), progress).train(
                 examples, plan.local_steps, batch_size=plan.batch_size, seed=seed, desc=f"round {plan.round}")
             delta = model.params - start
         finally:
@@ -106,13 +107,11 @@ class FedMeZOServer(ServerStrategy):
         return MethodState(scalars={"rounds_aggregated": 0, "n": 0, **dstate}, arrays={})
 
     def plan_round(self, job: JobConfig, state: MethodState, round_id: int) -> PlanFields:
-        return PlanFields(lr=job.lr, eps=job.eps, local_steps=job.local_steps, batch_size=job.batch_size,
-                          seed_pool_id=job.seed_pool_id + round_id, k=job.k, params=zo_plan_params(job))
+        return PlanFields(lr=job.lr, local_steps=job.local_steps, batch_size=job.batch_size,
+                          params=zo_plan_params(job, seed_pool_id=job.seed_pool_id + round_id))
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
-        ts = {t.name: t for t in update.tensors}
-        if set(ts) != {DELTA} or ts[DELTA].data.ndim != 1:
-            raise InvalidField(f"fedmezo update from {update.device} must carry one flat tensor {DELTA!r}")
+        ts = expect_tensors(update.tensors, {DELTA: (("f32",), 1)}, f"fedmezo update from {update.device}")
         n = int(state.scalars.get("n", 0))
         if n and ts[DELTA].data.size != n:
             raise InvalidField(f"update from {update.device} has {ts[DELTA].data.size} parameters, the job "

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
-from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples
+from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples, expect_tensors
 from .fedavg import backprop_norm_bound, backprop_steps, plan_settings, start_tensor
 from .hetlora import RANK, HetLoRAServer, _factors, _r_max, _rank_of, lora_modules, truncate_flat
 
@@ -108,9 +108,10 @@ class FLoRAServer(HetLoRAServer):
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
         from ..export.artifact import read_trainable
 
-        ts = {t.name: t for t in update.tensors}
-        if set(ts) != {ADAPTER, RANK} or ts[RANK].data.shape != (1,):
-            raise InvalidField(f"flora update from {update.device} must carry {ADAPTER!r} and {RANK!r}")
+        ts = expect_tensors(update.tensors, {ADAPTER: (("f32",), 1), RANK: (("f32",), 1)},
+                            f"flora update from {update.device}")
+        if ts[RANK].data.shape != (1,):
+            raise InvalidField(f"flora update from {update.device} must carry {ADAPTER!r} and {RANK!r} (one value)")
         mods = self._mods(job)
         r = float(ts[RANK].data[0])
         if r != int(r) or not 1 <= r <= _rank_of(plan.params, _r_max(mods)):

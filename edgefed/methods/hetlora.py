@@ -20,9 +20,9 @@ import numpy as np
 
 from ..protocol import InvalidField, RoundPlan, Tensor, Update
 from . import lora_math
-from .base import ClientResult, JobConfig, MethodState, PlanFields, check_num_samples
-from .fedavg import (DELTA, FedAvgClient, FedAvgServer, backprop_norm_bound, backprop_steps, finite_delta,
-                     plan_settings, start_tensor)
+from .base import ClientResult, JobConfig, MethodState, PlanFields, check_num_samples, expect_tensors
+from .fedavg import (DELTA, UPDATE_DTYPES, FedAvgClient, FedAvgServer, backprop_norm_bound, backprop_steps,
+                     finite_delta, plan_settings, start_tensor)
 
 __all__ = ["HetLoRAClient", "HetLoRAServer", "lora_modules"]
 
@@ -133,9 +133,10 @@ class HetLoRAServer(FedAvgServer):
         return lora_modules(read_manifest(job.artifact))
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
-        ts = {t.name: t for t in update.tensors}
-        if set(ts) != {DELTA, RANK} or ts[RANK].data.shape != (1,):
-            raise InvalidField(f"hetlora update from {update.device} must carry {DELTA!r} and {RANK!r}")
+        ts = expect_tensors(update.tensors, {DELTA: (UPDATE_DTYPES, 1), RANK: (("f32",), 1)},
+                            f"hetlora update from {update.device}")
+        if ts[RANK].data.shape != (1,):
+            raise InvalidField(f"hetlora update from {update.device} must carry {DELTA!r} and {RANK!r} (one value)")
         mods = self._mods(job)
         r = float(ts[RANK].data[0])
         if r != int(r) or not 1 <= r <= min(_rank_of(plan.params, _r_max(mods)), _r_max(mods)):

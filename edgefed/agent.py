@@ -459,7 +459,8 @@ class DeviceAgent:
                 continue
             if rep.full:
                 exact = [t for t in rep.state if t.name == TRAINABLES_TENSOR]
-                if exact and exact[0].data.size == self.model.params.size:  # the bits themselves
+                if (exact and exact[0].data.size == self.model.params.size
+                        and self._client.state_is_trainables):  # the bits themselves
                     self.model.params[:] = exact[0].data.reshape(-1)
                 else:
                     self._client.apply_full_state(self.model, rep.state, pparams)

@@ -987,8 +987,11 @@ class Server:
         reply, why = self.sync.delta_reply(msg, self.round, self._history_from())
         if reply is None:
             self.metrics["sync_full"] += 1
-            self._warn("sync_full", "full-state sync for %s (%s)", self._safe(msg.device), self._safe(why),
-                       level=logging.INFO)
+            lossy = not get_method(self.job.method).client.state_is_trainables
+            self._warn("sync_full", "full-state sync for %s (%s)%s", self._safe(msg.device), self._safe(why),
+                       "; this method's global model is not its trainables, so the device cannot follow: raise "
+                       "--max-message-mb on the server and every device" if lossy else "",
+                       level=logging.ERROR if lossy else logging.INFO)
             reply = self.sync.full_reply(msg, self.round, self._full_state())
         outbox.append((self.topics.sync_reply(msg.device), reply, False))
         self.metrics["sync_replies"] += 1

@@ -30,7 +30,7 @@ def full_state(replica: Optional[TrainablesReplica], round_id: int, strategy: Se
     """The global trainables themselves when the server holds them and they fit a message
     (exact by construction), else the method's own full state (FedKSeed: cumulative
     coefficients, replayed in one pass: equal up to float32 rounding)."""
-    if replica is not None and replica.rounds == round_id \
+    if replica is not None and replica.rounds == round_id and replica.client.state_is_trainables \
             and replica.params.nbytes + 4096 <= limits.max_message_bytes:
         return [Tensor(TRAINABLES_TENSOR, replica.params)]  # encoded at once, on the engine thread
     return strategy.full_state(job, state)

@@ -198,3 +198,22 @@ def test_the_server_runs_rounds_on_the_selected_devices_only(art, tmp_path):
         assert m["duration_s"] < 30, "the round waited for devices that were not selected"
     inline = run_inline(job, [base.fork() for _ in shards], shards, device_classes=classes)
     np.testing.assert_array_equal(inline.params, res.final_params)
+
+
+def test_flora_never_takes_the_trainables_for_its_global_model(art):
+    """FLoRA's global model is the merged weights: a full-state sync must not hand it the
+    adapter as if it were the model (that silently lost every merge when the stacks outgrew
+    one message); it fails loudly with the fix instead."""
+    from edgefed.methods import get_method
+    from edgefed.protocol import DEFAULT_LIMITS
+    from edgefed.replica import TrainablesReplica
+    from edgefed_server.sync import full_state
+
+    job = _job("fl", "flora", art, lr=5e-3)
+    strat = get_method("flora").server()
+    rep = TrainablesReplica(art, get_method("flora").client(), {})
+    assert full_state(rep, 0, strat, job, strat.init_state(job), DEFAULT_LIMITS) == []
+    fed = TrainablesReplica(art, get_method("fedavg").client(), {})
+    assert [t.name for t in full_state(fed, 0, get_method("fedavg").server(), job, None, DEFAULT_LIMITS)] == ["trainables"]
+    with pytest.raises(NotImplementedError, match="--max-message-mb"):
+        get_method("flora").client().apply_full_state(None, [], {})

@@ -233,6 +233,10 @@ class ServerStrategy(ABC):
 class ClientAlgorithm(ABC):
     """Device side of a method: runs on the device with no torch."""
 
+    # The global state is the trainables (every method but those that change frozen weights,
+    # e.g. FLoRA's merges): a full-state sync may then send the trainables themselves.
+    state_is_trainables: bool = True
+
     @abstractmethod
     def local_train(self, model, examples: Sequence, plan: RoundPlan, seed: int,
                     progress: bool = False) -> ClientResult:

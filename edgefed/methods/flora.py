@@ -45,6 +45,7 @@ def stack_product(A_s: np.ndarray, B_s: np.ndarray, scale: float) -> np.ndarray:
 
 
 class FLoRAClient(ClientAlgorithm):
+    state_is_trainables = False  # the global model is the merged frozen weights
 
     def local_train(self, model, examples, plan: RoundPlan, seed: int, progress: bool = False) -> ClientResult:
         import torch
@@ -91,7 +92,10 @@ class FLoRAClient(ClientAlgorithm):
             model.merge_into_base(name, stack_product(A_s, B_s, model.lora_scale))
 
     def apply_full_state(self, model, tensors, plan_params: dict) -> None:
-        raise NotImplementedError("flora has no full-state sync: a host replays the stored stacks in order")
+        raise NotImplementedError(
+            "flora has no full-state sync (its global model is the merges, replayed stack by stack): the "
+            "stacks did not fit one message or the host is behind the server's kept history; raise "
+            "--max-message-mb on the server and every host, and keep --history unlimited")
 
     def secure_vector(self, result, plan):
         raise NotImplementedError("flora has no secure aggregation")

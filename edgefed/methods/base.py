@@ -263,3 +263,15 @@ class Method:
     client: type[ClientAlgorithm]
     server: type[ServerStrategy]
     summary: str = ""
+
+
+def cum_delta_state(state: MethodState) -> list[Tensor]:
+    """full_state() of methods that keep the sum of their deltas as `cum_delta`."""
+    cum = state.arrays.get("cum_delta")
+    return [] if cum is None else [Tensor("cum_delta", cum)]
+
+
+def cum_delta_summary(state: MethodState) -> dict:
+    cum = state.arrays.get("cum_delta")
+    return {"delta_norm": float(np.linalg.norm(cum)) if cum is not None else 0.0,
+            "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0))}

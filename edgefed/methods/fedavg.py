@@ -26,7 +26,7 @@ from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
-                   ServerStrategy, check_num_samples, expect_tensors)
+                   ServerStrategy, check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
 
 __all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
            "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
@@ -244,10 +244,7 @@ class FedAvgServer(ServerStrategy):
         return state, RoundDelta(round=plan.round, tensors=[Tensor(DELTA, step)])
 
     def full_state(self, job, state: MethodState) -> list[Tensor]:
-        cum = state.arrays.get("cum_delta")
-        return [] if cum is None else [Tensor("cum_delta", cum)]
+        return cum_delta_state(state)
 
     def summary(self, state: MethodState) -> dict:
-        cum = state.arrays.get("cum_delta")
-        return {"delta_norm": float(np.linalg.norm(cum)) if cum is not None else 0.0,
-                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0))}
+        return cum_delta_summary(state)

@@ -11,8 +11,8 @@ from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security import dp
 from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
-from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, ServerStrategy,
-                   SecureSpec, check_num_samples, expect_tensors)
+from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec, ServerStrategy,
+                   check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
 from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, zo_config, zo_plan,
                        zo_plan_params)
 
@@ -170,11 +170,7 @@ class FedMeZOServer(ServerStrategy):
         return self._apply(state.copy(), plan, total[:-1] / weight)
 
     def full_state(self, job, state: MethodState) -> list[Tensor]:
-        cum = state.arrays.get("cum_delta")
-        return [] if cum is None else [Tensor("cum_delta", cum)]
+        return cum_delta_state(state)
 
     def summary(self, state: MethodState) -> dict:
-        cum = state.arrays.get("cum_delta")
-        return {"delta_norm": float(np.linalg.norm(cum)) if cum is not None else 0.0,
-                "rounds_aggregated": int(state.scalars.get("rounds_aggregated", 0)),
-                **dp.summary(state.scalars)}
+        return {**cum_delta_summary(state), **dp.summary(state.scalars)}

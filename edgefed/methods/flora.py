@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
-from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples, expect_tensors
+from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples
 from .fedavg import backprop_norm_bound, backprop_steps, plan_settings, start_tensor
 from .hetlora import RANK, HetLoRAServer, _factors, _r_max, _rank_of, lora_modules, truncate_flat
 
@@ -112,26 +112,11 @@ class FLoRAServer(HetLoRAServer):
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
         from ..export.artifact import read_trainable
 
-        ts = expect_tensors(update.tensors, {ADAPTER: (("f32",), 1), RANK: (("f32",), 1)},
-                            f"flora update from {update.device}")
-        if ts[RANK].data.shape != (1,):
-            raise InvalidField(f"flora update from {update.device} must carry {ADAPTER!r} and {RANK!r} (one value)")
+        a, r = self._ranked_payload(job, state, plan, update, ADAPTER, ("f32",), "flora")
         mods = self._mods(job)
-        r = float(ts[RANK].data[0])
-        if r != int(r) or not 1 <= r <= _rank_of(plan.params, _r_max(mods)):
-            raise InvalidField(f"update from {update.device} claims rank {r}; its plan allows 1.."
-                               f"{_rank_of(plan.params, _r_max(mods))}")
-        a = ts[ADAPTER].float32()
-        if a.size != int(state.scalars["n"]) or a.ndim != 1:
-            raise InvalidField(f"update from {update.device} has {a.size} parameters, the job {state.scalars['n']}")
-        for mod in mods:
-            A, B = _factors(a, mod)
-            if np.any(A[int(r):]) or np.any(B[:, int(r):]):
-                raise InvalidField(f"update from {update.device} claims rank {int(r)} but has higher "
-                                   f"components in {mod[0]}")
         check_num_samples(plan, update)
         # its movement from the fresh adapter is bounded as any backprop delta
-        d = a.astype(np.float64) - truncate_flat(read_trainable(job.artifact), mods, int(r))
+        d = a.astype(np.float64) - truncate_flat(read_trainable(job.artifact), mods, r)
         bound = backprop_norm_bound(job, plan, a.size)
         if not float(np.linalg.norm(d)) <= bound:
             raise InvalidField(f"update from {update.device}: adapter moved {float(np.linalg.norm(d)):.6g} from "

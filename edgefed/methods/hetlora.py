@@ -133,16 +133,26 @@ class HetLoRAServer(FedAvgServer):
         return lora_modules(read_manifest(job.artifact))
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
-        ts = expect_tensors(update.tensors, {DELTA: (UPDATE_DTYPES, 1), RANK: (("f32",), 1)},
-                            f"hetlora update from {update.device}")
+        d, r = self._ranked_payload(job, state, plan, update, DELTA, UPDATE_DTYPES, "hetlora")
+        check_num_samples(plan, update)
+        norm = float(np.linalg.norm(d.astype(np.float64)))
+        bound = backprop_norm_bound(job, plan, d.size)
+        if not norm <= bound:
+            raise InvalidField(f"update from {update.device}: delta L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
+
+    def _ranked_payload(self, job, state: MethodState, plan: RoundPlan, update: Update, name: str,
+                        dtypes, method: str) -> tuple[np.ndarray, int]:
+        """(the flat payload tensor `name`, the host's rank) of an update checked for shape and
+        rank: 1 <= rank <= the plan's, and nothing in the components past it."""
+        ts = expect_tensors(update.tensors, {name: (dtypes, 1), RANK: (("f32",), 1)},
+                            f"{method} update from {update.device}")
         if ts[RANK].data.shape != (1,):
-            raise InvalidField(f"hetlora update from {update.device} must carry {DELTA!r} and {RANK!r} (one value)")
+            raise InvalidField(f"{method} update from {update.device} must carry {name!r} and {RANK!r} (one value)")
         mods = self._mods(job)
-        r = float(ts[RANK].data[0])
-        if r != int(r) or not 1 <= r <= min(_rank_of(plan.params, _r_max(mods)), _r_max(mods)):
-            raise InvalidField(f"update from {update.device} claims rank {r}; its plan allows 1.."
-                               f"{_rank_of(plan.params, _r_max(mods))}")
-        d = ts[DELTA].float32()
+        r, allowed = float(ts[RANK].data[0]), min(_rank_of(plan.params, _r_max(mods)), _r_max(mods))
+        if r != int(r) or not 1 <= r <= allowed:
+            raise InvalidField(f"update from {update.device} claims rank {r}; its plan allows 1..{allowed}")
+        d = ts[name].float32()
         if d.size != int(state.scalars["n"]) or d.ndim != 1:
             raise InvalidField(f"update from {update.device} has {d.size} parameters, the job {state.scalars['n']}")
         for mod in mods:
@@ -150,11 +160,7 @@ class HetLoRAServer(FedAvgServer):
             if np.any(A[int(r):]) or np.any(B[:, int(r):]):
                 raise InvalidField(f"update from {update.device} claims rank {int(r)} but changed higher "
                                    f"components of {mod[0]}")
-        check_num_samples(plan, update)
-        norm = float(np.linalg.norm(d.astype(np.float64)))
-        bound = backprop_norm_bound(job, plan, d.size)
-        if not norm <= bound:
-            raise InvalidField(f"update from {update.device}: delta L2 norm {norm:.6g} exceeds the bound {bound:.6g}")
+        return d, int(r)
 
     def start_round(self, job, state, plan):  # per-component weights need every update: buffered
         from .base import BufferedAccumulator

@@ -114,6 +114,16 @@ def test_hetlora_hosts_of_different_ranks_train_one_adapter(art):
         assert not np.array_equal(B1[:, 1], B0[:, 1]), "component 1 (rank-2 hosts only) moved"
         assert not np.array_equal(B1[:, 0], B0[:, 0])
     assert res.state.scalars["ranks"] == "1,2,2"
+    # a host sends only its own components: rank 1 sends half of rank 2's values
+    from edgefed.methods import get_method
+    from edgefed.protocol import RoundPlan
+    sizes = {}
+    for r in (1, 2):
+        plan = RoundPlan(job="j", round=0, method="hetlora", lr=5e-3, local_steps=1, batch_size=4, deadline=0.0,
+                         params={"rank": r})
+        out = get_method("hetlora").client().local_train(host.fork(), shards[0], plan, seed=0)
+        sizes[r] = {t.name: t.data.size for t in out.tensors}["delta"]
+    assert sizes[2] == 2 * sizes[1] and sizes[2] == host.n_trainable
 
 
 def test_flora_merges_the_exact_weighted_sum_of_products_on_every_host(art, tmp_path):

@@ -28,7 +28,8 @@ import numpy as np
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples
 from .fedavg import backprop_norm_bound, backprop_steps, plan_settings, start_tensor
-from .hetlora import RANK, HetLoRAServer, _factors, _r_max, _rank_of, lora_modules, truncate_flat
+from .hetlora import (RANK, HetLoRAServer, _factors, _r_max, _rank_of, compact, expand, lora_modules,
+                      truncate_flat)
 
 __all__ = ["FLoRAClient", "FLoRAServer", "stack_product"]
 
@@ -65,7 +66,8 @@ class FLoRAClient(ClientAlgorithm):
             from ..zo import DivergedError
             raise DivergedError("the local adapter has non-finite values; nothing was sent. Lower lr.")
         return ClientResult(num_samples=int(plan.local_steps) * bs,
-                            tensors=[Tensor(ADAPTER, trained), Tensor(RANK, np.array([r], np.float32))],
+                            tensors=[Tensor(ADAPTER, compact(trained, mods, r)),
+                                     Tensor(RANK, np.array([r], np.float32))],
                             train_loss=float(np.mean(losses)))
 
     def apply_delta(self, model, delta: RoundDelta, plan_params: dict) -> None:
@@ -132,8 +134,10 @@ class FLoRAServer(HetLoRAServer):
         state = state.copy()
         mods = self._mods(job)
         ordered = sorted(updates, key=lambda u: u.device)
-        adapters = [{t.name: t for t in u.tensors}[ADAPTER].float32() for u in ordered]
         ranks = [int({t.name: t for t in u.tensors}[RANK].data[0]) for u in ordered]
+        n = int(state.scalars["n"])
+        adapters = [expand({t.name: t for t in u.tensors}[ADAPTER].float32(), mods, r, n)
+                    for u, r in zip(ordered, ranks)]
         w = np.array([u.num_samples for u in ordered], np.float64)
         w = w / w.sum()
         parts = []

@@ -72,6 +72,34 @@ def truncate_flat(flat: np.ndarray, mods, r: int) -> np.ndarray:
     return out
 
 
+def compact(flat: np.ndarray, mods, r: int) -> np.ndarray:
+    """The first r rank components of every module, packed (A[:r] then B[:, :r], manifest
+    order): what a rank-r host sends, so its bytes scale with its rank."""
+    parts = []
+    for mod in mods:
+        A, B = _factors(flat, mod)
+        parts += [A[:r].reshape(-1), B[:, :r].reshape(-1)]
+    return np.concatenate(parts)
+
+
+def compact_size(mods, r: int) -> int:
+    return sum(r * (ash[1] + bsh[0]) for _, _, ash, _, bsh in mods)
+
+
+def expand(packed: np.ndarray, mods, r: int, n: int) -> np.ndarray:
+    """compact()'s inverse into the artifact's full flat layout (components past r zero)."""
+    out = np.zeros(n, np.float32)
+    pos = 0
+    for mod in mods:
+        A, B = _factors(out, mod)
+        na, nb = r * A.shape[1], B.shape[0] * r
+        A[:r] = packed[pos:pos + na].reshape(r, A.shape[1])
+        pos += na
+        B[:, :r] = packed[pos:pos + nb].reshape(B.shape[0], r)
+        pos += nb
+    return out
+
+
 class HetLoRAClient(FedAvgClient):
     def __init__(self):
         self.pruned: int | None = None  # this host's rank after self-pruning (kept across rounds)
@@ -96,7 +124,7 @@ class HetLoRAClient(FedAvgClient):
             self.pruned = max(lora_math.self_prune(*(x[:r] if i == 0 else x[:, :r] for i, x in
                                                      enumerate(_factors(trained, m))), gamma, tol) for m in mods)
         return ClientResult(num_samples=int(plan.local_steps) * bs,
-                            tensors=[Tensor.encode_as(DELTA, delta, s["update_dtype"]),
+                            tensors=[Tensor.encode_as(DELTA, compact(delta, mods, r), s["update_dtype"]),
                                      Tensor(RANK, np.array([r], np.float32))],
                             train_loss=float(np.mean(losses)))
 
@@ -142,8 +170,8 @@ class HetLoRAServer(FedAvgServer):
 
     def _ranked_payload(self, job, state: MethodState, plan: RoundPlan, update: Update, name: str,
                         dtypes, method: str) -> tuple[np.ndarray, int]:
-        """(the flat payload tensor `name`, the host's rank) of an update checked for shape and
-        rank: 1 <= rank <= the plan's, and nothing in the components past it."""
+        """(the payload tensor `name` in the full flat layout, the host's rank) of an update checked
+        for rank (1 <= rank <= the plan's) and for the packed size of that rank (compact())."""
         ts = expect_tensors(update.tensors, {name: (dtypes, 1), RANK: (("f32",), 1)},
                             f"{method} update from {update.device}")
         if ts[RANK].data.shape != (1,):
@@ -152,14 +180,11 @@ class HetLoRAServer(FedAvgServer):
         r, allowed = float(ts[RANK].data[0]), min(_rank_of(plan.params, _r_max(mods)), _r_max(mods))
         if r != int(r) or not 1 <= r <= allowed:
             raise InvalidField(f"update from {update.device} claims rank {r}; its plan allows 1..{allowed}")
-        d = ts[name].float32()
-        if d.size != int(state.scalars["n"]) or d.ndim != 1:
-            raise InvalidField(f"update from {update.device} has {d.size} parameters, the job {state.scalars['n']}")
-        for mod in mods:
-            A, B = _factors(d, mod)
-            if np.any(A[int(r):]) or np.any(B[:, int(r):]):
-                raise InvalidField(f"update from {update.device} claims rank {int(r)} but changed higher "
-                                   f"components of {mod[0]}")
+        packed, r = ts[name].float32(), int(r)
+        if packed.ndim != 1 or packed.size != compact_size(mods, r):
+            raise InvalidField(f"update from {update.device} carries {packed.size} values; rank {r} over this "
+                               f"artifact's LoRA modules is {compact_size(mods, r)}")
+        d = expand(packed, mods, r, int(state.scalars["n"]))
         return d, int(r)
 
     def start_round(self, job, state, plan):  # per-component weights need every update: buffered
@@ -173,9 +198,10 @@ class HetLoRAServer(FedAvgServer):
         mods = self._mods(job)
         r_max = _r_max(mods)
         ordered = sorted(updates, key=lambda u: u.device)
-        deltas = [{t.name: t for t in u.tensors}[DELTA].float32() for u in ordered]
-        ranks = [int({t.name: t for t in u.tensors}[RANK].data[0]) for u in ordered]
         g = state.arrays["global"]
+        ranks = [int({t.name: t for t in u.tensors}[RANK].data[0]) for u in ordered]
+        deltas = [expand({t.name: t for t in u.tensors}[DELTA].float32(), mods, r, g.size)
+                  for u, r in zip(ordered, ranks)]
         if str(job.params.get("hetlora_weights", "sparsity")) == "samples":
             w = np.array([u.num_samples for u in ordered], np.float64)
         else:  # ||B_i A_i||_F of each host's trained adapter, over all its modules

@@ -1109,12 +1109,17 @@ class Server:
             return plan
         cap = min(self.limits.max_message_bytes,
                   int(getattr(self.transport, "max_payload_bytes", self.limits.max_message_bytes))) - 1024
-        try:
-            size = len(plan.encode(self.limits))
-        except MessageTooLarge:
-            size = cap + 1
+        # a delta whose tensors alone exceed the cap is decided without encoding it (a full
+        # model's delta would otherwise be encoded twice: here and by the caller); a plan whose
+        # tensors fit is measured exactly
+        size = sum(t.data.nbytes for t in [*plan.delta_tensors, *plan.tensors])
         if size <= cap:
-            return plan
+            try:
+                size = len(plan.encode(self.limits))
+            except MessageTooLarge:
+                size = cap + 1
+            if size <= cap:
+                return plan
         self.log.info("round %d: the delta (%d B of plan) exceeds one message (%d B): devices fetch it by sync",
                       plan.round, size, cap)
         return dataclasses.replace(plan, delta_tensors=[], params={**plan.params, "delta_by_sync": 1})

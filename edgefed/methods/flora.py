@@ -28,8 +28,7 @@ import numpy as np
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from .base import ClientAlgorithm, ClientResult, JobConfig, MethodState, check_num_samples
 from .fedavg import backprop_norm_bound, backprop_steps, plan_settings, start_tensor
-from .hetlora import (RANK, HetLoRAServer, _factors, _r_max, _rank_of, compact, expand, lora_modules,
-                      truncate_flat)
+from .hetlora import (RANK, HetLoRAServer, _r_max, _rank_of, artifact_lora, compact, lora_modules, truncate_flat)
 
 __all__ = ["FLoRAClient", "FLoRAServer", "stack_product"]
 
@@ -112,21 +111,15 @@ class FLoRAServer(HetLoRAServer):
         return st
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
-        from ..export.artifact import read_trainable
-
         a, r = self._ranked_payload(job, state, plan, update, ADAPTER, ("f32",), "flora")
         mods = self._mods(job)
         check_num_samples(plan, update)
         # its movement from the fresh adapter is bounded as any backprop delta
-        d = a.astype(np.float64) - truncate_flat(read_trainable(job.artifact), mods, r)
+        d = a.astype(np.float64) - truncate_flat(artifact_lora(job.artifact)[1], mods, r)
         bound = backprop_norm_bound(job, plan, a.size)
         if not float(np.linalg.norm(d)) <= bound:
             raise InvalidField(f"update from {update.device}: adapter moved {float(np.linalg.norm(d)):.6g} from "
                                f"its start, more than the bound {bound:.6g}")
-
-    def start_round(self, job, state, plan):
-        from .base import BufferedAccumulator
-        return BufferedAccumulator(self, job, state, plan)
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
         if not updates:
@@ -134,17 +127,13 @@ class FLoRAServer(HetLoRAServer):
         state = state.copy()
         mods = self._mods(job)
         ordered = sorted(updates, key=lambda u: u.device)
-        ranks = [int({t.name: t for t in u.tensors}[RANK].data[0]) for u in ordered]
-        n = int(state.scalars["n"])
-        adapters = [expand({t.name: t for t in u.tensors}[ADAPTER].float32(), mods, r, n)
-                    for u, r in zip(ordered, ranks)]
+        ranks, packed = self._packed(ordered, ADAPTER, mods)
         w = np.array([u.num_samples for u in ordered], np.float64)
         w = w / w.sum()
         parts = []
-        for mod in mods:
-            fa = [_factors(a, mod) for a in adapters]
-            parts.append(np.concatenate([A[:r] for (A, _), r in zip(fa, ranks)], axis=0).reshape(-1))
-            parts.append(np.concatenate([wi * B[:, :r].astype(np.float64) for wi, (_, B), r in zip(w, fa, ranks)],
+        for j in range(len(mods)):
+            parts.append(np.concatenate([mp[j][0] for mp in packed], axis=0).reshape(-1))
+            parts.append(np.concatenate([wi * mp[j][1].astype(np.float64) for wi, mp in zip(w, packed)],
                                         axis=1).reshape(-1))
         stack = np.concatenate(parts).astype(np.float32)
         state.scalars["rounds_aggregated"] = int(state.scalars.get("rounds_aggregated", 0)) + 1

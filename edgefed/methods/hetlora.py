@@ -14,6 +14,7 @@ shrink the components they lack. The delta goes back in float32 to every replica
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -72,32 +73,59 @@ def truncate_flat(flat: np.ndarray, mods, r: int) -> np.ndarray:
     return out
 
 
+def components(flat: np.ndarray, mod, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first r rank components of one module: (A[:r], B[:, :r]) (views)."""
+    A, B = _factors(flat, mod)
+    return A[:r], B[:, :r]
+
+
 def compact(flat: np.ndarray, mods, r: int) -> np.ndarray:
     """The first r rank components of every module, packed (A[:r] then B[:, :r], manifest
     order): what a rank-r host sends, so its bytes scale with its rank."""
-    parts = []
-    for mod in mods:
-        A, B = _factors(flat, mod)
-        parts += [A[:r].reshape(-1), B[:, :r].reshape(-1)]
-    return np.concatenate(parts)
+    return np.concatenate([x.reshape(-1) for mod in mods for x in components(flat, mod, r)])
 
 
 def compact_size(mods, r: int) -> int:
     return sum(r * (ash[1] + bsh[0]) for _, _, ash, _, bsh in mods)
 
 
+def unpack(packed: np.ndarray, mods, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """compact()'s inverse, per module: [(A_r (r, in), B_r (out, r))]."""
+    out, pos = [], 0
+    for _, _, (_, n_in), _, (n_out, _) in mods:
+        A = packed[pos:pos + r * n_in].reshape(r, n_in)
+        pos += r * n_in
+        B = packed[pos:pos + n_out * r].reshape(n_out, r)
+        pos += n_out * r
+        out.append((A, B))
+    return out
+
+
 def expand(packed: np.ndarray, mods, r: int, n: int) -> np.ndarray:
     """compact()'s inverse into the artifact's full flat layout (components past r zero)."""
     out = np.zeros(n, np.float32)
-    pos = 0
-    for mod in mods:
-        A, B = _factors(out, mod)
-        na, nb = r * A.shape[1], B.shape[0] * r
-        A[:r] = packed[pos:pos + na].reshape(r, A.shape[1])
-        pos += na
-        B[:, :r] = packed[pos:pos + nb].reshape(B.shape[0], r)
-        pos += nb
+    for mod, (A, B) in zip(mods, unpack(packed, mods, r)):
+        dA, dB = components(out, mod, r)
+        dA[:] = A
+        dB[:] = B
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _artifact_lora(path: str, stamp: int) -> tuple[list, np.ndarray]:
+    from ..export.artifact import read_manifest, read_trainable
+    m = read_manifest(path)
+    init = read_trainable(path, m)
+    init.flags.writeable = False  # shared by every caller
+    return lora_modules(m), init
+
+
+def artifact_lora(path: str) -> tuple[list, np.ndarray]:
+    """(LoRA modules, initial trainables) of an artifact, read once per manifest version (the
+    server checks every update against them; re-reading the files per update was I/O in the
+    admission path)."""
+    from pathlib import Path
+    return _artifact_lora(str(path), (Path(path) / "manifest.json").stat().st_mtime_ns)
 
 
 class HetLoRAClient(FedAvgClient):
@@ -121,8 +149,7 @@ class HetLoRAClient(FedAvgClient):
         gamma, tol = float(plan.params.get("prune_gamma", 0.0)), float(plan.params.get("prune_tol", 0.0))
         if gamma > 0 and tol > 0:  # keep the rank every module can afford to keep
             trained = start_np + delta
-            self.pruned = max(lora_math.self_prune(*(x[:r] if i == 0 else x[:, :r] for i, x in
-                                                     enumerate(_factors(trained, m))), gamma, tol) for m in mods)
+            self.pruned = max(lora_math.self_prune(*components(trained, m, r), gamma, tol) for m in mods)
         return ClientResult(num_samples=int(plan.local_steps) * bs,
                             tensors=[Tensor.encode_as(DELTA, compact(delta, mods, r), s["update_dtype"]),
                                      Tensor(RANK, np.array([r], np.float32))],
@@ -131,8 +158,6 @@ class HetLoRAClient(FedAvgClient):
 
 class HetLoRAServer(FedAvgServer):
     def init_state(self, job: JobConfig) -> MethodState:
-        from ..export.artifact import read_manifest, read_trainable
-
         st = super().init_state(job)
         if str(job.params.get("server_opt", "fedavg")) not in ("fedavg", "none"):
             raise ValueError("hetlora aggregates factors per rank component; it takes no server_opt")
@@ -140,12 +165,11 @@ class HetLoRAServer(FedAvgServer):
         if weights not in ("sparsity", "samples"):
             raise ValueError(f"hetlora_weights={weights!r}: use sparsity or samples")
         try:
-            m = read_manifest(job.artifact)
-            st.arrays["global"] = read_trainable(job.artifact, m)
+            _, init = artifact_lora(job.artifact)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"hetlora reads the artifact's LoRA layout and initial adapter on the server: "
                              f"{job.artifact}: {e}") from None
-        lora_modules(m)
+        st.arrays["global"] = init.copy()
         st.scalars["n"] = int(st.arrays["global"].size)
         return st
 
@@ -157,8 +181,19 @@ class HetLoRAServer(FedAvgServer):
         return pf
 
     def _mods(self, job: JobConfig):
-        from ..export.artifact import read_manifest
-        return lora_modules(read_manifest(job.artifact))
+        return artifact_lora(job.artifact)[0]
+
+    @staticmethod
+    def _packed(ordered: Sequence[Update], name: str, mods) -> tuple[list[int], list[list]]:
+        """(ranks, per update the per-module (A_r, B_r) of its packed tensor `name`) of
+        updates that validate_update admitted."""
+        ranks, parts = [], []
+        for u in ordered:
+            ts = {t.name: t for t in u.tensors}
+            r = int(ts[RANK].data[0])
+            ranks.append(r)
+            parts.append(unpack(ts[name].float32(), mods, r))
+        return ranks, parts
 
     def validate_update(self, job, state: MethodState, plan: RoundPlan, update: Update) -> None:
         d, r = self._ranked_payload(job, state, plan, update, DELTA, UPDATE_DTYPES, "hetlora")
@@ -199,24 +234,18 @@ class HetLoRAServer(FedAvgServer):
         r_max = _r_max(mods)
         ordered = sorted(updates, key=lambda u: u.device)
         g = state.arrays["global"]
-        ranks = [int({t.name: t for t in u.tensors}[RANK].data[0]) for u in ordered]
-        deltas = [expand({t.name: t for t in u.tensors}[DELTA].float32(), mods, r, g.size)
-                  for u, r in zip(ordered, ranks)]
+        ranks, parts = self._packed(ordered, DELTA, mods)
         if str(job.params.get("hetlora_weights", "sparsity")) == "samples":
             w = np.array([u.num_samples for u in ordered], np.float64)
-        else:  # ||B_i A_i||_F of each host's trained adapter, over all its modules
-            w = np.zeros(len(ordered))
-            for i, (d, r) in enumerate(zip(deltas, ranks)):
-                trained = truncate_flat(g, mods, r) + d
-                w[i] = np.sqrt(sum(lora_math.product_fro_norm(_factors(trained, m)[0][:r],
-                                                              _factors(trained, m)[1][:, :r]) ** 2 for m in mods))
+        else:  # ||B_i A_i||_F of each host's trained adapter (global truncation + its delta), all modules
+            w = np.array([np.sqrt(sum(
+                lora_math.product_fro_norm(*(x + dx for x, dx in zip(components(g, m, r), p))) ** 2
+                for m, p in zip(mods, mp))) for r, mp in zip(ranks, parts)])
             if not w.sum() > 0:
                 w[:] = 1.0
         step = np.zeros_like(g)
-        for mod in mods:
-            As = [_factors(d, mod)[0][:r] for d, r in zip(deltas, ranks)]
-            Bs = [_factors(d, mod)[1][:, :r] for d, r in zip(deltas, ranks)]
-            A_g, B_g = lora_math.hetlora_aggregate(As, Bs, r_max, w)
+        for j, mod in enumerate(mods):
+            A_g, B_g = lora_math.hetlora_aggregate([mp[j][0] for mp in parts], [mp[j][1] for mp in parts], r_max, w)
             _, sa, _, sb, _ = mod
             step[sa] = A_g.reshape(-1)
             step[sb] = B_g.reshape(-1)

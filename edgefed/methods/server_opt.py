@@ -32,6 +32,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..job_params import number
+
 __all__ = ["SERVER_OPTS", "ADAPTIVE", "STATE_M", "STATE_V", "ServerOptConfig", "init_state",
            "state_keys", "server_step", "describe"]
 
@@ -46,17 +48,8 @@ _DEFAULT_LR_ADAPTIVE = 0.01  # adaptive: the step is ~eta per coordinate, so eta
 
 
 def _num(params: Mapping[str, Any], key: str, default: float) -> float:
-    """A job param as a finite float; the message names the param so the job owner can fix it."""
-    v = params.get(key, default)
-    if v is None:
-        return float(default)
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"job param {key}={v!r} must be a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"job param {key}={v!r} must be finite")
-    return x
+    """A job param as a finite float (None: the default); the message names the param."""
+    return float(default) if params.get(key) is None else number(params, key, default)
 
 
 def _opt_name(value: Any) -> str:

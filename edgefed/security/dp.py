@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..job_params import number as _number
+
 __all__ = ["DP_MODES", "DPConfig", "device_rng", "central_rng", "clip_scalar", "privatize_vector",
            "epsilon", "dp_event", "ACCOUNTANT_ORDERS", "SECRET_ENV"]
 
@@ -39,17 +41,6 @@ SECRET_ENV = "EDGEFED_DP_SECRET"
 # RDP orders: integers only (dp_accounting's fractional orders below 2 fail to converge for some
 # (q, sigma) and are skipped with a warning; integers give a deterministic, warning-free bound).
 ACCOUNTANT_ORDERS = tuple(float(a) for a in list(range(2, 129)) + [160, 192, 256, 384, 512, 1024])
-
-
-def _num(params: Mapping[str, Any], key: str, default: float) -> float:
-    v = params.get(key, default)
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"job param {key}={v!r} must be a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"job param {key}={v!r} must be finite")
-    return x
 
 
 @dataclass(frozen=True)
@@ -81,10 +72,10 @@ class DPConfig:
         mode = str(params.get("dp_mode", "off")).strip().lower() or "off"
         if mode not in DP_MODES:
             raise ValueError(f"dp_mode={mode!r} unknown; use one of {', '.join(DP_MODES)}")
-        clip = _num(params, "dp_clip", 0.0)
-        sigma = _num(params, "dp_noise_multiplier", 0.0)
-        delta = _num(params, "dp_delta", DEFAULT_DELTA)
-        pop = _num(params, "dp_population", 0)
+        clip = _number(params, "dp_clip", 0.0)
+        sigma = _number(params, "dp_noise_multiplier", 0.0)
+        delta = _number(params, "dp_delta", DEFAULT_DELTA)
+        pop = _number(params, "dp_population", 0)
         if mode == "off":
             return cls()
         if clip <= 0:

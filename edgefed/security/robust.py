@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..job_params import number as _number
+
 __all__ = ["AGGREGATORS", "DENSE_ONLY", "RobustConfig", "trim_count", "min_voters", "median",
            "trimmed_mean", "krum_scores", "krum", "multi_krum", "aggregate_dense",
            "aggregate_sparse", "clip_to_norm"]
@@ -37,17 +39,6 @@ DENSE_ONLY = ("krum", "multi_krum")
 DEFAULT_TRIM = 0.2
 DEFAULT_BYZANTINE = 1
 DEFAULT_SPARSE_CLIP = 3.0
-
-
-def _num(params: Mapping[str, Any], key: str, default: float) -> float:
-    v = params.get(key, default)
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"job param {key}={v!r} must be a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"job param {key}={v!r} must be finite")
-    return x
 
 
 @dataclass(frozen=True)
@@ -69,19 +60,19 @@ class RobustConfig:
                      "which FedKSeed's per-seed scalars are not)" if agg in DENSE_ONLY else "")
             raise ValueError(f"aggregator {agg!r} unknown for this method; use one of "
                              f"{', '.join(allowed)}{extra}")
-        trim = _num(params, "trim", DEFAULT_TRIM)
+        trim = _number(params, "trim", DEFAULT_TRIM)
         if not 0.0 <= trim < 0.5:
             raise ValueError(f"trim={trim} must be in [0, 0.5): the fraction dropped at each end")
-        f = _num(params, "byzantine", DEFAULT_BYZANTINE)
+        f = _number(params, "byzantine", DEFAULT_BYZANTINE)
         if f < 0 or f != int(f):
             raise ValueError(f"byzantine={f} must be a whole number >= 0")
-        m = _num(params, "krum_m", 0)
+        m = _number(params, "krum_m", 0)
         if m < 0 or m != int(m):
             raise ValueError(f"krum_m={m} must be a whole number >= 0 (0: n - byzantine)")
-        norm_clip = _num(params, "norm_clip", 0.0)
+        norm_clip = _number(params, "norm_clip", 0.0)
         if norm_clip < 0:
             raise ValueError(f"norm_clip={norm_clip} must be >= 0 (0: off)")
-        sparse_clip = _num(params, "sparse_clip", DEFAULT_SPARSE_CLIP)
+        sparse_clip = _number(params, "sparse_clip", DEFAULT_SPARSE_CLIP)
         if sparse_clip < 0:
             raise ValueError(f"sparse_clip={sparse_clip} must be >= 0 (0: drop seeds with too few devices)")
         return cls(agg, trim, int(f), int(m), norm_clip, sparse_clip)

@@ -10,7 +10,6 @@ without moving the parameters. Host side (simulation), no torch needed.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -128,7 +127,3 @@ class ProcessFleet:
     @property
     def workers(self) -> int:
         return len(self.slices)
-
-    @staticmethod
-    def cpu_budget() -> int:
-        return max(1, (os.cpu_count() or 1))

@@ -13,7 +13,7 @@ from edgefed.security.certs import generate
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.mqtt import BrokerRefused
-from helpers import wait_for
+from helpers import mqtt_clients, wait_for
 
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=10.0)
 JOB, OTHER = "jobA", "jobB"
@@ -60,16 +60,7 @@ def broker(sec):
 
 @pytest.fixture
 def clients():
-    made = []
-
-    def make(url, client_id=None, **kw):
-        c = M.MqttTransport(url, client_id, **{**FAST, **kw})
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close(timeout=1)
+    yield from mqtt_clients(FAST, timeout=1)
 
 
 def ident(sec, name):

@@ -19,7 +19,7 @@ from edgefed.security.certs import generate
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.broker import find_mosquitto
-from helpers import wait_for
+from helpers import mqtt_clients, wait_for
 
 HAVE_MOSQUITTO = find_mosquitto() is not None
 needs_mosquitto = [pytest.mark.mosquitto, pytest.mark.skipif(
@@ -73,16 +73,7 @@ def broker(sec):
 
 @pytest.fixture
 def clients():
-    made = []
-
-    def make(url, client_id=None, **kw):
-        c = M.MqttTransport(url, client_id, **{**FAST, **kw})
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close(timeout=1)
+    yield from mqtt_clients(FAST, timeout=1)
 
 
 def ident(sec, name):

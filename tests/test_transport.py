@@ -16,7 +16,7 @@ from edgefed.transport import (BrokerUnreachable, InProcBroker, InProcTransport,
 from edgefed.transport import mqtt as M
 from edgefed.transport.base import check_topic_filter
 from edgefed.transport.broker import find_mosquitto, free_port
-from helpers import wait_for
+from helpers import mqtt_clients, started_broker, wait_for
 
 
 def _zo(seeds, scalars):
@@ -53,24 +53,12 @@ class Inbox:
 
 @pytest.fixture(scope="module", params=KINDS)
 def broker(request):
-    h = start_broker(prefer=request.param)
-    assert h.kind == request.param
-    yield h
-    h.stop()
+    yield from started_broker(request.param)
 
 
 @pytest.fixture
 def clients():
-    made = []
-
-    def make(url, client_id=None, **kw):
-        c = M.MqttTransport(url, client_id, **{**FAST, **kw})
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from mqtt_clients(FAST)
 
 
 # ------------------------------------------------------------------------ real brokers

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from edgefed import chunking as C
-from edgefed.transport import (DEFAULT_MAX_PAYLOAD_BYTES, ChunkedPublishHandle, InProcBroker,
-                               make_transport, start_broker)
+from edgefed.transport import DEFAULT_MAX_PAYLOAD_BYTES, ChunkedPublishHandle, InProcBroker, make_transport
 from edgefed.transport import mqtt as M
 from edgefed.transport.broker import find_mosquitto
-from helpers import wait_for
+from helpers import mqtt_clients, started_broker, wait_for
 
 MiB = 1 << 20
 HAVE_MOSQUITTO = find_mosquitto() is not None
@@ -278,24 +277,12 @@ def test_inproc_inbound_byte_budget_counts_chunks():
 
 @pytest.fixture(scope="module", params=KINDS)
 def broker(request):
-    h = start_broker(prefer=request.param)
-    assert h.kind == request.param
-    yield h
-    h.stop()
+    yield from started_broker(request.param)
 
 
 @pytest.fixture
 def clients():
-    made = []
-
-    def make(url, client_id=None, **kw):
-        c = M.MqttTransport(url, client_id, **{**FAST, **kw})
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from mqtt_clients(FAST)
 
 
 class RawSubscriber:

@@ -47,6 +47,15 @@ class InlineResult:
     history: list[dict] = field(default_factory=list)  # per round: train_loss, bytes up/down, deltas
 
 
+def _advance(clients, models, delta: P.RoundDelta, pparams: dict, on_round, metrics: dict) -> None:
+    """Every replica applies a round's delta; on_round then sees the global model of that round
+    (models[0]: every replica holds the same bits)."""
+    for client, model in zip(clients, models):
+        client.apply_delta(model, delta, pparams)
+    if on_round is not None:
+        on_round(int(metrics["round"]), models[0].params.copy(), metrics)
+
+
 def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
                device_ids: Sequence[str] | None = None, device_classes: Sequence[str] | None = None,
                on_round: Callable[[int, np.ndarray, dict], None] | None = None,
@@ -75,9 +84,8 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
         plan_bytes = len(plan.encode(limits))
         plan = P.decode(plan.encode(limits), limits=limits, expect=P.RoundPlan)  # as devices read it
         pparams = dict(plan.params)
-        if delta is not None:
-            for client, model in zip(clients, models):
-                client.apply_delta(model, delta, pparams)
+        if delta is not None:  # the last round's delta, as devices apply it from this plan
+            _advance(clients, models, delta, pparams, on_round, history[-1])
         updates, up_bytes = [], []
         for client, model, shard, dev, cls in zip(clients, models, shards, ids, classes):
             mine = plan_for(plan, dev, cls)
@@ -104,16 +112,7 @@ def run_inline(job: JobConfig, models: Sequence, shards: Sequence[Sequence], *,
         metrics = {"round": rnd, "train_loss": float((w * [u.train_loss for u in updates]).sum() / w.sum()),
                    "bytes_up": float(np.mean(up_bytes)), "bytes_down": plan_bytes, "n_updates": len(updates)}
         history.append(metrics)
-        if on_round is not None:
-            # the global model = any replica after the delta; apply it to a copy to report it
-            probe = models[0]
-            saved = probe.params.copy()
-            clients[0].apply_delta(probe, delta, pparams)
-            on_round(rnd, probe.params.copy(), metrics)
-            probe.params[:] = saved
-    pparams = dict(plan.params)
-    for client, model in zip(clients, models):  # the last round's delta: the final global model
-        client.apply_delta(model, delta, pparams)
+    _advance(clients, models, delta, dict(plan.params), on_round, history[-1])  # the final global model
     final = models[0].params.copy()
     for m in models[1:]:
         if not np.array_equal(m.params, final):

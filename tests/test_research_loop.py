@@ -227,3 +227,25 @@ def test_flora_never_takes_the_trainables_for_its_global_model(art):
     assert [t.name for t in full_state(fed, 0, get_method("fedavg").server(), job, None, DEFAULT_LIMITS)] == ["trainables"]
     with pytest.raises(NotImplementedError, match="--max-message-mb"):
         get_method("flora").client().apply_full_state(None, [], {})
+
+
+def test_watching_the_inline_loop_does_not_change_it(art):
+    """on_round sees each round's global model without moving any replica (FLoRA's merges
+    included: reporting once applied a round's stack twice to the first host)."""
+    from edgefed.backends.torch_model import TorchModel
+    from edgefed.methods.hetlora import lora_modules
+    from edgefed.export.artifact import read_manifest
+
+    host = TorchModel(art, seq_len=64)
+    shards = iid_split(list(load_rotten_tomatoes()[:90]), 3)
+    name = lora_modules(read_manifest(art))[0][0]
+    merged = []
+    for watch in (False, True):
+        forks = [host.fork() for _ in shards]
+        seen = []
+        run_inline(_job(f"w{watch}", "flora", art, lr=5e-3), forks, shards,
+                   on_round=(lambda r, p, m: seen.append(r)) if watch else None)
+        merged.append([f.base_weight(name) for f in forks])
+        assert seen == ([0, 1, 2] if watch else [])
+    for a, b in zip(*merged):
+        np.testing.assert_array_equal(a, b)

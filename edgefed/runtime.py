@@ -23,7 +23,7 @@ from .tasks import Batch, make_task
 from .tasks.base import TaskBatches
 
 __all__ = ["Batch", "DeviceModel", "MemoryBudgetError", "estimate_memory", "peak_rss_bytes",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "read_checkpoint"]
 
 MB = 1 << 20
 # Process overhead before any model: Python, numpy, ONNX Runtime, tokenizer (measured ~150 MB).
@@ -227,17 +227,24 @@ def save_checkpoint(model: DeviceModel, path: str | os.PathLike, meta: dict | No
     return path
 
 
-def load_checkpoint(model: DeviceModel, path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, n_trainable: int) -> tuple[np.ndarray, dict]:
+    """(trainables as float32, sidecar) of a save_checkpoint file, checked: its sha256, and its
+    size against the artifact's n_trainable."""
     import hashlib
 
     path = Path(path)
     side = json.loads(Path(str(path) + ".json").read_text())
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != side["sha256"]:
+    if hashlib.sha256(data).hexdigest() != side.get("sha256"):
         raise ValueError(f"checkpoint {path} is corrupt (sha256 mismatch); delete it and retrain")
-    flat = np.frombuffer(data, dtype="<f4")
-    if flat.size != model.n_trainable:
-        raise ValueError(f"checkpoint {path} has {flat.size} parameters, the model {model.n_trainable}: "
+    flat = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if flat.size != int(n_trainable):
+        raise ValueError(f"checkpoint {path} has {flat.size} parameters, the artifact {n_trainable}: "
                          "it belongs to another artifact")
+    return flat, side
+
+
+def load_checkpoint(model: DeviceModel, path: str | os.PathLike) -> dict:
+    flat, side = read_checkpoint(path, model.n_trainable)
     model.params[:] = flat
     return side

@@ -50,18 +50,9 @@ def trainables_from_store(db: str | Path, job: str, artifact: str | Path | None 
 
 def trainables_from_checkpoint(path: str | Path, artifact: str | Path) -> tuple[np.ndarray, dict]:
     """(trainables, sidecar) from a device's --checkpoint, checked against the artifact."""
-    import hashlib
+    from ..runtime import read_checkpoint
 
-    path = Path(path)
-    side = json.loads(Path(str(path) + ".json").read_text())
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != side.get("sha256"):
-        raise ValueError(f"checkpoint {path} is corrupt (sha256 mismatch)")
-    flat = np.frombuffer(data, dtype="<f4").astype(np.float32)
-    n = int(read_manifest(artifact)["n_trainable"])
-    if flat.size != n:
-        raise ValueError(f"checkpoint {path} has {flat.size} parameters, artifact {artifact} {n}: another artifact")
-    return flat, side
+    return read_checkpoint(path, int(read_manifest(artifact)["n_trainable"]))
 
 
 def _load_base(manifest: dict, base_model):

@@ -28,9 +28,17 @@ struct Segments {
   std::vector<Segment> segs;
 };
 
-Segments collect(const py::list& buffers) {
+// offsets (optional): each buffer's logical begin in the perturbation vector, so a subset of
+// a model's tensors (a masked direction space) gets exactly the z it has in the whole vector.
+Segments collect(const py::list& buffers, const py::object& offsets = py::none()) {
   Segments out;
   uint64_t offset = 0;
+  std::vector<uint64_t> begins;
+  if (!offsets.is_none()) {
+    begins = offsets.cast<std::vector<uint64_t>>();
+    if (begins.size() != buffers.size())
+      throw py::value_error("offsets must hold one logical begin per buffer");
+  }
   for (size_t k = 0; k < buffers.size(); ++k) {
     py::buffer b = py::reinterpret_borrow<py::buffer>(buffers[k]);
     py::buffer_info info = b.request(true);  // writable, or raises BufferError
@@ -43,6 +51,14 @@ Segments collect(const py::list& buffers) {
       expect *= info.shape[d];
     }
     const uint64_t n = static_cast<uint64_t>(info.size);
+    if (!begins.empty()) {
+      if (begins[k] < offset)
+        throw py::value_error("offsets must be ascending and buffers must not overlap (buffer " +
+                              std::to_string(k) + ")");
+      if (begins[k] > (uint64_t{1} << 62) || n > (uint64_t{1} << 62) - begins[k])
+        throw py::value_error("offset of buffer " + std::to_string(k) + " is beyond 2**62");
+      offset = begins[k];
+    }
     out.segs.push_back(Segment{static_cast<float*>(info.ptr), offset, n});
     offset += n;
     out.infos.push_back(std::move(info));
@@ -51,14 +67,14 @@ Segments collect(const py::list& buffers) {
 }
 
 void apply(const py::list& buffers, py::array_t<uint64_t, py::array::c_style> seeds,
-           py::array_t<float, py::array::c_style> coeffs, int dist) {
+           py::array_t<float, py::array::c_style> coeffs, int dist, const py::object& offsets) {
   if (seeds.ndim() != 1 || coeffs.ndim() != 1 || seeds.size() != coeffs.size())
     throw py::value_error("seeds and coeffs must be 1-D arrays of equal length");
   const float* c = coeffs.data();
   for (py::ssize_t j = 0; j < coeffs.size(); ++j)
     if (!std::isfinite(c[j])) throw py::value_error("coefficient " + std::to_string(j) + " is not finite");
   const Dist d = parse_dist(dist);
-  Segments s = collect(buffers);
+  Segments s = collect(buffers, offsets);
   py::gil_scoped_release release;
   apply_seeds(s.segs, seeds.data(), c, static_cast<size_t>(seeds.size()), d);
 }
@@ -83,7 +99,9 @@ void add_scalar_py(const py::list& buffers, float c) {
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "EdgeFed seeded-perturbation kernels (Philox4x32-10, in place, float32)";
   m.def("apply", &apply, py::arg("buffers"), py::arg("seeds"), py::arg("coeffs"), py::arg("dist"),
-        "theta += sum_j coeffs[j] * z(seeds[j]), applied seed by seed in order, tile by tile");
+        py::arg("offsets") = py::none(),
+        "theta += sum_j coeffs[j] * z(seeds[j]), applied seed by seed in order, tile by tile; "
+        "offsets: each buffer's logical begin (default: the buffers follow each other from 0)");
   m.def("fill", &fill_py, py::arg("out"), py::arg("seed"), py::arg("dist"), py::arg("stream"),
         py::arg("offset"));
   m.def("add_scalar", &add_scalar_py, py::arg("buffers"), py::arg("c"),

@@ -225,6 +225,9 @@ void apply_seeds(const std::vector<Segment>& segs, const uint64_t* seeds, const 
     size_t cursor = first_segment(segs, ta * kTile);
     for (uint64_t t = ta; t < tb; ++t) {
       const uint64_t e0 = t * kTile, e1 = std::min(n, e0 + kTile);
+      // Segments may leave gaps (a masked direction space): no z for a tile nobody holds.
+      while (cursor < segs.size() && segs[cursor].begin + segs[cursor].size <= e0) ++cursor;
+      if (cursor == segs.size() || segs[cursor].begin >= e1) continue;
       for (size_t j = 0; j < n_seeds; ++j) {
         generate_tile_impl(keys[j], 0, t, dist, z);
         const float c = coeffs[j];

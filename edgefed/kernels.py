@@ -150,23 +150,44 @@ def _check_finite(x, what: str) -> float:
     return v
 
 
-def _apply(buffers: list[np.ndarray], seeds: np.ndarray, coeffs: np.ndarray, dist: str) -> None:
+def _check_offsets(offsets, bufs: list[np.ndarray]) -> list[int] | None:
+    """Each buffer's logical begin: ascending, no overlaps (None: one after another from 0)."""
+    if offsets is None:
+        return None
+    out = [int(o) for o in offsets]
+    if len(out) != len(bufs):
+        raise KernelInputError(f"offsets must hold one logical begin per buffer: {len(out)} offsets, "
+                               f"{len(bufs)} buffers")
+    end = 0
+    for k, (o, b) in enumerate(zip(out, bufs)):
+        if o < end or o + b.size > 1 << 62:
+            raise KernelInputError(f"offset {o} of buffer {k} overlaps the buffer before it (which ends at "
+                                   f"{end}) or passes 2**62; offsets must be ascending, buffers disjoint")
+        end = o + b.size
+    return out
+
+
+def _apply(buffers: list[np.ndarray], seeds: np.ndarray, coeffs: np.ndarray, dist: str,
+           offsets: list[int] | None = None) -> None:
     if backend() == "cpp":
-        _ext.apply(buffers, seeds, coeffs, _DIST_CODE[dist])
+        _ext.apply(buffers, seeds, coeffs, _DIST_CODE[dist], offsets)
     else:
-        rng.replay(buffers, seeds, coeffs, dist)
+        rng.replay(buffers, seeds, coeffs, dist, offsets)
 
 
-def perturb(buffers, seed: int, scale: float, dist: str = "normal") -> None:
-    """theta += float32(scale) * z(seed), in place."""
+def perturb(buffers, seed: int, scale: float, dist: str = "normal", offsets=None) -> None:
+    """theta += float32(scale) * z(seed), in place. offsets: each buffer's logical begin in the
+    perturbation vector (a subset of a model's tensors gets the z it has in the whole vector)."""
     _check_dist(dist)
     seed = _check_seed(seed)
     scale = _check_finite(scale, "scale")
     bufs = _check_buffers(buffers)
-    _apply(bufs, np.array([seed], np.uint64), np.array([scale], np.float32), dist)
+    _apply(bufs, np.array([seed], np.uint64), np.array([scale], np.float32), dist,
+           _check_offsets(offsets, bufs))
 
 
-def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "normal") -> None:
+def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "normal",
+              offsets=None) -> None:
     """Fused restore + SGD step after a two-point probe that left theta at theta - eps*z:
     theta += (eps - lr*g) * z, one pass over memory."""
     _check_dist(dist)
@@ -175,11 +196,12 @@ def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "
                            _check_finite(g, "g (projected gradient)"))
     _check_finite(c, "eps - lr*g")
     bufs = _check_buffers(buffers)
-    _apply(bufs, np.array([seed], np.uint64), np.array([c], np.float32), dist)
+    _apply(bufs, np.array([seed], np.uint64), np.array([c], np.float32), dist,
+           _check_offsets(offsets, bufs))
 
 
 def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] | np.ndarray,
-           dist: str = "normal") -> None:
+           dist: str = "normal", offsets=None) -> None:
     """theta += sum_j coeffs[j] * z(seeds[j]), in one tiled pass; bit-identical to calling
     perturb(buffers, seeds[j], coeffs[j]) for j in order."""
     _check_dist(dist)
@@ -194,8 +216,9 @@ def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] |
                                "nothing was applied")
     s = np.array([_check_seed(x, f"seed {j}") for j, x in enumerate(seeds_list)], dtype=np.uint64)
     bufs = _check_buffers(buffers)
+    offs = _check_offsets(offsets, bufs)
     if s.size:
-        _apply(bufs, s, c.astype(np.float32), dist)
+        _apply(bufs, s, c.astype(np.float32), dist, offs)
 
 
 def fill(out: np.ndarray, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0) -> None:

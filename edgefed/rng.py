@@ -190,10 +190,13 @@ def rademacher(seed: int, n: int, stream: int = 0, offset: int = 0) -> np.ndarra
     return generate(seed, n, "rademacher", stream, offset)
 
 
-def _apply(buffers, seed: int, coeff: np.float32, dist: str) -> None:
-    """theta += coeff * z(seed), element-wise in float32, across buffers in order."""
+def _apply(buffers, seed: int, coeff: np.float32, dist: str, offsets=None) -> None:
+    """theta += coeff * z(seed), element-wise in float32, across buffers in order; buffer k holds
+    elements [offsets[k], offsets[k] + size) of the logical vector (default: one after another)."""
     off = 0
-    for buf in buffers:
+    for k, buf in enumerate(buffers):
+        if offsets is not None:
+            off = int(offsets[k])
         flat = buf.reshape(-1)
         for a in range(0, flat.size, _CHUNK):
             m = min(_CHUNK, flat.size - a)
@@ -202,9 +205,9 @@ def _apply(buffers, seed: int, coeff: np.float32, dist: str) -> None:
         off += flat.size
 
 
-def perturb(buffers, seed: int, scale: float, dist: str = "normal") -> None:
+def perturb(buffers, seed: int, scale: float, dist: str = "normal", offsets=None) -> None:
     """Reference of kernels.perturb: theta += float32(scale) * z."""
-    _apply(buffers, seed, np.float32(scale), dist)
+    _apply(buffers, seed, np.float32(scale), dist, offsets)
 
 
 def zo_coefficient(eps: float, lr: float, g: float) -> np.float32:
@@ -212,7 +215,7 @@ def zo_coefficient(eps: float, lr: float, g: float) -> np.float32:
     return np.float32(float(eps) - float(lr) * float(g))
 
 
-def replay(buffers, seeds, coeffs, dist: str = "normal") -> None:
+def replay(buffers, seeds, coeffs, dist: str = "normal", offsets=None) -> None:
     """Reference of kernels.replay: the same bits as perturbing seed by seed in order."""
     for s, c in zip(seeds, np.asarray(coeffs, dtype=np.float32)):
-        _apply(buffers, int(s), c, dist)
+        _apply(buffers, int(s), c, dist, offsets)

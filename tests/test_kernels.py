@@ -301,3 +301,36 @@ def test_standalone_cpp_program_aarch64_under_qemu(tmp_path):
     r = subprocess.run(["qemu-aarch64", str(exe), str(VECTORS)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 failed" in r.stdout
+
+
+@needs_cpp
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_buffers_at_logical_offsets_get_their_part_of_the_whole_vector(dist, threads, _restore_simd):
+    """A masked direction space passes a subset of a model's pieces with their logical begins:
+    each element must change exactly as it does when the whole vector is perturbed, on every
+    SIMD path, and the reference must agree."""
+    kernels.set_num_threads(threads)
+    n = 5 * 1024 + 333
+    whole = np.linspace(-1, 1, n, dtype=np.float32)
+    seeds, coeffs = [7, 2**50 + 3], [0.25, -1e-3]
+    want = whole.copy()
+    kernels.replay([want], seeds, coeffs, dist)
+    pieces = [(10, 500), (1024, 3072), (3500, 3501), (5000, n)]  # gaps, a whole empty tile, the tail
+    for path in [p for p, ok in kernels.simd_paths() if ok]:
+        kernels.set_simd_path(path)
+        v = whole.copy()
+        bufs = [v[a:b] for a, b in pieces]
+        kernels.replay(bufs, seeds, coeffs, dist, offsets=[a for a, _ in pieces])
+        ref = whole.copy()
+        rng.replay([ref[a:b] for a, b in pieces], seeds, coeffs, dist, offsets=[a for a, _ in pieces])
+        touched = np.zeros(n, bool)
+        for a, b in pieces:
+            touched[a:b] = True
+        assert np.array_equal(bits(v[touched]), bits(want[touched])), path
+        assert np.array_equal(bits(v[~touched]), bits(whole[~touched])), f"{path}: a gap was written"
+        assert np.array_equal(bits(v), bits(ref)), f"{path} differs from the reference"
+    with pytest.raises(kernels.KernelInputError, match="ascending"):
+        kernels.perturb([whole[:10], whole[10:20]], 1, 0.1, dist, offsets=[100, 50])
+    with pytest.raises(kernels.KernelInputError, match="one logical begin per buffer"):
+        kernels.perturb([whole[:10]], 1, 0.1, dist, offsets=[0, 10])

@@ -10,8 +10,9 @@ import numpy as np
 from .data import Example
 from .runtime import DeviceModel, save_checkpoint
 from .security.dp import device_rng
-from .zo import (PROBES, DivergedError, ScalarAccumulator, SeedPool, ZOConfig, gradient_projection_step,
-                 two_point_step)
+from .directions import WHOLE
+from .zo import (PROBES, DivergedError, ProbeResult, ScalarAccumulator, SeedPool, ZOConfig,
+                 gradient_projection_step, probe_only, two_point_step)
 
 __all__ = ["LocalTrainer", "progress_bar"]
 
@@ -35,8 +36,10 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 class LocalTrainer:
     """Runs `steps` ZO steps of MeZO/FedKSeed on a DeviceModel, recording per-seed scalars."""
 
-    def __init__(self, model: DeviceModel, pool: SeedPool, cfg: ZOConfig, progress: bool = True):
+    def __init__(self, model: DeviceModel, pool: SeedPool, cfg: ZOConfig, progress: bool = True,
+                 space=None):
         self.model, self.pool, self.cfg, self.progress = model, pool, cfg, progress
+        self.space = space or WHOLE  # which vector a seed stands for (edgefed.directions)
 
     def _exact_probes(self) -> bool:
         can = hasattr(self.model, "loss_and_grad")
@@ -78,16 +81,22 @@ class LocalTrainer:
                     loss, grad = self.model.loss_and_grad(batch)
                     if not np.isfinite(loss):
                         raise DivergedError(f"loss is {loss} at step {t}; parameters unchanged. Lower lr.")
+                if grad is None and self.cfg.n_perturb_max > q:
+                    for probe in self._adaptive_step(batch, gen, probs, noise_gen):
+                        acc.add(probe)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
+                    continue
                 for j in self.pool.sample(gen, q, probs):
                     noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
                     if grad is not None:
                         probe = gradient_projection_step(grad, loss, self.model.buffers, scratch,
                                                          self.pool.seed(int(j)), int(j), lr,
-                                                         self.cfg.dist, self.cfg.clip, noise)
+                                                         self.cfg.dist, self.cfg.clip, noise, self.space)
                     else:
                         probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
                                                self.pool.seed(int(j)), int(j), eps, lr,
-                                               self.cfg.dist, self.cfg.clip, noise)
+                                               self.cfg.dist, self.cfg.clip, noise, self.space)
                     acc.add(probe)
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
@@ -96,3 +105,30 @@ class LocalTrainer:
             if checkpoint is not None:
                 save_checkpoint(self.model, checkpoint, {"steps": len(acc.history)})
         return acc
+
+    def _adaptive_step(self, batch, gen: np.random.Generator, probs, noise_gen) -> list[ProbeResult]:
+        """Variance-adaptive n-SPSA: probes at the same theta on the same batch, at least
+        n_perturb and at most n_perturb_max, until the standard error of the mean g is within
+        adaptive_tol of |mean g|; then theta moves by -lr/q_t * g_j along each d_j. Each probe
+        reports g_j * n_perturb / q_t, so the server's coefficient -lr/n_perturb * G is this step's
+        (a step's reports sum to at most n_perturb probes' worth, whatever q_t was)."""
+        cfg = self.cfg
+        q_min, q_max = max(1, cfg.n_perturb), int(cfg.n_perturb_max)
+        noise_std = float(cfg.noise_std)
+        probes: list[ProbeResult] = []
+        while len(probes) < q_max:
+            j = int(self.pool.sample(gen, 1, probs)[0])
+            noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
+            probes.append(probe_only(lambda: self.model.loss(batch), self.model.buffers, self.pool.seed(j), j,
+                                     cfg.eps, cfg.dist, cfg.clip, noise, self.space))
+            if len(probes) >= max(2, q_min):
+                g = np.array([p.g for p in probes])
+                if g.std(ddof=1) / np.sqrt(g.size) <= cfg.adaptive_tol * abs(g.mean()):
+                    break
+        q_t = len(probes)
+        for p in probes:  # the same float32 coefficient the server's replay will use
+            scaled = float(np.float32(p.g * q_min / q_t))
+            coeff = float(np.float32(-cfg.lr / q_min * scaled))
+            self.space.perturb(self.model.buffers, self.pool.seed(p.seed_index), coeff, cfg.dist)
+            p.g, p.coeff = scaled, coeff
+        return probes

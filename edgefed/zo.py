@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import kernels, rng
+from . import rng
+from .directions import WHOLE
 
-__all__ = ["SeedPool", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step",
+__all__ = ["SeedPool", "ZOConfig", "ProbeResult", "DivergedError", "two_point_step", "probe_only",
            "gradient_projection_step", "ScalarAccumulator", "pro_probabilities", "PROBES"]
 
 # How a step estimates <grad L, z>: "zo" two forward passes (any backend); "grad" one backward
@@ -82,6 +83,8 @@ class ZOConfig:
     lr: float = 1e-3
     eps: float = 1e-3
     n_perturb: int = 1            # directions per step (n-SPSA); lr is split between them
+    n_perturb_max: int = 0        # > n_perturb: variance-adaptive, up to this many probes a step
+    adaptive_tol: float = 0.5     # ... stop once stderr(g) <= adaptive_tol * |mean g|
     dist: str = "normal"
     clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
     noise_std: float = 0.0        # DP-ZO: N(0, noise_std^2) added to each clipped g (0: off)
@@ -105,42 +108,59 @@ class ProbeResult:
 
 def two_point_step(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], seed: int,
                    seed_index: int, eps: float, lr: float, dist: str = "normal",
-                   clip: float = 0.0, noise: float = 0.0) -> ProbeResult:
+                   clip: float = 0.0, noise: float = 0.0, space=None) -> ProbeResult:
     """One SPSA probe and update, in place: +eps z, L+, -2eps z, L-, then theta += (eps - lr g) z.
 
     g is clipped to [-clip, clip] (clip > 0), then `noise` is added (DP-ZO: the caller draws it
     from N(0, (sigma C)^2)); the step, and what the device reports, use that privatized g.
 
     On a non-finite loss the parameters are put back (theta += eps z) and DivergedError
-    is raised, so nothing is lost."""
-    kernels.perturb(buffers, seed, eps, dist)
+    is raised, so nothing is lost. `space` (edgefed.directions) says which vector the seed
+    stands for: z itself by default, or a masked / low-rank direction."""
+    space = space or WHOLE
+    probe = probe_only(loss_fn, buffers, seed, seed_index, eps, dist, clip, noise, space, restore=False)
+    space.zo_update(buffers, seed, eps, lr, probe.g, dist)
+    probe.coeff = -lr * probe.g
+    return probe
+
+
+def probe_only(loss_fn: Callable[[], float], buffers: Sequence[np.ndarray], seed: int, seed_index: int,
+               eps: float, dist: str = "normal", clip: float = 0.0, noise: float = 0.0, space=None,
+               restore: bool = True) -> ProbeResult:
+    """L(theta + eps d) and L(theta - eps d) and g, clipped and noised as in two_point_step; theta
+    is put back (restore=True, a third pass) or left at theta - eps d for a fused update."""
+    space = space or WHOLE
+    space.perturb(buffers, seed, eps, dist)
     lp = loss_fn()
     if not math.isfinite(lp):
-        kernels.perturb(buffers, seed, -eps, dist)
+        space.perturb(buffers, seed, -eps, dist)
         raise DivergedError(f"loss is {lp} at theta + eps*z (seed index {seed_index}); parameters "
                             "restored. Lower lr or eps, or enable clipping.")
-    kernels.perturb(buffers, seed, -2.0 * eps, dist)
+    space.perturb(buffers, seed, -2.0 * eps, dist)
     lm = loss_fn()
     if not math.isfinite(lm):
-        kernels.perturb(buffers, seed, eps, dist)
+        space.perturb(buffers, seed, eps, dist)
         raise DivergedError(f"loss is {lm} at theta - eps*z (seed index {seed_index}); parameters "
                             "restored. Lower lr or eps, or enable clipping.")
+    if restore:
+        space.perturb(buffers, seed, eps, dist)
     g_raw = (lp - lm) / (2.0 * eps)
     g = float(np.clip(g_raw, -clip, clip)) if clip > 0 else g_raw
     if noise:
         g = g + float(noise)
-    kernels.zo_update(buffers, seed, eps, lr, g, dist)
-    return ProbeResult(seed_index, g, g_raw, lp, lm, coeff=-lr * g)
+    return ProbeResult(seed_index, g, g_raw, lp, lm)
 
 
 def gradient_projection_step(grad: np.ndarray, loss: float, buffers: Sequence[np.ndarray],
                              scratch: np.ndarray, seed: int, seed_index: int, lr: float,
-                             dist: str = "normal", clip: float = 0.0, noise: float = 0.0) -> ProbeResult:
+                             dist: str = "normal", clip: float = 0.0, noise: float = 0.0,
+                             space=None) -> ProbeResult:
     """The exact directional derivative g = <grad L, z(seed)> (what two_point_step estimates as
     eps -> 0), then theta += -lr g z, in place. A host that can backprop reports the same kind of
     (seed index, g) pair as a device, from one backward pass for all of a step's seeds; `scratch`
     (float32, the size of theta) receives z."""
-    kernels.fill(scratch, seed, dist)
+    space = space or WHOLE
+    space.fill(scratch, seed, dist)
     g_raw = float(np.dot(grad.astype(np.float64), scratch.astype(np.float64)))
     if not math.isfinite(g_raw):
         raise DivergedError(f"gradient projection is {g_raw} (seed index {seed_index}); parameters "
@@ -148,7 +168,7 @@ def gradient_projection_step(grad: np.ndarray, loss: float, buffers: Sequence[np
     g = float(np.clip(g_raw, -clip, clip)) if clip > 0 else g_raw
     if noise:
         g = g + float(noise)
-    kernels.perturb(buffers, seed, -lr * g, dist)
+    space.perturb(buffers, seed, -lr * g, dist)
     return ProbeResult(seed_index, g, g_raw, loss, loss, coeff=-lr * g)
 
 

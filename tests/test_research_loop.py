@@ -33,8 +33,18 @@ def _job(name, method, art, **kw):
     ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"n_perturb": 2})),
     ("fedmezo", "onnx", dict(lr=1e-2, eps=1e-3, k=128)),
     ("fedavg", "torch", dict(lr=5e-3, params={"server_opt": "adam", "server_lr": 0.01})),
+    # ZO variants (edgefed.directions, adaptive probes, seed-space server optimisers)
+    ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"mask_frac": 0.3, "mask_block": 16})),
+    ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={
+        "mask_frac": 0.5, "mask_by": "random", "mask_tensors": "lora_B", "server_opt": "avgm",
+        "server_lr": 1.0, "server_momentum": 0.8})),
+    ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={
+        "lowrank": 1, "n_perturb": 1, "n_perturb_max": 4, "adaptive_tol": 0.3, "server_opt": "adam",
+        "server_lr": 1e-3})),
+    ("fedkseed", "torch", dict(lr=1e-2, eps=1e-3, k=128, params={"lowrank": 1, "mask_tensors": "lora_B"})),
+    ("fedmezo", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"mask_frac": 0.25, "n_perturb_max": 3})),
 ])
-def test_the_inline_loop_ends_on_the_full_paths_bits(art, tmp_path, method, backend, kw):
+def test_the_inline_loop_ends_on_the_full_paths_bits(art, tmp_path, method, backend, kw, request):
     data = list(load_rotten_tomatoes()[:120])
     shards = iid_split(data, 3)
     if backend == "torch":
@@ -42,7 +52,8 @@ def test_the_inline_loop_ends_on_the_full_paths_bits(art, tmp_path, method, back
         base = TorchModel(art, seq_len=64)
     else:
         base = DeviceModel(art, threads=1, batch_size=4, seq_len=64, check_memory=False)
-    job = _job(f"full-{method}", method, art, **kw)
+    # its own job (and in-process broker) per case: retained messages of another case must not leak in
+    job = _job(f"full-{request.node.callspec.id}", method, art, **kw)
     starter = thread_devices(base, job.job, shards)
     full = run_federation(job, art, data[:20], broker_url=f"inproc://{job.job}", start_devices=starter,
                           out_dir=tmp_path, eval_n=20, progress=False, seq_len=64)

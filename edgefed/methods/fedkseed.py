@@ -17,13 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import kernels
 from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security import dp
 from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
 from ..snapshot import MEMORY_LIMIT_BYTES, ParamSnapshot
 from ..trainer import LocalTrainer
+from ..directions import DirectionSpec, direction_space
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
+from . import server_opt
+from .server_opt import ServerOptConfig
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
                    ServerStrategy, check_num_samples, expect_tensors)
 
@@ -70,11 +72,20 @@ def zo_plan_params(job: JobConfig, seed_pool_id: int | None = None) -> dict:
     their batch order (so a job is reproducible whatever its id)."""
     p = job.params
     pool = job.seed_pool_id if seed_pool_id is None else seed_pool_id
+    adaptive = {}
+    if int(p.get("n_perturb_max", 0) or 0) > int(p.get("n_perturb", 1)):
+        adaptive = {"n_perturb_max": int(p["n_perturb_max"]), "adaptive_tol": float(p.get("adaptive_tol", 0.5))}
     return {"eps": float(job.eps), "k": int(job.k), "seed_pool_id": _i64(pool),
             "n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
-            **({"probe": str(p["probe"])} if "probe" in p else {}),
+            **({"probe": str(p["probe"])} if "probe" in p else {}), **adaptive,
+            **DirectionSpec.from_params({**p, "seed_pool_id": pool}).plan_params(),
             **dp.DPConfig.from_params(p).plan_params()}
+
+
+def max_probes(params: dict) -> int:
+    """The most probes one local step may run: n_perturb, or n_perturb_max when adaptive."""
+    return max(1, int(params.get("n_perturb", 1)), int(params.get("n_perturb_max", 0) or 0))
 
 
 def probe_bound(job: JobConfig) -> float:
@@ -110,6 +121,19 @@ def check_job_bounds(job: JobConfig, *, dense: bool) -> RobustConfig:
     if clip > bound:
         raise ValueError(f"clip={clip} exceeds scalar_bound={bound}: devices would send scalars the "
                          f"server rejects; raise scalar_bound too")
+    DirectionSpec.from_params(job.params)  # mask / lowrank settings
+    q, q_max = int(job.params.get("n_perturb", 1)), int(job.params.get("n_perturb_max", 0) or 0)
+    if q < 1:
+        raise ValueError(f"n_perturb={q} must be >= 1")
+    if q_max and q_max <= q:
+        raise ValueError(f"n_perturb_max={q_max} must exceed n_perturb={q} (variance-adaptive probes per "
+                         f"step between the two), or be 0 (off)")
+    tol = float(job.params.get("adaptive_tol", 0.5))
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"adaptive_tol={tol} must be > 0")
+    opt = ServerOptConfig.from_params(job.params)
+    if opt.opt != "fedavg" and cfg.aggregator != "mean":
+        raise ValueError(f"server_opt={opt.opt} needs aggregator=mean")
     dcfg = dp.DPConfig.from_params(job.params)
     dcfg.sampling_rate(int(job.devices_per_round))  # devices_per_round <= dp_population
     if dcfg.central and cfg.aggregator != "mean":
@@ -224,7 +248,8 @@ def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
     seeds, scalars = update_pairs(update)
     a = np.abs(scalars.astype(np.float64))
     n = int(a.size)
-    per_seed = b * max(1, probes - n + 1)
+    # variance-adaptive steps run up to n_perturb_max probes but report n_perturb probes' worth
+    per_seed = b * max(1, min(probes, int(plan.local_steps) * max_probes(plan.params) - n + 1))
     worst = int(np.argmax(a))
     if a[worst] > per_seed * (1 + _REL_TOL):
         raise InvalidField(
@@ -242,8 +267,19 @@ def check_scalars(job: JobConfig, plan: RoundPlan, update: Update) -> None:
 
 def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
     return ZOConfig(lr=lr, eps=eps, n_perturb=int(params.get("n_perturb", 1)),
+                    n_perturb_max=int(params.get("n_perturb_max", 0) or 0),
+                    adaptive_tol=float(params.get("adaptive_tol", 0.5)),
                     dist=str(params.get("dist", "normal")), clip=float(params.get("clip", 0.0)),
                     probe=str(params.get("probe", "auto")))
+
+
+def space_of(model, params: dict):
+    """The direction space of the plan (or apply_delta) params on this model's artifact."""
+    k, pool_id = pool_params(params)
+    try:
+        return direction_space(model, {**params, "seed_pool_id": pool_id})
+    except ValueError as e:
+        raise InvalidField(f"direction settings: {e}") from None
 
 
 class FedKSeedClient(ClientAlgorithm):
@@ -262,7 +298,7 @@ class FedKSeedClient(ClientAlgorithm):
             cfg.noise_std = dcfg.noise_std
             noise_gen = dp.device_rng(self.noise_seed)
         snapshot = ParamSnapshot(model.params, memory_limit=SNAPSHOT_LIMIT_BYTES)
-        trainer = LocalTrainer(model, pool, cfg, progress=progress)
+        trainer = LocalTrainer(model, pool, cfg, progress=progress, space=space_of(model, plan.params))
         acc = ScalarAccumulator(zp.k)
         try:
             trainer.train(examples, plan.local_steps, batch_size=plan.batch_size, seed=seed,
@@ -283,8 +319,8 @@ class FedKSeedClient(ClientAlgorithm):
         if seeds.size == 0:
             return
         pool = seed_pool(pool_id, k)
-        kernels.replay(model.buffers, pool.seeds[seeds.astype(np.int64)], coeffs,
-                       str(plan_params.get("dist", "normal")))
+        space_of(model, plan_params).replay(model.buffers, pool.seeds[seeds.astype(np.int64)], coeffs,
+                                            str(plan_params.get("dist", "normal")))
 
     def apply_full_state(self, model, tensors: Sequence[Tensor], plan_params: dict) -> None:
         cum = {t.name: t.data for t in tensors}.get("cum_coeffs")
@@ -294,7 +330,8 @@ class FedKSeedClient(ClientAlgorithm):
         model.reset_params()
         nz = np.flatnonzero(cum)
         pool = seed_pool(pool_id, k)
-        kernels.replay(model.buffers, pool.seeds[nz], cum[nz], str(plan_params.get("dist", "normal")))
+        space_of(model, plan_params).replay(model.buffers, pool.seeds[nz], cum[nz],
+                                            str(plan_params.get("dist", "normal")))
 
     def secure_vector(self, result: ClientResult, plan: RoundPlan) -> np.ndarray:
         """[w * G_0 .. w * G_{K-1}, w]: the per-seed sums of this device's scalars over the whole
@@ -334,9 +371,9 @@ class FedKSeedServer(ServerStrategy):
         seeds, _ = seed_pairs(update.tensors, SCALARS, f"fedkseed update from {update.device}", zp.k)
         if seeds.size == 0:
             raise InvalidField(f"update from {update.device} carries no seed scalars")
-        if seeds.size > plan.local_steps * int(plan.params.get("n_perturb", 1)):
+        if seeds.size > plan.local_steps * max_probes(plan.params):
             raise InvalidField(f"update from {update.device} has {seeds.size} seeds but the plan "
-                               f"allows at most {plan.local_steps} steps x {plan.params.get('n_perturb', 1)}")
+                               f"allows at most {plan.local_steps} steps x {max_probes(plan.params)}")
         if zp.probs is not None:
             zero = np.flatnonzero(zp.probs[seeds] <= 0)
             if zero.size:
@@ -394,7 +431,14 @@ class FedKSeedServer(ServerStrategy):
             state.arrays["abs_sum"][nz_g] += np.abs(G[nz_g])
             state.arrays["counts"][nz_g] += 1
         q = int(plan.params.get("n_perturb", 1))
-        coeff = (-float(plan.lr) / q * float(job.params.get("server_lr", 1.0))) * G
+        opt = ServerOptConfig.from_params(job.params)
+        if opt.opt == "fedavg":
+            coeff = (-float(plan.lr) / q * float(job.params.get("server_lr", 1.0))) * G
+        else:  # momentum / Adam over the seed coefficients: still a sum of seeded directions, replayed
+            keys = server_opt.state_keys(opt)
+            coeff, new = server_opt.server_step(opt, {k: state.arrays[k] for k in keys if k in state.arrays},
+                                                ((-float(plan.lr) / q) * G).astype(np.float32))
+            state.arrays.update(new)
         nz = np.flatnonzero(coeff).astype(np.uint32)
         c32 = coeff[nz].astype(np.float32)
         state.arrays["cum_coeffs"][nz] += c32.astype(np.float64)

@@ -13,7 +13,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec, ServerStrategy,
                    check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
-from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, probe_bound, zo_config, zo_plan,
+from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, max_probes, probe_bound, space_of, zo_config, zo_plan,
                        zo_plan_params)
 
 __all__ = ["FedMeZOClient", "FedMeZOServer", "delta_norm_bound"]
@@ -33,7 +33,7 @@ def delta_norm_bound(job: JobConfig, plan: RoundPlan, n: int) -> float:
     explicit = float(job.params.get("update_norm_bound", 0.0))
     if explicit > 0:
         return explicit
-    q = max(1, int(plan.params.get("n_perturb", 1)))
+    q = max_probes(plan.params)
     steps = int(plan.local_steps)
     root = float(np.sqrt(n))
     dcfg = dp.DPConfig.from_params(job.params)
@@ -64,7 +64,8 @@ class FedMeZOClient(ClientAlgorithm):
         pool = zp.pool
         start = model.params.copy()
         try:
-            acc = LocalTrainer(model, pool, zo_config(plan.lr, zp.eps, plan.params), progress).train(
+            acc = LocalTrainer(model, pool, zo_config(plan.lr, zp.eps, plan.params), progress,
+                               space=space_of(model, plan.params)).train(
                 examples, plan.local_steps, batch_size=plan.batch_size, seed=seed, desc=f"round {plan.round}")
             delta = model.params - start
         finally:

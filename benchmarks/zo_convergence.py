@@ -1,0 +1,290 @@
+"""Zeroth-order variants against plain MeZO: held-out accuracy per forward pass.
+
+    python benchmarks/zo_convergence.py [--variants mezo,lora-b,...] [--settings central,fed4-iid]
+        [--seeds 3] [--forwards 480] [--json FILE] [--plot FILE]
+    python benchmarks/zo_convergence.py --model tiny --forwards 48 --seeds 2   # smoke run, < 1 min
+
+Every run is FedKSeed through the transport-free loop (edgefed.research.run_inline: the plans,
+codec, validation, aggregation and replay of the full path; devices are ONNX Runtime forks of one
+loaded graph), so every variant keeps the seed-and-scalar protocol. A variant is a set of job
+params (VARIANTS below): direction spaces (edgefed.directions: masks, low-rank), n-SPSA and
+variance-adaptive probes, seed-space server optimisers, FedKSeed-Pro. "central" is one device
+holding all training rows (FedKSeed with one device is MeZO: the replayed coefficients are the
+device's own steps); "fed4-iid", "fed4-dir", "fed16-iid", ... split the rows over N devices
+(IID or Dirichlet 0.5 label skew), every device trains every round.
+
+Budget: each run gets the same number of training forward passes (--forwards, counted by the
+models: two per probe); rounds are sized so that every setting spends the budget in --evals
+equal slices, and the global model is scored on the same balanced held-out rows after each
+slice (evaluation passes are not counted). For each variant and setting: final accuracy with a
+95% interval over seeds (t, n-1), the gain over the starting model, and the forward passes at
+which the seed-mean curve first reaches plain MeZO's final seed-mean accuracy in the same setting
+(its ratio to MeZO's budget: the target is <= 1/3). Table to stdout (markdown), progress to
+stderr, curves to --plot (default <out>/zo_convergence.png), everything to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+# lr is the per-step learning rate of plain MeZO (the demo's 2e-3, eps 1e-3) unless a variant says
+# otherwise; masks shrink the perturbed dimension d, and ZO-SGD's stable step grows like 1/d, so
+# masked variants get lr scaled by `lr_x`.
+VARIANTS = {
+    "mezo": {},
+    "nspsa4": {"n_perturb": 4},
+    "adaptive": {"n_perturb": 1, "n_perturb_max": 4, "adaptive_tol": 0.5},
+    "lora-b": {"mask_tensors": "lora_B", "lr_x": 2.0},
+    "sparse-mag": {"mask_frac": 0.25, "mask_by": "magnitude", "lr_x": 2.0},
+    "sparse-rand": {"mask_frac": 0.25, "mask_by": "random", "lr_x": 2.0},
+    "lowrank2": {"lowrank": 2},
+    "momentum": {"server_opt": "avgm", "server_momentum": 0.5, "server_lr": 1.0},
+    "seed-adam": {"server_opt": "adam", "server_lr": 2e-4, "server_beta2": 0.9},
+    "pro": {"pro": 1, "k": 256},
+    "lr-x2": {"lr_x": 2.0},
+}
+SETTINGS = ("central", "fed4-iid", "fed4-dir", "fed16-iid", "fed16-dir")
+
+
+def _log(msg: str) -> None:
+    print(f"[zo_convergence {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_setting(name: str) -> tuple[int, str]:
+    if name == "central":
+        return 1, "iid"
+    try:
+        n, split = name[3:].split("-")
+        assert name.startswith("fed") and split in ("iid", "dir")
+        return int(n), split
+    except (ValueError, AssertionError):
+        raise SystemExit(f"setting {name!r}: use central or fed<N>-iid / fed<N>-dir (e.g. fed4-dir)") from None
+
+
+def t_interval(x: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds."""
+    a = np.asarray(x, np.float64)
+    if a.size < 2:
+        return float(a.mean()), float("nan"), float("nan")
+    from scipy import stats  # noqa: PLC0415 (scipy comes with the host extras)
+    h = stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size)
+    return float(a.mean()), float(a.mean() - h), float(a.mean() + h)
+
+
+def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, train, held, artifact) -> dict:
+    from edgefed.data import dirichlet_split, iid_split
+    from edgefed.methods import JobConfig
+    from edgefed.research import run_inline
+
+    params = dict(VARIANTS[variant])
+    lr = cfg["lr"] * float(params.pop("lr_x", 1.0))
+    k = int(params.pop("k", cfg["k"]))
+    n_dev, split = parse_setting(setting)
+    shards = iid_split(train, n_dev, seed=seed) if split == "iid" else dirichlet_split(train, n_dev, 0.5, seed=seed)
+    q = int(params.get("n_perturb", 1))
+    # forwards per step (adaptive: between max(2, q) and n_perturb_max probes; sized for the midpoint,
+    # and the curves are drawn against the forwards actually spent)
+    q_max = int(params.get("n_perturb_max", 0) or 0)
+    per_step = 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
+    steps_total = max(1, int(cfg["forwards"] // per_step))
+    rounds = cfg["evals"]
+    local = max(1, round(steps_total / (rounds * n_dev)))
+    job = JobConfig(job=f"zo-{variant}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
+                    devices_per_round=n_dev, min_devices=n_dev, round_timeout=600, local_steps=local,
+                    batch_size=cfg["batch"], lr=lr, eps=cfg["eps"], k=k, seed=seed,
+                    seed_pool_id=1000 + seed, params=params)
+    models = [base.fork() for _ in shards]
+    curve = []
+
+    def score(rnd, params_now, metrics=None):
+        evaluator.params[:] = params_now
+        ev = evaluator.evaluate(held, batch_size=32)
+        fw = sum(m.forward_count for m in models)
+        curve.append({"round": rnd, "forwards": fw, "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
+                      "train_loss": None if metrics is None else metrics.get("train_loss"),
+                      "correct": np.asarray(ev["correct"]).astype(int).tolist()})
+    score(-1, base.params.copy())
+    t0 = time.time()
+    res = run_inline(job, models, shards, on_round=score)
+    wall = time.time() - t0
+    down = [h["bytes_down"] for h in res.history]
+    up = [h["bytes_up"] for h in res.history]
+    return {"variant": variant, "setting": setting, "seed": seed, "lr": lr, "k": k, "local_steps": local,
+            "rounds": job.rounds, "devices": n_dev, "curve": curve, "wall_s": wall,
+            "bytes_up": float(np.mean(up)), "bytes_down": float(np.max(down)),
+            "forwards": int(sum(m.forward_count for m in models))}
+
+
+def reach(curve_mean: list[tuple[float, float]], target: float) -> float:
+    """Forwards at which a (forwards, accuracy) curve first reaches target (nan: never)."""
+    for fw, acc in curve_mean:
+        if acc >= target - 1e-12:
+            return fw
+    return float("nan")
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    from edgefed.metrics import paired_gain
+    rows = []
+    by = {}
+    for r in runs:
+        by.setdefault((r["setting"], r["variant"]), []).append(r)
+    for (setting, variant), rs in by.items():
+        finals = [r["curve"][-1]["accuracy"] for r in rs]
+        gains = [paired_gain(r["curve"][0]["correct"], r["curve"][-1]["correct"])["gain"] for r in rs]
+        n_pts = min(len(r["curve"]) for r in rs)
+        mean_curve = [(float(np.mean([r["curve"][i]["forwards"] for r in rs])),
+                      float(np.mean([r["curve"][i]["accuracy"] for r in rs]))) for i in range(n_pts)]
+        m, lo, hi = t_interval(finals)
+        g, glo, ghi = t_interval(gains)
+        rows.append({"setting": setting, "variant": variant, "seeds": len(rs), "final": m, "final_lo": lo,
+                     "final_hi": hi, "gain": g, "gain_lo": glo, "gain_hi": ghi, "curve": mean_curve,
+                     "lr": rs[0]["lr"], "bytes_up": float(np.mean([r["bytes_up"] for r in rs])),
+                     "bytes_down": float(np.max([r["bytes_down"] for r in rs])),
+                     "forwards": float(np.mean([r["forwards"] for r in rs])),
+                     "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
+    for row in rows:
+        ref = next((x for x in rows if x["setting"] == row["setting"] and x["variant"] == "mezo"), None)
+        row["to_mezo_final"] = reach(row["curve"], ref["final"]) if ref else float("nan")
+        row["ratio_to_mezo"] = row["to_mezo_final"] / ref["forwards"] if ref else float("nan")
+    return rows
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    print("| setting | variant | lr | final acc [95% CI over seeds] | gain, pts [95% CI] | forwards to MeZO's "
+          "final | x MeZO's forwards | B up / down per device-round |", file=file)
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+    for r in rows:
+        ci = "" if math.isnan(r["final_lo"]) else f" [{100 * r['final_lo']:.1f}, {100 * r['final_hi']:.1f}]"
+        gci = "" if math.isnan(r["gain_lo"]) else f" [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
+        fw = "never" if math.isnan(r["to_mezo_final"]) else f"{r['to_mezo_final']:,.0f}"
+        ratio = "-" if math.isnan(r["ratio_to_mezo"]) else f"{r['ratio_to_mezo']:.2f}"
+        print(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {100 * r['final']:.1f}%{ci} | "
+              f"{100 * r['gain']:+.1f}{gci} | {fw} | {ratio} | {r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |",
+              file=file)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    settings = sorted({r["setting"] for r in rows}, key=lambda s: SETTINGS.index(s) if s in SETTINGS else 99)
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        for r in [x for x in rows if x["setting"] == s]:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, lw=2.2 if r["variant"] == "mezo" else 1.2,
+                    label=r["variant"], color="black" if r["variant"] == "mezo" else None)
+        ax.set_title(s)
+        ax.set_xlabel("training forward passes (all devices)")
+        ax.set_ylabel("held-out accuracy, % (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or tiny (smoke run)")
+    ap.add_argument("--trainable", default="lora:r=8,targets=q_proj,v_proj",
+                    help="the artifact's trainables (the demo's LoRA; prompt:n=8, full, ...)")
+    ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
+                    "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}")
+    ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--forwards", type=int, default=480, help="training forward passes per run (all devices)")
+    ap.add_argument("--evals", type=int, default=6, help="evaluations per run (equal slices of the budget)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3, help="plain MeZO's lr (the demo's)")
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--eval-n", type=int, default=200, help="balanced held-out rows scored after every slice")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (devices and evaluator)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", default=None, help="print the table and plot of a saved run")
+    ap.add_argument("--note", default="", help="what else ran on the machine (kept in the JSON)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows = summarise(saved["runs"])
+        print_table(rows)
+        if args.plot:
+            plot(rows, Path(args.plot))
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+    if "mezo" in variants:
+        variants = ["mezo"] + [v for v in variants if v != "mezo"]
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for s in settings:
+        parse_setting(s)
+
+    from edgefed import kernels
+    from edgefed.data import SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
+    from edgefed.export.cache import ensure_artifact
+    from edgefed.runtime import DeviceModel
+
+    out = Path(args.out or f"runs/zo-convergence-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
+                               template=SENTIMENT_TEMPLATE, progress=False)
+    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=args.eval_n, seed=0)
+    kernels.set_num_threads(args.threads)
+    base = DeviceModel(artifact, threads=args.threads, batch_size=args.batch, seq_len=args.seq_len, check_memory=False)
+    evaluator = base.fork()
+    cfg = {"forwards": args.forwards, "evals": args.evals, "batch": args.batch, "lr": args.lr, "eps": args.eps,
+           "k": args.k}
+    n_runs = len(variants) * len(settings) * args.seeds
+    load0 = os.getloadavg()
+    _log(f"{args.model} ({args.trainable}): {len(variants)} variants x {len(settings)} settings x {args.seeds} seeds "
+         f"= {n_runs} runs of {args.forwards} forwards (batch {args.batch} x {args.seq_len} tokens), "
+         f"{args.evals} evaluations of {len(held)} rows each; load average {load0[0]:.2f}")
+    runs = []
+    t0 = time.time()
+    for s in settings:
+        for v in variants:
+            for seed in range(args.seeds):
+                r = run_one(v, s, seed, cfg, base, evaluator, train, held, artifact)
+                runs.append(r)
+                done = len(runs)
+                eta = (time.time() - t0) / done * (n_runs - done)
+                _log(f"{done}/{n_runs} {s} {v} seed {seed}: acc {r['curve'][0]['accuracy']:.3f} -> "
+                     f"{r['curve'][-1]['accuracy']:.3f} in {r['forwards']} forwards ({r['rounds']} rounds x "
+                     f"{r['local_steps']} steps x {r['devices']} devices), {r['wall_s']:.0f} s; ~{eta / 60:.0f} min left")
+                if args.json:  # keep what is done if the run is cut
+                    Path(args.json).write_text(json.dumps({"config": vars(args), "runs": runs}, indent=1))
+    rows = summarise(runs)
+    print_table(rows)
+    path = plot(rows, Path(args.plot) if args.plot else out / "zo_convergence.png")
+    if path:
+        _log(f"plot: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(args), "load_avg": [load0, os.getloadavg()],
+                                               "runs": runs, "rows": rows, "note": args.note,
+                                               "total_s": time.time() - t0}, indent=1))
+        _log(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

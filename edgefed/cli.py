@@ -153,6 +153,8 @@ SUBCOMMANDS = {
                *_delegate("edgefed.export.cli", "add_models_args", "run_models")),
     "server": ("run the aggregation server for a job",
                *_delegate("edgefed_server.cli", "add_server_args", "run_server")),
+    "worker": ("an aggregation worker of a job (MQTT 5 shared subscription; partial sums merged exactly)",
+               *_delegate("edgefed_server.cli", "add_worker_args", "run_worker")),
     "device": ("run a device: join a job, train forward-only, report", _add_device_args, _device),
     "simulate": ("N virtual devices and the server in one process",
                  *_delegate("edgefed.simulate", "add_simulate_args", "run_simulate")),

@@ -113,6 +113,7 @@ class Limits:
     max_sync_rounds: int = 4096
     max_params: int = 64
     max_text: int = 1024  # bytes of utf-8 in free text / reasons
+    max_blobs: int = 1 << 20  # byte strings per `blobs` field (aggregation workers' reports)
 
 
 DEFAULT_LIMITS = Limits()
@@ -312,6 +313,12 @@ class _Writer:
                 self.parts.append(struct.pack("<B", _PARAM_FLOAT))
                 self.pack("d", float(v), f"{what}[{k!r}]")
 
+    def blobs(self, bs: List[bytes], what: str) -> None:
+        self.pack("I", len(bs), what)
+        for b in bs:
+            self.pack("I", len(b), what)
+            self.parts.append(bytes(b))
+
     def rounds(self, rs: List[RoundDelta], what: str) -> None:
         self.pack("I", len(rs), what)
         for r in rs:
@@ -402,6 +409,19 @@ class _Reader:
                 raise InvalidField(f"{what}[{k!r}] has unknown value type {tag}")
         return out
 
+    def blobs(self, what: str) -> List[bytes]:
+        n = self.unpack("I", what)
+        if n > self.limits.max_blobs:
+            raise MessageTooLarge(f"{what} has {n} entries; the limit is {self.limits.max_blobs}")
+        self._need(4 * n, what)  # every entry has at least its length
+        out = []
+        for i in range(n):
+            size = self.unpack("I", f"{what}[{i}] length")
+            self._need(size, f"{what}[{i}]")
+            out.append(bytes(self.buf[self.pos:self.pos + size]))
+            self.pos += size
+        return out
+
     def rounds(self, what: str) -> List[RoundDelta]:
         n = self.unpack("I", what)
         if n > self.limits.max_sync_rounds:
@@ -421,7 +441,7 @@ def _write_field(w: _Writer, kind: str, value: Any, what: str) -> None:
     elif kind in ("id", "id?", "text"):
         w.str(value, what)
     else:
-        getattr(w, kind)(value, what)  # tensors / params / rounds
+        getattr(w, kind)(value, what)  # tensors / params / rounds / blobs
 
 
 def _read_field(r: _Reader, kind: str, what: str) -> Any:
@@ -446,6 +466,8 @@ class MessageType(IntEnum):
     SYNC_REQUEST = 5
     SYNC_REPLY = 6
     JOB_STATE = 7
+    WORKER_REPORT = 8
+    WORKER_CONTROL = 9
 
 
 class AckStatus(IntEnum):
@@ -458,7 +480,7 @@ class AckStatus(IntEnum):
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _INT_RANGE = {"u8": (0, 0xFF), "u32": (0, _U32), "u64": (0, _U64), "i64": (-(1 << 63), (1 << 63) - 1)}
-WIRE_KINDS = (*_SCALAR_FMT, "id", "id?", "text", "tensors", "params", "rounds")
+WIRE_KINDS = (*_SCALAR_FMT, "id", "id?", "text", "tensors", "params", "rounds", "blobs")
 
 
 @dataclass(frozen=True)
@@ -597,6 +619,12 @@ def _check_field(f: WireField, value: Any, limits: Limits) -> Any:
         return value
     if kind == "rounds":
         return _check_rounds(value, what, limits)
+    if kind == "blobs":
+        if not isinstance(value, list) or not all(isinstance(b, (bytes, bytearray)) for b in value):
+            raise InvalidField(f"{what} must be a list of bytes")
+        if len(value) > limits.max_blobs:
+            raise MessageTooLarge(f"{what} has {len(value)} entries; the limit is {limits.max_blobs}")
+        return [bytes(b) for b in value]
     raise AssertionError(kind)
 
 
@@ -778,8 +806,50 @@ class JobState(Message):
     params: Dict[str, Param] = wire("params", default_factory=dict)
 
 
+@message
+class WorkerReport(Message):
+    """Aggregation worker -> coordinator on worker/report/{worker} (docs/server.md "Scale-out"):
+    what the worker decided for the updates it took from the shared subscription since its last
+    report, the bytes of those it accepted, and, answering a close request, its partial sum."""
+
+    TYPE: ClassVar[MessageType] = MessageType.WORKER_REPORT
+
+    job: str = wire("id")
+    worker: str = wire("id")
+    session: int = wire("u64")  # random per worker process: a restarted worker is a new session
+    round: int = wire("u32")
+    seq: int = wire("u64", lo=1)  # 1, 2, ... per session and round
+    request: int = wire("u64", 0)  # 0: progress; else the close request answered
+    decisions: List[bytes] = wire("blobs", default_factory=list)  # one encoded Ack per update handled
+    labels: List[bytes] = wire("blobs", default_factory=list)  # its reason class (utf-8; empty: accepted)
+    updates: List[bytes] = wire("blobs", default_factory=list)  # accepted: the Update as received; else empty
+    tensors: List[Tensor] = wire("tensors", default_factory=list)  # request > 0: the partial of reports 1..seq
+
+    def _check(self, limits: Limits) -> None:
+        if not len(self.decisions) == len(self.labels) == len(self.updates):
+            raise InvalidField(f"worker report: {len(self.decisions)} decisions, {len(self.labels)} labels, "
+                               f"{len(self.updates)} updates; one of each per update")
+        if self.request == 0 and self.tensors:
+            raise InvalidField("worker report: a partial sum answers a close request (request > 0)")
+
+
+@message
+class WorkerControl(Message):
+    """Coordinator -> aggregation workers, retained on worker/control: the open round, the job
+    configuration and the method state's scalars the workers validate with, and a close request."""
+
+    TYPE: ClassVar[MessageType] = MessageType.WORKER_CONTROL
+
+    job: str = wire("id")
+    round: int = wire("u32")
+    request: int = wire("u64", 0)  # > 0: send your partial for `round` (WorkerReport.request)
+    done: bool = wire("bool", False)  # the job is finished
+    config: List[bytes] = wire("blobs", default_factory=list)  # [job config JSON, state scalars JSON]
+
+
 MESSAGE_TYPES: Dict[int, Type[Message]] = {
-    int(c.TYPE): c for c in (RoundPlan, Update, Ack, Status, SyncRequest, SyncReply, JobState)}
+    int(c.TYPE): c for c in (RoundPlan, Update, Ack, Status, SyncRequest, SyncReply, JobState,
+                             WorkerReport, WorkerControl)}
 
 
 # --------------------------------------------------------------------------- signatures
@@ -918,6 +988,8 @@ def check_topic(topic: str, msg: Message) -> None:
                             f"expected {want.__name__}")
     if getattr(msg, "job", info.job) != info.job:
         raise InvalidField(f"message for job {msg.job!r} arrived on {topic}")  # type: ignore[attr-defined]
+    if info.device is not None and getattr(msg, "worker", info.device) != info.device:
+        raise InvalidField(f"report of worker {msg.worker!r} arrived on {topic}")  # type: ignore[attr-defined]
     if info.device is not None and getattr(msg, "device", info.device) != info.device:
         raise InvalidField(f"message from/for device {msg.device!r} arrived on {topic}; "  # type: ignore
                            f"a device may only use its own topics")
@@ -954,6 +1026,20 @@ class Topics:
         return f"{self.base}/sync/request/{check_id(device, 'device')}"
     def secagg(self, device: str) -> str: return f"{self.base}/secagg/from/{check_id(device, 'device')}"
 
+    # aggregation workers (docs/server.md "Scale-out")
+    def worker_report(self, worker: str) -> str:
+        return f"{self.base}/worker/report/{check_id(worker, 'worker')}"
+    def worker_status(self, worker: str) -> str:
+        return f"{self.base}/worker/status/{check_id(worker, 'worker')}"
+    def worker_control(self) -> str: return f"{self.base}/worker/control"
+    def all_worker_reports(self) -> str: return f"{self.base}/worker/report/+"
+    def all_worker_statuses(self) -> str: return f"{self.base}/worker/status/+"
+
+    def shared_updates(self, group: str) -> str:
+        """The MQTT 5 shared subscription of the update topics: the broker hands each update to
+        one member of `group` (the coordinator and its workers)."""
+        return f"$share/{check_id(group, 'share group')}/{self.all_updates()}"
+
     # server subscription filters
     def all_updates(self) -> str: return f"{self.base}/update/+"
     def all_statuses(self) -> str: return f"{self.base}/status/+"
@@ -964,7 +1050,8 @@ class Topics:
 
 TOPIC_KINDS: Dict[str, Type[Message]] = {
     "plan": RoundPlan, "state": JobState, "update": Update, "ack": Ack, "status": Status,
-    "sync_request": SyncRequest, "sync_reply": SyncReply}
+    "sync_request": SyncRequest, "sync_reply": SyncReply, "worker_report": WorkerReport,
+    "worker_status": Status, "worker_control": WorkerControl}
 
 
 def parse_topic(topic: str) -> TopicInfo:
@@ -980,6 +1067,10 @@ def parse_topic(topic: str) -> TopicInfo:
         return TopicInfo(job, rest[0], check_id(rest[1], "device in topic"))
     if len(rest) == 3 and rest[0] == "sync" and rest[1] in ("request", "reply"):
         return TopicInfo(job, "sync_" + rest[1], check_id(rest[2], "device in topic"))
+    if rest == ["worker", "control"]:
+        return TopicInfo(job, "worker_control")
+    if len(rest) == 3 and rest[0] == "worker" and rest[1] in ("report", "status"):
+        return TopicInfo(job, "worker_" + rest[1], check_id(rest[2], "worker in topic"))
     if rest == ["secagg", "all"]:
         return TopicInfo(job, "secagg_all")
     if len(rest) == 3 and rest[0] == "secagg" and rest[1] in ("from", "to"):
@@ -1009,5 +1100,5 @@ __all__ = [
     "ChecksumMismatch", "InvalidField", "SignatureError", "Signature", "signing_input",
     "sign_bytes", "FLAG_SIGNED", "RoundMismatch", "Tensor", "TENSOR_DTYPES", "bf16_bits", "bf16_to_f32", "RoundDelta", "MessageType",
     "AckStatus", "Message", "message", "wire", "WireField", "WIRE_KINDS", "RoundPlan", "Update", "Ack", "Status", "SyncRequest", "SyncReply",
-    "JobState", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
+    "JobState", "WorkerReport", "WorkerControl", "MESSAGE_TYPES", "decode", "validate_update", "check_id", "check_topic",
     "TopicInfo", "Topics", "TOPIC_KINDS", "parse_topic", "MessageIds"]

@@ -107,9 +107,12 @@ class Admission:
 
     def decide(self, msg: Update, prev: Optional[dict], *, job: JobConfig, strategy: ServerStrategy,
                state: Optional[MethodState], plan: Optional[RoundPlan], round_id: int, done: bool,
-               accepted: Mapping[str, Any], devices: Mapping[str, Any], secure: Any = None) -> Decision:
+               accepted: Mapping[str, Any], devices: Mapping[str, Any], secure: Any = None,
+               validated: bool = False) -> Decision:
         """prev: the stored row of (msg.device, msg.msg_id) (Store.find_update), or None.
-        accepted: device -> (AcceptedMeta, size) of the open round. secure: its SecureRound."""
+        accepted: device -> (AcceptedMeta, size) of the open round. secure: its SecureRound.
+        validated: an aggregation worker already checked steps 6-7 (the device's plan, the
+        protocol and the method's validation; server/worker.py): only the job's state is judged."""
         device = msg.device
         if prev is not None:  # QoS-1 redelivery or a device retry: the same answer again
             return Decision(Verdict.REPEAT, AckStatus(prev["status"]), prev["round"], prev["reason"])
@@ -135,6 +138,8 @@ class Admission:
                       f"(msg_id {first.msg_id}); one update per device and round")
             return Decision(Verdict.DUPLICATE, AckStatus.DUPLICATE, msg.round, reason)
         assert plan is not None and state is not None
+        if validated:
+            return Decision(Verdict.ACCEPT, AckStatus.ACCEPTED, msg.round)
         try:  # this device's part of the plan (edgefed.assign): selected, with its class's settings
             mine = plan_for(plan, device, str((devices.get(device) or {}).get("device_class", "")))
         except ValueError as e:

@@ -26,7 +26,8 @@ from typing import Any, List, Optional
 
 from edgefed.methods.base import parse_param  # re-exported: the server CLI and `edgefed simulate` share it
 
-__all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args", "main"]
+__all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args", "main",
+           "add_worker_args", "run_worker"]
 
 
 def message_limits(mb: float):
@@ -84,6 +85,14 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="sign everything with the job key and accept only device messages signed "
                         "with keys in the registry: DIR/server.key + DIR/devices.json (the signing/ "
                         "folder `edgefed certs` writes). Without it: development mode, unsigned")
+    s.add_argument("--workers", action="store_true",
+                   help="scale-out: take updates through the MQTT 5 shared subscription of --share-group, "
+                        "with `edgefed worker` processes as the other members (docs/server.md 'Scale-out')")
+    s.add_argument("--share-group", default=None,
+                   help="shared-subscription group of the coordinator and its workers (default edgefed-<job>)")
+    s.add_argument("--worker-timeout", type=float, default=10.0,
+                   help="seconds a closing round waits for a worker's partial before aggregating the "
+                        "updates it accepted from the store")
     s.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-server-<job>)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -229,10 +238,21 @@ def run_server(args: argparse.Namespace) -> int:
         from .engine import ResourceLimits
         rlimits = ResourceLimits(max_devices=args.max_devices, inbound_bytes=args.inbound_bytes,
                                  status_devices=args.status_devices)
-        server = Server(transport, store, cfg, http_port=args.http_port,
-                        allow_unknown_devices=args.allow_unknown_devices, history=args.history,
-                        resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host,
-                        signing=signing, limits=message_limits(args.max_message_mb))
+        share = None
+        if getattr(args, "workers", False) or getattr(args, "share_group", None):
+            from .worker import share_group
+            share = share_group(args.job, args.share_group)
+        try:
+            server = Server(transport, store, cfg, http_port=args.http_port,
+                            allow_unknown_devices=args.allow_unknown_devices, history=args.history,
+                            resource_limits=rlimits, http_allowed_hosts=args.http_allowed_host,
+                            signing=signing, limits=message_limits(args.max_message_mb),
+                            share_group=share, worker_timeout=args.worker_timeout)
+        except ValueError as e:
+            print(f"edgefed server: {e}", file=sys.stderr)
+            return 2
+        if share:
+            print(f"aggregation workers: shared subscription group {share}", flush=True)
         total = cfg.rounds
         if not args.quiet:
             server.add_round_listener(lambda s: print(_progress_line(s, total), flush=True))
@@ -310,6 +330,82 @@ def _make_evaluator(args: argparse.Namespace, job, db: str, log: logging.Logger)
     except (ValueError, OSError, KeyError) as e:  # DataError is a ValueError; names file:line
         print(f"edgefed server: --heldout: {e}", file=sys.stderr)
         return None
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--job", required=True, help="job id")
+    p.add_argument("--worker-id", required=True, help="this worker's id (its MQTT user <id>@<job> and "
+                   "signing key <id>.key, from `edgefed certs --workers`)")
+    p.add_argument("--broker", required=True, help="mqtt(s)://... of an MQTT 5 broker (Mosquitto >= 1.6, EMQX 5)")
+    p.add_argument("--share-group", default=None, help="shared-subscription group (default edgefed-<job>, "
+                   "as the coordinator's)")
+    p.add_argument("--signing-dir", default=None, metavar="DIR",
+                   help="DIR/<worker-id>.key, DIR/devices.json and DIR/server.pub (the signing/ folder of "
+                        "`edgefed certs`); without it: development mode, unsigned")
+    p.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-worker-<job>-<id>)")
+    p.add_argument("--max-message-mb", type=float, default=4.0)
+    p.add_argument("--broker-message-kb", type=int, default=4096)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """`edgefed worker`: exit 0 when the job is finished, 2 on a configuration error, 1 on a
+    failure, 128+signal when stopped."""
+    from edgefed.protocol import check_id
+    from edgefed.transport import make_transport
+
+    from .worker import Worker
+
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_id(args.job, "job")
+        check_id(args.worker_id, "worker")
+    except ValueError as e:
+        print(f"edgefed worker: {e}", file=sys.stderr)
+        return 2
+    signing = None
+    if args.signing_dir:
+        try:
+            from edgefed.security.signing import WorkerSigning
+            signing = WorkerSigning.from_dir(args.signing_dir, args.worker_id)
+        except (ValueError, OSError, ImportError) as e:
+            print(f"edgefed worker: --signing-dir: {e}", file=sys.stderr)
+            return 2
+    stop = threading.Event()
+    stopped_by: List[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+    transport = make_transport(args.broker, args.client_id or f"edgefed-worker-{args.job}-{args.worker_id}",
+                               max_payload_bytes=int(args.broker_message_kb) << 10)
+    worker = Worker(transport, args.job, args.worker_id, group=args.share_group, signing=signing,
+                    limits=message_limits(args.max_message_mb))
+    try:
+        transport.connect()
+        worker.start()
+        print(f"worker {args.worker_id} of job {args.job}: shared subscription "
+              f"{worker.topics.shared_updates(worker.group)}", flush=True)
+        finished = worker.run(stop_event=stop)
+        if worker.error:
+            print(f"edgefed worker: {worker.error}", file=sys.stderr)
+            return 2
+        if finished:
+            print(f"job {args.job} finished: {worker.stats}", flush=True)
+            return 0
+        return 128 + stopped_by[0] if stopped_by else 1
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("edgefed.worker").exception("worker failed: %s", e)
+        return 1
+    finally:
+        worker.stop()
+        transport.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

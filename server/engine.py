@@ -55,6 +55,7 @@ from .admission import AcceptedMeta, Admission, Decision, ExtraRowQuota, Keep, V
 from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
 from .round_policy import Action, ExpectedChange, RoundView
 from .secure_round import SecureRound, SecureRoundFailed
+from .workers import WorkerHub
 from .store import ResumeInfo, Store, StoreError
 from .sync import SyncBuilder, full_state, history_from
 
@@ -120,7 +121,8 @@ class Server:
                  history: Optional[int] = None, settle: float = 0.3, max_batch: int = 2048,
                  limits: Limits = DEFAULT_LIMITS,
                  resource_limits: ResourceLimits = DEFAULT_RESOURCE_LIMITS,
-                 http_allowed_hosts: Sequence[str] = (), signing: Any = None):
+                 http_allowed_hosts: Sequence[str] = (), signing: Any = None,
+                 share_group: Optional[str] = None, worker_timeout: float = 10.0):
         if int(job.rounds) < 1 or not float(job.round_timeout) > 0:
             raise ValueError(f"job {job.job!r}: rounds must be >= 1 and round_timeout > 0 "
                              f"(got {job.rounds}, {job.round_timeout})")
@@ -144,6 +146,7 @@ class Server:
         self.signing = signing
         self._signer = signing.signer if signing is not None else None
         self._verifier = signing.verifier if signing is not None else None
+        self._worker_verifier = getattr(signing, "worker_verifier", None)
         if signing is None:
             from edgefed.security.signing import warn_unsigned
             warn_unsigned(self.log, "server")
@@ -193,6 +196,11 @@ class Server:
         self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
         self.replica: Optional[TrainablesReplica] = None  # the global trainables (state digest)
         self._check_secure_job()
+        # aggregation workers (server/workers.py): updates through a shared subscription
+        self.hub: Optional[WorkerHub] = None
+        if share_group:
+            self._check_worker_job()
+            self.hub = WorkerHub(self, share_group, worker_timeout)
         self.metrics: Dict[str, Any] = {
             "secagg_restarts": 0, "secagg_rejected": 0, "device_errors": 0,
             "accepted": 0, "late": 0, "duplicates": 0, "rejected": {}, "bytes_received": 0,
@@ -251,7 +259,14 @@ class Server:
             outbox.append((self.topics.state(), self._job_state(now).encode(self.limits, signer=self._signer), True))
             if not self.done:
                 outbox.append((self.topics.plan(), self.plan_bytes, True))
-        self._subscribe(self.topics.all_updates())
+            if self.hub is not None:
+                outbox.append(self.hub.control())
+        if self.hub is not None:
+            self._subscribe(self.topics.all_worker_statuses())
+            self._subscribe(self.topics.all_worker_reports())
+            self._subscribe(self.topics.shared_updates(self.hub.group))
+        else:
+            self._subscribe(self.topics.all_updates())
         self._subscribe(self.topics.all_sync_requests())
         if self._secure_on():
             self._subscribe(self.topics.all_secagg())
@@ -349,6 +364,7 @@ class Server:
                 "history": list(self.history), "strategy": self._strategy_summary(),
                 "digest": self.digest, "history_from": self._history_from(),
                 "metrics": self._metrics_copy(), "http_port": self.http_port, "error": self.error,
+                **({"workers": self.hub.summary()} if self.hub is not None else {}),
                 "now": now}
 
     def inbound(self) -> dict:
@@ -519,6 +535,8 @@ class Server:
         and (re-)added to a fresh accumulator in the order the engine first added them."""
         self._open_acc()
         self.accepted = {}
+        if self.hub is not None:  # every stored update goes into our own sums: no partials this round
+            self.hub.adopt_all()
         for device, _msg_id, raw in rows:
             upd = decode(raw, limits=self.limits, expect=Update)
             assert isinstance(upd, Update)
@@ -578,6 +596,14 @@ class Server:
                              "each update); use dp_mode=local, which adds the noise on the devices")
         if type(self.strategy).secure_spec is ServerStrategy.secure_spec:
             raise ValueError(f"method {self.job.method!r} has no secure aggregation mode")
+
+    def _check_worker_job(self) -> None:
+        """Refuse a job whose aggregation cannot be split between workers and merged exactly."""
+        why = self.strategy.partials_unsupported(self.job)
+        if why is None and self._secure_on():
+            why = "secure_aggregation: the server learns only the round's sum, which workers cannot split"
+        if why is not None:
+            raise ValueError(f"job {self.job.job!r} cannot use aggregation workers (--share-group): {why}")
 
     def _secagg_max_devices(self) -> int:
         """The largest cohort of a secure round: it sizes the fixed-point scale and caps the roster."""
@@ -665,7 +691,8 @@ class Server:
     def _due_at(self) -> float:
         """When the engine must act without a message: the round deadline, or a secure stage's."""
         if self.secure is None:
-            return round_policy.due_at(self.deadline)
+            due = round_policy.due_at(self.deadline)
+            return due if self.hub is None else min(due, self.hub.due())
         return round_policy.due_at(self.deadline, self.secure.stage, self.secure.waiting_until())
 
     # ================================================================== the engine thread
@@ -783,6 +810,10 @@ class Server:
                     self._on_sync(topic, payload, outbox)
                 elif info.kind == "secagg_from":
                     self._on_secagg(topic, info.device, payload, outbox)
+                elif info.kind == "worker_report" and self.hub is not None:
+                    self.hub.on_report(topic, payload, outbox)
+                elif info.kind == "worker_status" and self.hub is not None:
+                    self.hub.on_status(topic, payload)
                 else:
                     self.log.debug("ignoring %s (not a server topic)", self._safe(topic))
         except Exception as e:
@@ -840,43 +871,47 @@ class Server:
         self._reject_log(d.label, topic, d.reason)
         self._ack(outbox, device, d.ack_round, msg_id, d.status, d.reason)
 
-    def _on_valid_update(self, topic: str, msg: Update, raw: bytes, now: float, outbox: list) -> None:
-        """Carry out admission's decision: the store writes, metrics, log line and Ack."""
+    def _on_valid_update(self, topic: str, msg: Update, raw: bytes, now: float, outbox: list,
+                         validated: bool = False, add: bool = True) -> bool:
+        """Carry out admission's decision: the store writes, metrics, log line and Ack. True if
+        accepted. validated / add: an update an aggregation worker checked and added to its own
+        sums (server/workers.py): only the job's state is judged, and our accumulator gets it
+        only if `add` (the worker's partial is not used)."""
         job, device = self.job.job, msg.device
         d = self.admission.decide(msg, self.store.find_update(job, device, msg.msg_id), job=self.job,
                                   strategy=self.strategy, state=self.state, plan=self.plan,
                                   round_id=self.round, done=self.done, accepted=self.accepted,
-                                  devices=self.devices, secure=self.secure)
+                                  devices=self.devices, secure=self.secure, validated=validated)
         if d.verdict is Verdict.REPEAT:
             self.metrics["duplicates"] += 1
             self.log.debug("duplicate update %s/%d (round %d): re-sending ack %s", device,
                            msg.msg_id, d.ack_round, d.status.name)
             self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
-            return
+            return False
         if d.verdict is Verdict.REJECT:
             if d.device_refused:
                 self.metrics["devices_refused"] += 1
             self._refuse(topic, device, msg.msg_id, d, outbox)
-            return
+            return False
         if d.verdict is Verdict.LATE:
             self.metrics["late"] += 1
             how = self._store_extra(msg, raw, now, d, late=True)
             self._warn("late", "late update from %s for round %d (current %d): %s, not aggregated",
                        device, msg.round, self.round, how, level=logging.INFO)
             self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
-            return
+            return False
         if d.verdict is Verdict.DUPLICATE:
             self.metrics["duplicates"] += 1
             how = self._store_extra(msg, raw, now, d, late=False)
             self._warn("duplicate", "rejected %s: %s (%s)", self.topics.update(device), d.reason, how)
             self._ack(outbox, device, d.ack_round, msg.msg_id, d.status, d.reason)
-            return
+            return False
         assert d.verdict is Verdict.ACCEPT
         try:
             with self.store.transaction():  # a savepoint: the row and the add() stand or fall together
                 self.store.insert_update(job, msg.round, device, msg.msg_id, now, raw,
                                          AckStatus.ACCEPTED, "", accepted=True)
-                if self.acc is not None:
+                if self.acc is not None and add:
                     self.acc.add(msg)
         except Exception as e:
             if _is_store_error(e):
@@ -885,7 +920,7 @@ class Server:
             self._refuse(topic, device, msg.msg_id,
                          reject("strategy", f"{self.job.method} could not aggregate the update: {e!r}",
                                 msg.round), outbox)
-            return
+            return False
         # in memory only after the row is written (inside the batch transaction); the Update
         # itself is the accumulator's to keep or drop
         self.accepted[device] = (AcceptedMeta.of(msg), len(raw))
@@ -896,6 +931,7 @@ class Server:
         self.metrics["accepted"] += 1
         self.metrics["bytes_received"] += len(raw)
         self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.ACCEPTED)
+        return True
 
     def _store_extra(self, msg: Update, raw: bytes, now: float, d: Decision, late: bool) -> str:
         """Store a late or duplicate update as the quota places it (raw, digest or not at all);
@@ -1046,6 +1082,8 @@ class Server:
             secure_sum = self._secure_sum(now, outbox)
             if secure_sum is None:
                 return  # unmasking (or a new attempt) under way
+        elif self.hub is not None and not self.hub.prepare_close(now, outbox):
+            return  # waiting for the workers' partials
         mark = len(outbox)
         try:
             self._aggregate_round(now, outbox, events, secure_sum)
@@ -1068,6 +1106,9 @@ class Server:
         if self.secure is not None and self.secure.stage == "unmask":
             self._close_round(now, outbox, events)  # the unmask window may have ended
             return
+        if self.hub is not None and self.hub.request and now >= self.hub.due():
+            self._close_round(now, outbox, events)  # workers that did not answer are adopted
+            return
         d = round_policy.on_tick(self._round_view(now))
         if d.action is Action.CLOSE:
             self.log.info("round %d: deadline reached with %d/%d updates; closing", self.round,
@@ -1085,6 +1126,8 @@ class Server:
         self.plan, self.plan_bytes, self.deadline = plan, plan_bytes, plan.deadline
         self.extensions += 1
         self.metrics["extensions"] += 1
+        if self.hub is not None:
+            self.hub.cancel_close()
         self.log.warning("round %d: %s; deadline extended by %.1f s and the plan re-published",
                          self.round, reason, self.job.round_timeout)
         outbox.append((self.topics.plan(), plan_bytes, True))
@@ -1151,6 +1194,8 @@ class Server:
         else:
             if self.acc is None:
                 raise RuntimeError(f"round {rnd} has no open accumulator")
+            if self.hub is not None:  # the workers' partial sums (exact: the same bits as one server)
+                self.hub.merge_into(self.acc)
             new_state, delta = self.acc.finalize()
         updates = [self.accepted[d][0] for d in devices]
         agg_s = time.perf_counter() - t0
@@ -1178,7 +1223,8 @@ class Server:
             "duration_s": max(0.0, now - self.opened_at), "aggregate_s": agg_s,
             "target": self._target(), "extensions": self.extensions,
             "opened_at": self.opened_at, "closed_at": now, "strategy": summary,
-            **({"secagg": self.secure.summary()} if self.secure is not None else {})}
+            **({"secagg": self.secure.summary()} if self.secure is not None else {}),
+            **({"workers": self.hub.summary()} if self.hub is not None else {})}
         state_msg = self._job_state_after(now, new_state, rnd + 1, finished)
         self.store.commit_round(self.job.job, rnd, new_state, delta, now, len(updates), metrics,
                                 next_bytes, next_plan.deadline if next_plan is not None else 0.0,
@@ -1209,6 +1255,9 @@ class Server:
         self.digest = state_msg.digest
         if not finished:
             outbox.append((self.topics.plan(), self.plan_bytes, True))
+        if self.hub is not None:
+            self.hub.new_round()
+            outbox.append(self.hub.control())
         outbox.append((self.topics.state(), state_msg.encode(self.limits, signer=self._signer), True))
         self.log.info("round %d aggregated: %d updates (%s), loss %s, %.3f s%s", rnd, len(updates),
                       ",".join(devices) if len(devices) <= 8 else f"{len(devices)} devices",

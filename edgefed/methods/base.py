@@ -165,6 +165,23 @@ class RoundAccumulator(ABC):
     def finalize(self) -> tuple[MethodState, RoundDelta]:
         """The new state and the delta devices apply (called once, with >= 1 update added)."""
 
+    # -- partial sums (aggregation workers, docs/server.md "Scale-out"): only accumulators whose
+    # sums are exact (edgefed.exactsum) implement these, so that merging partials in any grouping
+    # gives the bits of one accumulator that was given every update.
+    def partial(self) -> list[Tensor]:
+        """What was added so far, as named tensors (a worker's partial sum on the wire)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact partial sums")
+
+    def merge(self, tensors: Sequence[Tensor], negate: bool = False) -> None:
+        """Add another accumulator's partial() (or subtract it, with negate: exact, so a partial
+        that holds an update it should not can be corrected). Raises ValueError if malformed."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact partial sums")
+
+    @property
+    def count(self) -> int:
+        """Updates added (merged partials count theirs; negated ones subtract)."""
+        return 0
+
 
 class BufferedAccumulator(RoundAccumulator):
     """The default: hold the round's updates and call strategy.aggregate() with them ordered by
@@ -208,6 +225,12 @@ class ServerStrategy(ABC):
     def start_round(self, job: JobConfig, state: MethodState, plan: RoundPlan) -> RoundAccumulator:
         """The accumulator for one round; override to aggregate as updates stream in."""
         return BufferedAccumulator(self, job, state, plan)
+
+    def partials_unsupported(self, job: JobConfig) -> Optional[str]:
+        """None when this job's round accumulator sums exactly and implements partial() / merge()
+        (aggregation workers can then split a round); else why not, for the error message."""
+        return (f"method {job.method!r} has no exact partial sums (its aggregation cannot be split "
+                f"between workers and merged bit for bit)")
 
     def full_state(self, job: JobConfig, state: MethodState) -> list[Tensor]:
         """Everything a device far behind needs to rebuild the global state from the artifact."""

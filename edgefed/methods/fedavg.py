@@ -14,7 +14,8 @@ The client half needs the torch backend (`edgefed device --backend torch`); the 
 is numpy. What crosses the network is one flat delta per host (f32, or bf16 / f16 with
 `--param update_dtype=bf16`, half the bytes) and one f32 delta back, which every replica adds
 to the same float32 buffer, so all replicas stay bit-identical. Plain means aggregate as the
-updates stream in (a float64 running sum: server memory does not grow with the hosts)."""
+updates stream in (exact sums, edgefed.exactsum: server memory does not grow with the hosts,
+and any order or split between aggregation workers gives the same bits)."""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
                    ServerStrategy, check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
+from .partials import DenseExactMean
 
 __all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
            "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
@@ -157,28 +159,6 @@ class FedAvgClient(ClientAlgorithm):
                 model.params += t.float32().reshape(-1)
 
 
-class _StreamingMean(RoundAccumulator):
-    """sum_i w_i clip(d_i) / sum_i w_i in float64, added as updates arrive (arrival order, which
-    the store keeps, so a replay gives the same bits)."""
-
-    def __init__(self, strategy: "FedAvgServer", job: JobConfig, state: MethodState, plan: RoundPlan,
-                 norm_clip: float):
-        self.strategy, self.job, self.state, self.plan, self.norm_clip = strategy, job, state, plan, norm_clip
-        self.total: np.ndarray | None = None
-        self.weight = 0.0
-
-    def add(self, update: Update) -> None:
-        d = clip_to_norm(update.tensors[0].float32().reshape(-1), self.norm_clip).astype(np.float64)
-        w = float(update.num_samples)
-        self.total = d * w if self.total is None else self.total + d * w
-        self.weight += w
-
-    def finalize(self):
-        if self.total is None:
-            raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
-        return self.strategy.apply_mean(self.job, self.state.copy(), self.plan, self.total / self.weight)
-
-
 class FedAvgServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
         server_opt.ServerOptConfig.from_params(job.params)  # refuse a bad optimiser at creation
@@ -217,14 +197,34 @@ class FedAvgServer(ServerStrategy):
     def start_round(self, job: JobConfig, state: MethodState, plan: RoundPlan) -> RoundAccumulator:
         cfg = RobustConfig.from_params(job.params, dense=True)
         if cfg.aggregator == "mean":
-            return _StreamingMean(self, job, state, plan, cfg.norm_clip)
+            return self._exact_mean(job, state, plan, cfg.norm_clip)
         return super().start_round(job, state, plan)
+
+    def partials_unsupported(self, job: JobConfig):
+        if type(self).start_round is not FedAvgServer.start_round:  # subclasses that buffer (hetlora)
+            return super().partials_unsupported(job)
+        cfg = RobustConfig.from_params(job.params, dense=True)
+        if cfg.aggregator != "mean":
+            return (f"aggregator={cfg.aggregator} looks at every host's delta together (no partial sums); "
+                    f"use aggregator=mean with workers")
+        return None
+
+    def _exact_mean(self, job: JobConfig, state: MethodState, plan: RoundPlan, norm_clip: float):
+        """sum_i w_i clip(d_i) / sum_i w_i with exact sums, added as updates stream in (server memory
+        does not grow with the hosts; any order or split between workers gives the same bits)."""
+        return DenseExactMean(lambda u: clip_to_norm(u.tensors[0].float32().reshape(-1), norm_clip),
+                              lambda avg: self.apply_mean(job, state.copy(), plan, avg))
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
         if not updates:
             raise ValueError("aggregate needs at least one update (the engine enforces min_devices >= 1)")
         cfg = RobustConfig.from_params(job.params, dense=True)
         ordered = sorted(updates, key=lambda u: u.device)
+        if cfg.aggregator == "mean":
+            acc = self._exact_mean(job, state, plan, cfg.norm_clip)
+            for u in ordered:
+                acc.add(u)
+            return acc.finalize()
         avg = aggregate_dense([u.tensors[0].float32().reshape(-1) for u in ordered],
                               [u.num_samples for u in ordered], cfg)
         return self.apply_mean(job, state.copy(), plan, avg)

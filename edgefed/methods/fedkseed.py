@@ -28,6 +28,7 @@ from . import server_opt
 from .server_opt import ServerOptConfig
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
                    ServerStrategy, check_num_samples, expect_tensors)
+from .partials import SeedExactMean
 
 __all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds",
            "dp_denominator", "DP_TAIL", "ZOPlan", "zo_plan", "zo_plan_params", "seed_tensors", "seed_pairs",
@@ -405,16 +406,11 @@ class FedKSeedServer(ServerStrategy):
             # FedKSeed-Pro statistics from the released aggregate only (post-processing)
             state.arrays["abs_sum"] += np.abs(G)
             state.arrays["counts"] += 1
-        elif cfg.aggregator == "mean":  # sample-weighted; a device that did not draw seed j adds 0
-            total = float(sum(u.num_samples for u in ordered))
-            G = np.zeros(k, np.float64)
+        elif cfg.aggregator == "mean":  # sample-weighted, exact: the accumulator's sums (start_round)
+            acc = self._exact_mean(job, state, plan, cfg)
             for u in ordered:
-                seeds, scalars = update_pairs(u)
-                idx = seeds.astype(np.int64)
-                g = clip_to_norm(scalars, cfg.norm_clip) if cfg.norm_clip > 0 else scalars.astype(np.float64)
-                np.add.at(G, idx, (u.num_samples / total) * g)
-                np.add.at(state.arrays["abs_sum"], idx, np.abs(g))
-                np.add.at(state.arrays["counts"], idx, 1)
+                acc.add(u)
+            return acc.finalize()
         else:  # per seed over the devices that drew it (edgefed.security.robust.aggregate_sparse)
             pairs = [update_pairs(u) for u in ordered]
             agg = aggregate_sparse(k, [s for s, _ in pairs], [v for _, v in pairs], cfg)
@@ -422,6 +418,37 @@ class FedKSeedServer(ServerStrategy):
             state.arrays["abs_sum"] += agg.abs_value
             state.arrays["counts"] += agg.voters
         return self._apply(job, state, plan, G)
+
+    def start_round(self, job, state: MethodState, plan: RoundPlan):
+        cfg = RobustConfig.from_params(job.params, dense=False)
+        if cfg.aggregator == "mean" and not dp.DPConfig.from_params(job.params).central:
+            return self._exact_mean(job, state, plan, cfg)
+        return super().start_round(job, state, plan)
+
+    def partials_unsupported(self, job: JobConfig):
+        cfg = RobustConfig.from_params(job.params, dense=False)
+        if cfg.aggregator != "mean":
+            return (f"aggregator={cfg.aggregator} looks at every device's values together (a robust "
+                    f"statistic has no partial sums); use aggregator=mean with workers")
+        if dp.DPConfig.from_params(job.params).central:
+            return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
+        return None
+
+    def _exact_mean(self, job, state: MethodState, plan: RoundPlan, cfg: RobustConfig):
+        """The mean aggregator: per seed sum_i n_i g_ij / sum_i n_i with exact sums (so any order or
+        split between aggregation workers gives the same bits), plus Pro's statistics."""
+        def pairs(u: Update):
+            seeds, scalars = update_pairs(u)
+            g = clip_to_norm(scalars, cfg.norm_clip) if cfg.norm_clip > 0 else scalars.astype(np.float64)
+            return seeds, g
+
+        def finish(G, abs_g, counts):
+            new = state.copy()
+            new.arrays["abs_sum"] += abs_g
+            new.arrays["counts"] += counts
+            return self._apply(job, new, plan, G)
+
+        return SeedExactMean(int(job.k), pairs, finish)
 
     def _apply(self, job, state: MethodState, plan: RoundPlan, G: np.ndarray, stats_from_aggregate: bool = False):
         """The round's coefficients from the per-seed aggregate G (and Pro's statistics from G

@@ -13,6 +13,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec, ServerStrategy,
                    check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
+from .partials import DenseExactMean
 from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, max_probes, probe_bound, space_of, zo_config, zo_plan,
                        zo_plan_params)
 
@@ -145,9 +146,34 @@ class FedMeZOServer(ServerStrategy):
             if dcfg.noise_std > 0:
                 total = total + dp.central_rng(job.seed, plan.round).normal(0.0, dcfg.noise_std, total.size)
             avg = total / dp_denominator(job, len(ordered))
+        elif cfg.aggregator == "mean":  # exact sums (start_round)
+            acc = self._exact_mean(state, plan, cfg.norm_clip)
+            for u in ordered:
+                acc.add(u)
+            return acc.finalize()
         else:
             avg = aggregate_dense([u.tensors[0].data for u in ordered], [u.num_samples for u in ordered], cfg)
         return self._apply(state, plan, avg)
+
+    def start_round(self, job: JobConfig, state: MethodState, plan: RoundPlan):
+        cfg = RobustConfig.from_params(job.params, dense=True)
+        if cfg.aggregator == "mean" and not dp.DPConfig.from_params(job.params).central:
+            return self._exact_mean(state, plan, cfg.norm_clip)
+        return super().start_round(job, state, plan)
+
+    def partials_unsupported(self, job: JobConfig):
+        cfg = RobustConfig.from_params(job.params, dense=True)
+        if cfg.aggregator != "mean":
+            return (f"aggregator={cfg.aggregator} looks at every device's delta together (no partial sums); "
+                    f"use aggregator=mean with workers")
+        if dp.DPConfig.from_params(job.params).central:
+            return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
+        return None
+
+    def _exact_mean(self, state: MethodState, plan: RoundPlan, norm_clip: float):
+        """The sample-weighted mean of the deltas with exact sums, as updates stream in."""
+        return DenseExactMean(lambda u: clip_to_norm(u.tensors[0].data.reshape(-1), norm_clip),
+                              lambda avg: self._apply(state.copy(), plan, avg))
 
     @staticmethod
     def _apply(state: MethodState, plan: RoundPlan, avg: np.ndarray):

@@ -107,14 +107,20 @@ def _issue(subject_cn: str, issuer_cert, issuer_key, *, days: int, ca: bool = Fa
 
 def generate(out: str, job: str, devices: Sequence[str], *, server_hosts: Sequence[str] = DEFAULT_HOSTS,
              port: int = 8883, days: int = 825, require_certificate: bool = True,
-             bind: Optional[str] = None) -> Dict[str, object]:
-    """Write everything for `job` under `out`; returns the paths and user names (no passwords)."""
+             bind: Optional[str] = None, workers: Sequence[str] = ()) -> Dict[str, object]:
+    """Write everything for `job` under `out`; returns the paths and user names (no passwords).
+    `workers`: aggregation workers (docs/server.md "Scale-out"), each an identity of its own."""
     BA.check_id(job, "job")
     devices = list(dict.fromkeys(devices))
+    workers = list(dict.fromkeys(workers))
     if not devices:
         raise ValueError("give at least one device id (--devices dev1,dev2)")
+    both = sorted(set(devices) & set(workers))
+    if both:
+        raise ValueError(f"ids used both for a device and a worker: {', '.join(both)}")
     users = {BA.SERVER_NAME: BA.server_username(job)}
     users.update({d: BA.device_username(job, d) for d in devices})  # checks ids, refuses 'server'
+    users.update({w: BA.device_username(job, w) for w in workers})
     hosts = list(dict.fromkeys(server_hosts)) or list(DEFAULT_HOSTS)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -144,8 +150,8 @@ def generate(out: str, job: str, devices: Sequence[str], *, server_hosts: Sequen
         passwords[name] = known.get(name) or BA.new_password()
         BA.write_private(cred_dir / f"{name}.password", passwords[name] + "\n")
     BA.write_private(root / "passwd", BA.password_file_text({users[n]: passwords[n] for n in users}))
-    (root / "acl").write_text(BA.acl_text(job, devices))
-    (root / "emqx-acl.conf").write_text(BA.emqx_acl_text(job, devices))  # docs/brokers.md
+    (root / "acl").write_text(BA.acl_text(job, devices, workers))
+    (root / "emqx-acl.conf").write_text(BA.emqx_acl_text(job, devices, workers))  # docs/brokers.md
     (root / "data").mkdir(exist_ok=True)
     conf = root / "mosquitto.conf"
     conf.write_text(BA.mosquitto_conf(port=port, bind=bind, ca=ca_crt, certfile=root / "broker.crt",
@@ -153,9 +159,9 @@ def generate(out: str, job: str, devices: Sequence[str], *, server_hosts: Sequen
                                       acl_file=root / "acl", require_certificate=require_certificate,
                                       persistence_dir=root / "data"))
     from .signing import generate as generate_signing
-    signing = generate_signing(root, devices)
+    signing = generate_signing(root, devices, workers)
     return {"dir": root, "signing": signing, "ca": ca_crt, "broker_cert": root / "broker.crt", "broker_key": root / "broker.key",
-            "certs": certs, "users": users, "credentials": {n: cred_dir / f"{n}.password" for n in users},
+            "certs": certs, "users": users, "workers": workers, "credentials": {n: cred_dir / f"{n}.password" for n in users},
             "passwd": root / "passwd", "acl": root / "acl", "conf": conf, "hosts": hosts, "port": port}
 
 
@@ -176,6 +182,8 @@ def add_certs_args(p: argparse.ArgumentParser) -> None:
                    "Mosquitto files (created 0700; keep it private)")
     p.add_argument("--job", required=True, help="job id (the ACL covers edgefed/v1/<job>/...)")
     p.add_argument("--devices", required=True, help="comma-separated device ids, e.g. pi1,pi2")
+    p.add_argument("--workers", default="", help="comma-separated aggregation worker ids (docs/server.md "
+                   "'Scale-out'), e.g. agg1,agg2: each gets credentials, a signing key and ACL lines")
     p.add_argument("--server-host", action="append", default=None, metavar="HOST",
                    help="host name or IP devices use to reach the broker (repeatable; goes into the "
                         "broker certificate; default: localhost and 127.0.0.1)")
@@ -192,7 +200,7 @@ def run_certs(args: argparse.Namespace) -> int:
     try:
         info = generate(args.out, args.job, devices, server_hosts=args.server_host or DEFAULT_HOSTS,
                         port=args.port, days=args.days, require_certificate=args.require_certificate,
-                        bind=args.bind)
+                        bind=args.bind, workers=[w.strip() for w in args.workers.split(",") if w.strip()])
     except (ValueError, OSError) as e:
         print(f"edgefed certs: {e}", file=sys.stderr)
         return 2
@@ -211,6 +219,10 @@ def run_certs(args: argparse.Namespace) -> int:
     print("\naggregation server:")
     print(f"  edgefed server --job {args.job} --broker {shlex.quote(broker_url(info, BA.SERVER_NAME))} "
           f"--signing-dir {shlex.quote(str((root / 'signing').resolve()))} ...")
+    for w in info["workers"]:  # type: ignore[union-attr]
+        print(f"\naggregation worker {w} (docs/server.md 'Scale-out'):")
+        print(f"  edgefed worker --job {args.job} --worker-id {w} --broker {shlex.quote(broker_url(info, w))} "
+              f"--signing-dir {shlex.quote(str((root / 'signing').resolve()))}")
     print("\ndevices (copy ca.crt, certs/<id>.crt, certs/<id>.key, credentials/<id>.password to each; "
           "adjust the paths):")
     for d in devices:

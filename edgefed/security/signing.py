@@ -8,6 +8,9 @@ Keys (written by `edgefed certs`, see generate()):
     DIR/signing/<device>.key    one private key per device (0600): the device signs its updates,
                                 statuses and sync requests (--signing-key)
     DIR/signing/devices.json    the job's registry of device public keys (the server's --signing-dir)
+    DIR/signing/<worker>.key    one private key per aggregation worker (`edgefed certs --workers`):
+                                it signs its reports (partial sums) to the coordinator
+    DIR/signing/workers.json    the registry of worker public keys (the coordinator reads it)
 
 The wire format is protocol.py's signature trailer (flag SIGNED): the signature covers the whole
 encoded message (job, type, round, device, msg_id...), so a captured message cannot be re-dated or
@@ -15,7 +18,10 @@ re-addressed without breaking it. This module only adds keys and the accept/refu
 
 * the server accepts a device message only if it is signed with the registered key of the device
   it names (key id == device id);
-* a device accepts a server message only if it is signed with the job key (key id "server").
+* a device accepts a server message only if it is signed with the job key (key id "server");
+* the coordinator accepts a worker's report or status only if signed with that worker's
+  registered key (workers.json); a worker verifies device updates like the server
+  (devices.json) and the plan and its control messages like a device (server.pub).
 
 Without keys both sides run in development mode (unsigned) and log warn_unsigned() once.
 Needs the `cryptography` package (imported only when signing is used). No torch.
@@ -34,14 +40,15 @@ from .. import protocol as P
 
 __all__ = ["SERVER_KEY_ID", "Signer", "ServerVerifier", "DeviceVerifier", "ServerSigning",
            "DeviceSigning", "generate", "load_registry", "load_public_key", "warn_unsigned",
-           "UNSIGNED_WARNING"]
+           "UNSIGNED_WARNING", "WorkerVerifier", "WorkerSigning", "load_workers"]
 
 SERVER_KEY_ID = "server"
 REGISTRY_FORMAT = "edgefed-signing-registry-v1"
 UNSIGNED_WARNING = ("unsigned messages: anyone on the broker can speak for any device or the server; "
                     "use `edgefed certs`")
 DEVICE_MESSAGES = (P.Update, P.Status, P.SyncRequest)
-SERVER_MESSAGES = (P.RoundPlan, P.Ack, P.SyncReply, P.JobState)
+SERVER_MESSAGES = (P.RoundPlan, P.Ack, P.SyncReply, P.JobState, P.WorkerControl)
+WORKER_MESSAGES = (P.WorkerReport, P.Status)
 
 PathLike = Union[str, os.PathLike]
 _warned: set = set()
@@ -127,15 +134,15 @@ def _public_from_raw(raw: bytes):
     return _ed().Ed25519PublicKey.from_public_bytes(raw)
 
 
-def load_registry(path: PathLike) -> Dict[str, object]:
-    """devices.json -> {device id: Ed25519PublicKey}."""
+def load_registry(path: PathLike, key: str = "devices") -> Dict[str, object]:
+    """devices.json -> {device id: Ed25519PublicKey} (workers.json: key "workers")."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
         if doc.get("format") != REGISTRY_FORMAT:
             raise ValueError(f"format is {doc.get('format')!r}, expected {REGISTRY_FORMAT!r}")
-        return {P.check_id(d, "device"): _public_from_raw(base64.b64decode(k, validate=True))
-                for d, k in doc["devices"].items()}
+        return {P.check_id(d, key[:-1]): _public_from_raw(base64.b64decode(k, validate=True))
+                for d, k in doc[key].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"cannot load the device registry {p}: {e}") from None
 
@@ -150,15 +157,26 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def generate(out: PathLike, devices: Iterable[str]) -> Dict[str, Path]:
-    """Write (or keep) DIR/signing/: server.key/.pub, <device>.key per device, devices.json.
+def load_workers(path: PathLike) -> Dict[str, object]:
+    """workers.json -> {worker id: Ed25519PublicKey}; {} when the file does not exist."""
+    return load_registry(path, "workers") if Path(path).exists() else {}
 
-    Existing keys are kept (re-running adds devices); the registry lists exactly `devices`."""
+
+def generate(out: PathLike, devices: Iterable[str], workers: Iterable[str] = ()) -> Dict[str, Path]:
+    """Write (or keep) DIR/signing/: server.key/.pub, <device>.key per device, devices.json, and
+    <worker>.key per aggregation worker with workers.json.
+
+    Existing keys are kept (re-running adds devices); the registries list exactly `devices` and
+    `workers`."""
     root = Path(out) / "signing"
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
+    devices, workers = list(devices), list(workers)
+    both = sorted(set(devices) & set(workers))
+    if both or SERVER_KEY_ID in workers:
+        raise ValueError(f"ids used for a device and a worker (or 'server'): {both or [SERVER_KEY_ID]}")
     paths: Dict[str, Path] = {}
-    for key_id in [SERVER_KEY_ID, *devices]:
+    for key_id in [SERVER_KEY_ID, *devices, *workers]:
         if key_id != SERVER_KEY_ID:
             P.check_id(key_id, "device")
         kp = root / f"{key_id}.key"
@@ -176,6 +194,13 @@ def generate(out: PathLike, devices: Iterable[str]) -> Dict[str, Path]:
     (root / "devices.json").write_text(json.dumps({"format": REGISTRY_FORMAT, "devices": reg},
                                                   indent=1, sort_keys=True) + "\n")
     paths["devices.json"] = root / "devices.json"
+    wp = root / "workers.json"
+    if workers:
+        wreg = {w: base64.b64encode(Signer.from_file(paths[w], w).public_raw()).decode() for w in workers}
+        wp.write_text(json.dumps({"format": REGISTRY_FORMAT, "workers": wreg}, indent=1, sort_keys=True) + "\n")
+        paths["workers.json"] = wp
+    elif wp.exists():
+        wp.unlink()
     return paths
 
 
@@ -229,20 +254,67 @@ class DeviceVerifier:
         _check(self.server_key, sig, name)
 
 
-class ServerSigning:
-    """The server's half: job key signer + device registry verifier."""
+class WorkerVerifier:
+    """protocol.decode(verifier=...) on the coordinator for aggregation workers' reports and
+    statuses: signed with the registered key of the worker they name (workers.json)."""
 
-    def __init__(self, signer: Signer, devices: Dict[str, object]):
+    def __init__(self, workers: Dict[str, object]):
+        self.workers = dict(workers)
+
+    def __call__(self, msg: "P.Message", sig: Optional["P.Signature"]) -> None:
+        name = type(msg).__name__
+        if not isinstance(msg, WORKER_MESSAGES):
+            raise P.SignatureError(f"{name} is not a worker message")
+        worker = getattr(msg, "worker", None) or getattr(msg, "device", "")
+        pub = self.workers.get(worker)
+        if pub is None:
+            raise P.SignatureError(f"{name} from unknown worker {worker!r}: not in the signing registry "
+                                   f"(workers.json; `edgefed certs --workers ...`)")
+        if sig is None:
+            raise P.SignatureError(f"unsigned {name} claiming to be from worker {worker!r}")
+        if sig.key_id != worker:
+            raise P.SignatureError(f"{name} for worker {worker!r} is signed with key {sig.key_id!r}")
+        _check(pub, sig, f"{name} from worker {worker!r}")
+
+
+def _signing_dir(path: PathLike) -> Path:
+    d = Path(path)
+    if not (d / "server.pub").exists() and (d / "signing" / "server.pub").exists():
+        d = d / "signing"
+    return d
+
+
+class ServerSigning:
+    """The server's half: job key signer + device registry verifier (+ the workers' registry)."""
+
+    def __init__(self, signer: Signer, devices: Dict[str, object], workers: Optional[Dict[str, object]] = None):
         self.signer = signer
         self.verifier = ServerVerifier(devices)
+        self.worker_verifier = WorkerVerifier(workers or {})
 
     @classmethod
     def from_dir(cls, path: PathLike) -> "ServerSigning":
         """DIR = the signing/ folder written by `edgefed certs` (or its parent)."""
-        d = Path(path)
-        if not (d / "server.key").exists() and (d / "signing" / "server.key").exists():
-            d = d / "signing"
-        return cls(Signer.from_file(d / "server.key", SERVER_KEY_ID), load_registry(d / "devices.json"))
+        d = _signing_dir(path)
+        return cls(Signer.from_file(d / "server.key", SERVER_KEY_ID), load_registry(d / "devices.json"),
+                   load_workers(d / "workers.json"))
+
+
+class WorkerSigning:
+    """An aggregation worker's keys: its signer (reports), the device registry (it verifies
+    updates as the server does) and the job's public key (plans and control messages)."""
+
+    def __init__(self, signer: Signer, devices: Dict[str, object], server_key):
+        self.signer = signer
+        self.verifier = ServerVerifier(devices)
+        self.server_verifier = DeviceVerifier(server_key)
+
+    @classmethod
+    def from_dir(cls, path: PathLike, worker: str) -> "WorkerSigning":
+        """DIR = the signing/ folder (or its parent) holding <worker>.key, devices.json, server.pub."""
+        d = _signing_dir(path)
+        return cls(Signer.from_file(d / f"{worker}.key", worker), load_registry(d / "devices.json"),
+                   load_public_key(d / "server.pub"))
 
 
 class DeviceSigning:

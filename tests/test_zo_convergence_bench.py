@@ -1,0 +1,28 @@
+"""benchmarks/zo_convergence.py at a small scale (tiny random model): the whole path of the
+benchmark runs, spends the forward budget it was given, and reports per-seed intervals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_convergence_benchmark_runs_end_to_end_at_a_small_scale(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--forwards", "32",
+                        "--seeds", "2", "--variants", "mezo,lora-b,adaptive", "--settings", "central,fed4-dir",
+                        "--eval-n", "40", "--evals", "2", "--out", str(out), "--json", str(tmp_path / "r.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert len(res["runs"]) == 3 * 2 * 2
+    for run in res["runs"]:
+        assert run["curve"][0]["forwards"] == 0 and len(run["curve"]) == 3  # the start + 2 evaluations
+        budget = 32 if run["variant"] != "adaptive" else 64  # adaptive spends between 2 and 4 probes a step
+        assert 0 < run["forwards"] <= budget, run
+    rows = {(x["setting"], x["variant"]): x for x in res["rows"]}
+    mezo = rows[("central", "mezo")]
+    assert mezo["seeds"] == 2 and 0.0 <= mezo["ratio_to_mezo"] <= 1.0, "MeZO reaches its own final within its budget"
+    assert "| central | lora-b |" in r.stdout
+    assert (out / "zo_convergence.png").exists()

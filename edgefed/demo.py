@@ -46,6 +46,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-budget", type=float, default=0.1, help="per-round held-out evaluation runs beside the "
                    "devices: evaluate every N rounds so that it costs at most this fraction of the training time "
                    "(--eval-every overrides)")
+    p.add_argument("--time-budget", type=float, default=18.0, help="minutes the job may take on this machine: "
+                   "when the estimate (one timed forward pass) is over it, fewer rounds are run and the demo says "
+                   "so (0: always run --rounds)")
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
     add_job_args(p, rounds=20, local_steps=16, lr=2e-3, batch=8)
     p.set_defaults(eval_every=0)  # 0: from --eval-budget
@@ -119,6 +122,20 @@ def plan_time(args, model, shards, held) -> None:
                        eval_n=min(args.eval_n, len(held)), heldout_n=len(held), eval_threads=args.eval_threads,
                        eval_budget=args.eval_budget, cores=cores,
                        eval_every=args.eval_every or None)
+    budget = float(getattr(args, "time_budget", 0) or 0) * 60
+    if budget and est.total_s > budget and args.rounds > 4:
+        fixed = est.eval_final_s
+        per_round = (est.total_s - fixed) / args.rounds
+        rounds = max(4, int((budget - fixed) / per_round))
+        if rounds < args.rounds:
+            print(f"      this machine is slower than the demo was sized for ({est.describe()} for "
+                  f"{args.rounds} rounds): running {rounds} rounds to stay within --time-budget "
+                  f"{args.time_budget:g} min (--time-budget 0 runs all {args.rounds})", file=sys.stderr)
+            args.rounds = rounds
+            est = estimate_job(fwd, rounds=rounds, local_steps=args.local_steps, forwards_per_step=per_step,
+                               devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
+                               heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget,
+                               cores=cores, eval_every=est.eval_every)
     args.eval_every = est.eval_every
     print(f"      estimate: {est.describe()}; {args.devices} devices x {args.device_threads} thread(s), held-out "
           f"evaluation of {min(args.eval_n, len(held))} rows every {est.eval_every} round(s)", file=sys.stderr)

@@ -43,3 +43,29 @@ def test_a_forward_is_timed_after_a_warm_up():
     m = _Timed()
     assert time_forward(m, list(range(20)), 8, repeats=3) >= 0.0
     assert m.calls == 4
+
+
+class _Slow(_Timed):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def loss(self, batch):
+        import time
+        time.sleep(self.seconds)
+        return 0.0
+
+
+def test_the_demo_runs_fewer_rounds_on_a_machine_too_slow_for_its_budget(capsys):
+    import argparse
+    from edgefed.demo import add_demo_args, plan_time
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    shards, held = [list(range(100))] * 4, list(range(500))
+    a = p.parse_args(["--device-threads", "1", "--time-budget", "1"])
+    plan_time(a, _Slow(0.05), shards, held)
+    assert a.rounds < 20 and a.estimate_s <= 60 + 1e-6
+    assert "running" in capsys.readouterr().err
+    b = p.parse_args(["--device-threads", "1", "--time-budget", "0"])
+    plan_time(b, _Slow(0.05), shards, held)
+    assert b.rounds == 20, "--time-budget 0 keeps every round"

@@ -131,7 +131,7 @@ def test_fedkseed_partials_merge_to_the_same_bits(pro):
 
 def test_dense_methods_merge_and_refusals():
     rng = np.random.default_rng(4)
-    job = JobConfig(job="j", method="fedmezo", local_steps=4, batch_size=4)
+    job = JobConfig(job="j", method="fedmezo", local_steps=4, batch_size=4, params={"exact_sum": 1})
     strat = get_method("fedmezo").server()
     state = strat.init_state(job)
     plan = RoundPlan(job="j", round=0, method="fedmezo", lr=1e-3, local_steps=4, batch_size=4,
@@ -149,4 +149,12 @@ def test_dense_methods_merge_and_refusals():
                            ("flora", {}), ("fedavg", {"aggregator": "krum"})):
         why = get_method(method).server().partials_unsupported(JobConfig(job="j", method=method, params=params))
         assert why, (method, params)
-    assert get_method("fedavg").server().partials_unsupported(JobConfig(job="j", method="fedavg")) is None
+    assert "exact_sum=1" in get_method("fedavg").server().partials_unsupported(JobConfig(job="j", method="fedavg"))
+    assert get_method("fedavg").server().partials_unsupported(
+        JobConfig(job="j", method="fedavg", params={"exact_sum": 1})) is None
+    # without exact_sum a dense job keeps a float64 running sum: one float64 per trainable
+    plain = strat.start_round(JobConfig(job="j", method="fedmezo", local_steps=4, batch_size=4), state, plan)
+    for u in ups:
+        plain.add(u)
+    assert plain.total.dtype == np.float64 and plain.total.shape == (33,)
+    np.testing.assert_allclose(plain.finalize()[1].tensors[0].data, c.finalize()[1].tensors[0].data, rtol=1e-6)

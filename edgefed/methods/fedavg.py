@@ -28,7 +28,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
                    ServerStrategy, check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
-from .partials import DenseExactMean
+from .partials import DENSE_NOT_EXACT, dense_mean, exact_dense
 
 __all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
            "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
@@ -161,6 +161,7 @@ class FedAvgClient(ClientAlgorithm):
 
 class FedAvgServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
+        exact_dense(job.params)  # refuse a bad exact_sum at creation
         server_opt.ServerOptConfig.from_params(job.params)  # refuse a bad optimiser at creation
         RobustConfig.from_params(job.params, dense=True)
         bound = float(job.params.get("update_norm_bound", 0.0))
@@ -207,13 +208,15 @@ class FedAvgServer(ServerStrategy):
         if cfg.aggregator != "mean":
             return (f"aggregator={cfg.aggregator} looks at every host's delta together (no partial sums); "
                     f"use aggregator=mean with workers")
+        if not exact_dense(job.params):
+            return DENSE_NOT_EXACT
         return None
 
     def _exact_mean(self, job: JobConfig, state: MethodState, plan: RoundPlan, norm_clip: float):
-        """sum_i w_i clip(d_i) / sum_i w_i with exact sums, added as updates stream in (server memory
-        does not grow with the hosts; any order or split between workers gives the same bits)."""
-        return DenseExactMean(lambda u: clip_to_norm(u.tensors[0].float32().reshape(-1), norm_clip),
-                              lambda avg: self.apply_mean(job, state.copy(), plan, avg))
+        """sum_i w_i clip(d_i) / sum_i w_i, added as updates stream in (server memory does not grow with
+        the hosts); with exact_sum=1 exact, so any order or split between workers gives the same bits."""
+        return dense_mean(job.params, lambda u: clip_to_norm(u.tensors[0].float32().reshape(-1), norm_clip),
+                          lambda avg: self.apply_mean(job, state.copy(), plan, avg))
 
     def aggregate(self, job, state: MethodState, plan: RoundPlan, updates: Sequence[Update]):
         if not updates:

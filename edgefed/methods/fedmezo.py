@@ -13,7 +13,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec, ServerStrategy,
                    check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
-from .partials import DenseExactMean
+from .partials import DENSE_NOT_EXACT, dense_mean, exact_dense
 from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, max_probes, probe_bound, space_of, zo_config, zo_plan,
                        zo_plan_params)
 
@@ -100,6 +100,7 @@ class FedMeZOClient(ClientAlgorithm):
 
 class FedMeZOServer(ServerStrategy):
     def init_state(self, job: JobConfig) -> MethodState:
+        exact_dense(job.params)  # refuse a bad exact_sum at creation
         check_job_bounds(job, dense=True)
         bound = float(job.params.get("update_norm_bound", 0.0))
         if not np.isfinite(bound) or bound < 0:
@@ -147,7 +148,7 @@ class FedMeZOServer(ServerStrategy):
                 total = total + dp.central_rng(job.seed, plan.round).normal(0.0, dcfg.noise_std, total.size)
             avg = total / dp_denominator(job, len(ordered))
         elif cfg.aggregator == "mean":  # exact sums (start_round)
-            acc = self._exact_mean(state, plan, cfg.norm_clip)
+            acc = self._exact_mean(job, state, plan, cfg.norm_clip)
             for u in ordered:
                 acc.add(u)
             return acc.finalize()
@@ -158,7 +159,7 @@ class FedMeZOServer(ServerStrategy):
     def start_round(self, job: JobConfig, state: MethodState, plan: RoundPlan):
         cfg = RobustConfig.from_params(job.params, dense=True)
         if cfg.aggregator == "mean" and not dp.DPConfig.from_params(job.params).central:
-            return self._exact_mean(state, plan, cfg.norm_clip)
+            return self._exact_mean(job, state, plan, cfg.norm_clip)
         return super().start_round(job, state, plan)
 
     def partials_unsupported(self, job: JobConfig):
@@ -166,14 +167,16 @@ class FedMeZOServer(ServerStrategy):
         if cfg.aggregator != "mean":
             return (f"aggregator={cfg.aggregator} looks at every device's delta together (no partial sums); "
                     f"use aggregator=mean with workers")
+        if not exact_dense(job.params):
+            return DENSE_NOT_EXACT
         if dp.DPConfig.from_params(job.params).central:
             return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
         return None
 
-    def _exact_mean(self, state: MethodState, plan: RoundPlan, norm_clip: float):
-        """The sample-weighted mean of the deltas with exact sums, as updates stream in."""
-        return DenseExactMean(lambda u: clip_to_norm(u.tensors[0].data.reshape(-1), norm_clip),
-                              lambda avg: self._apply(state.copy(), plan, avg))
+    def _exact_mean(self, job: JobConfig, state: MethodState, plan: RoundPlan, norm_clip: float):
+        """The sample-weighted mean of the deltas as updates stream in (exact with exact_sum=1)."""
+        return dense_mean(job.params, lambda u: clip_to_norm(u.tensors[0].data.reshape(-1), norm_clip),
+                          lambda avg: self._apply(state.copy(), plan, avg))
 
     @staticmethod
     def _apply(state: MethodState, plan: RoundPlan, avg: np.ndarray):

@@ -147,10 +147,15 @@ def summarise(runs: list[dict]) -> list[dict]:
         n_pts = min(len(r["curve"]) for r in rs)
         mean_curve = [(float(np.mean([r["curve"][i]["forwards"] for r in rs])),
                       float(np.mean([r["curve"][i]["accuracy"] for r in rs]))) for i in range(n_pts)]
+        # held-out loss: a smoother signal than accuracy on a few hundred rows (lower is better)
+        loss_curve = [(fw, -float(np.mean([r["curve"][i]["loss"] for r in rs])))
+                      for i, (fw, _) in enumerate(mean_curve)]
+        lm, llo, lhi = t_interval([r["curve"][-1]["loss"] for r in rs])
         m, lo, hi = t_interval(finals)
         g, glo, ghi = t_interval(gains)
         rows.append({"setting": setting, "variant": variant, "seeds": len(rs), "final": m, "final_lo": lo,
                      "final_hi": hi, "gain": g, "gain_lo": glo, "gain_hi": ghi, "curve": mean_curve,
+                     "loss": lm, "loss_lo": llo, "loss_hi": lhi, "loss_curve": loss_curve,
                      "lr": rs[0]["lr"], "bytes_up": float(np.mean([r["bytes_up"] for r in rs])),
                      "bytes_down": float(np.max([r["bytes_down"] for r in rs])),
                      "forwards": float(np.mean([r["forwards"] for r in rs])),
@@ -159,21 +164,27 @@ def summarise(runs: list[dict]) -> list[dict]:
         ref = next((x for x in rows if x["setting"] == row["setting"] and x["variant"] == "mezo"), None)
         row["to_mezo_final"] = reach(row["curve"], ref["final"]) if ref else float("nan")
         row["ratio_to_mezo"] = row["to_mezo_final"] / ref["forwards"] if ref else float("nan")
+        row["to_mezo_loss"] = reach(row["loss_curve"], -ref["loss"]) if ref else float("nan")
+        row["loss_ratio_to_mezo"] = row["to_mezo_loss"] / ref["forwards"] if ref else float("nan")
     return rows
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
     print("| setting | variant | lr | final acc [95% CI over seeds] | gain, pts [95% CI] | forwards to MeZO's "
-          "final | x MeZO's forwards | B up / down per device-round |", file=file)
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+          "final acc (x MeZO's) | final held-out loss [95% CI] | forwards to MeZO's final loss (x MeZO's) | "
+          "B up / down per device-round |", file=file)
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
     for r in rows:
         ci = "" if math.isnan(r["final_lo"]) else f" [{100 * r['final_lo']:.1f}, {100 * r['final_hi']:.1f}]"
         gci = "" if math.isnan(r["gain_lo"]) else f" [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
         fw = "never" if math.isnan(r["to_mezo_final"]) else f"{r['to_mezo_final']:,.0f}"
         ratio = "-" if math.isnan(r["ratio_to_mezo"]) else f"{r['ratio_to_mezo']:.2f}"
+        lci = "" if math.isnan(r["loss_lo"]) else f" [{r['loss_lo']:.4f}, {r['loss_hi']:.4f}]"
+        lfw = "never" if math.isnan(r["to_mezo_loss"]) else f"{r['to_mezo_loss']:,.0f}"
+        lratio = "" if math.isnan(r["loss_ratio_to_mezo"]) else f" ({r['loss_ratio_to_mezo']:.2f})"
         print(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {100 * r['final']:.1f}%{ci} | "
-              f"{100 * r['gain']:+.1f}{gci} | {fw} | {ratio} | {r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |",
-              file=file)
+              f"{100 * r['gain']:+.1f}{gci} | {fw} ({ratio}) | {r['loss']:.4f}{lci} | {lfw}{lratio} | "
+              f"{r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |", file=file)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -184,17 +195,22 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     settings = sorted({r["setting"] for r in rows}, key=lambda s: SETTINGS.index(s) if s in SETTINGS else 99)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
-    for ax, s in zip(axes[0], settings):
+    fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8), squeeze=False)
+    for col, s in enumerate(settings):
         for r in [x for x in rows if x["setting"] == s]:
+            style = dict(marker="o", ms=3, lw=2.2 if r["variant"] == "mezo" else 1.2, label=r["variant"],
+                         color="black" if r["variant"] == "mezo" else None)
             xs, ys = zip(*r["curve"])
-            ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, lw=2.2 if r["variant"] == "mezo" else 1.2,
-                    label=r["variant"], color="black" if r["variant"] == "mezo" else None)
-        ax.set_title(s)
-        ax.set_xlabel("training forward passes (all devices)")
-        ax.set_ylabel("held-out accuracy, % (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            axes[0][col].plot(xs, [100 * y for y in ys], **style)
+            xs, ls = zip(*r["loss_curve"])
+            axes[1][col].plot(xs, [-v for v in ls], **style)
+        axes[0][col].set_title(s)
+        axes[0][col].set_ylabel("held-out accuracy, % (mean over seeds)")
+        axes[1][col].set_ylabel("held-out loss (mean over seeds)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xlabel("training forward passes (all devices)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -30,6 +30,18 @@ __all__ = ["add_server_args", "run_server", "parse_param", "job_config_from_args
            "add_worker_args", "run_worker"]
 
 
+
+def _stop_on_signals(stop: threading.Event, stopped_by: List[int]) -> None:
+    """SIGTERM / SIGINT set `stop` (and are recorded) instead of killing mid-transaction; only the
+    main thread may install handlers (tests run the CLI in threads)."""
+    def on_signal(signum: int, frame: Any) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
 def message_limits(mb: float):
     """protocol.Limits with max_message_bytes = mb MiB (at least the default 4)."""
     from edgefed.protocol import DEFAULT_LIMITS, Limits
@@ -227,13 +239,7 @@ def run_server(args: argparse.Namespace) -> int:
                                    max_payload_bytes=int(args.broker_message_kb) << 10)
         transport.connect()
 
-        def on_signal(signum: int, frame: Any) -> None:
-            stopped_by.append(signum)
-            stop.set()
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, on_signal)
+        _stop_on_signals(stop, stopped_by)
 
         from .engine import ResourceLimits
         rlimits = ResourceLimits(max_devices=args.max_devices, inbound_bytes=args.inbound_bytes,
@@ -376,13 +382,7 @@ def run_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     stopped_by: List[int] = []
 
-    def on_signal(signum: int, frame: Any) -> None:
-        stopped_by.append(signum)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
+    _stop_on_signals(stop, stopped_by)
     transport = make_transport(args.broker, args.client_id or f"edgefed-worker-{args.job}-{args.worker_id}",
                                max_payload_bytes=int(args.broker_message_kb) << 10)
     worker = Worker(transport, args.job, args.worker_id, group=args.share_group, signing=signing,

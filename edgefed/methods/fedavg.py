@@ -28,7 +28,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from . import server_opt
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, RoundAccumulator,
                    ServerStrategy, check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
-from .partials import DENSE_NOT_EXACT, dense_mean, exact_dense
+from .partials import dense_mean, exact_dense, split_refusal
 
 __all__ = ["FedAvgClient", "FedAvgServer", "backprop_norm_bound", "OPTIMIZERS", "UPDATE_DTYPES",
            "backprop_steps", "start_tensor", "finite_delta", "plan_settings"]
@@ -204,13 +204,7 @@ class FedAvgServer(ServerStrategy):
     def partials_unsupported(self, job: JobConfig):
         if type(self).start_round is not FedAvgServer.start_round:  # subclasses that buffer (hetlora)
             return super().partials_unsupported(job)
-        cfg = RobustConfig.from_params(job.params, dense=True)
-        if cfg.aggregator != "mean":
-            return (f"aggregator={cfg.aggregator} looks at every host's delta together (no partial sums); "
-                    f"use aggregator=mean with workers")
-        if not exact_dense(job.params):
-            return DENSE_NOT_EXACT
-        return None
+        return split_refusal(job.params, dense=True)
 
     def _exact_mean(self, job: JobConfig, state: MethodState, plan: RoundPlan, norm_clip: float):
         """sum_i w_i clip(d_i) / sum_i w_i, added as updates stream in (server memory does not grow with

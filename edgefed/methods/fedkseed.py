@@ -28,7 +28,7 @@ from . import server_opt
 from .server_opt import ServerOptConfig
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec,
                    ServerStrategy, check_num_samples, expect_tensors)
-from .partials import SeedExactMean
+from .partials import SeedExactMean, split_refusal
 
 __all__ = ["FedKSeedClient", "FedKSeedServer", "DEFAULT_SCALAR_BOUND", "probe_bound", "check_job_bounds",
            "dp_denominator", "DP_TAIL", "ZOPlan", "zo_plan", "zo_plan_params", "seed_tensors", "seed_pairs",
@@ -426,13 +426,7 @@ class FedKSeedServer(ServerStrategy):
         return super().start_round(job, state, plan)
 
     def partials_unsupported(self, job: JobConfig):
-        cfg = RobustConfig.from_params(job.params, dense=False)
-        if cfg.aggregator != "mean":
-            return (f"aggregator={cfg.aggregator} looks at every device's values together (a robust "
-                    f"statistic has no partial sums); use aggregator=mean with workers")
-        if dp.DPConfig.from_params(job.params).central:
-            return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
-        return None
+        return split_refusal(job.params, dense=False)
 
     def _exact_mean(self, job, state: MethodState, plan: RoundPlan, cfg: RobustConfig):
         """The mean aggregator: per seed sum_i n_i g_ij / sum_i n_i with exact sums (so any order or

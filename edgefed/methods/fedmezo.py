@@ -13,7 +13,7 @@ from ..security.robust import RobustConfig, aggregate_dense, clip_to_norm
 from ..trainer import LocalTrainer
 from .base import (ClientAlgorithm, ClientResult, JobConfig, MethodState, PlanFields, SecureSpec, ServerStrategy,
                    check_num_samples, cum_delta_state, cum_delta_summary, expect_tensors)
-from .partials import DENSE_NOT_EXACT, dense_mean, exact_dense
+from .partials import dense_mean, exact_dense, split_refusal
 from .fedkseed import (DP_TAIL, check_job_bounds, dp_denominator, max_probes, probe_bound, space_of, zo_config, zo_plan,
                        zo_plan_params)
 
@@ -163,15 +163,7 @@ class FedMeZOServer(ServerStrategy):
         return super().start_round(job, state, plan)
 
     def partials_unsupported(self, job: JobConfig):
-        cfg = RobustConfig.from_params(job.params, dense=True)
-        if cfg.aggregator != "mean":
-            return (f"aggregator={cfg.aggregator} looks at every device's delta together (no partial sums); "
-                    f"use aggregator=mean with workers")
-        if not exact_dense(job.params):
-            return DENSE_NOT_EXACT
-        if dp.DPConfig.from_params(job.params).central:
-            return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
-        return None
+        return split_refusal(job.params, dense=True)
 
     def _exact_mean(self, job: JobConfig, state: MethodState, plan: RoundPlan, norm_clip: float):
         """The sample-weighted mean of the deltas as updates stream in (exact with exact_sum=1)."""

@@ -21,7 +21,7 @@ from ..exactsum import ExactSum
 from ..protocol import RoundDelta, Tensor, Update
 from .base import MethodState, RoundAccumulator
 
-__all__ = ["DenseExactMean", "DenseRunningMean", "SeedExactMean", "dense_mean", "exact_dense", "DENSE_NOT_EXACT"]
+__all__ = ["DenseExactMean", "DenseRunningMean", "SeedExactMean", "dense_mean", "exact_dense", "split_refusal", "DENSE_NOT_EXACT"]
 
 META = "meta"
 
@@ -146,6 +146,22 @@ DENSE_NOT_EXACT = ("dense deltas are summed in float64 in arrival order unless t
                    "(exact fixed-point sums that any split between workers merges to the same bits, at ~64 B "
                    "of server memory per trainable and ~0.4 s per million values per update): create the job "
                    "with --param exact_sum=1 to use workers")
+
+
+def split_refusal(params, *, dense: bool) -> Optional[str]:
+    """Why a plain-mean job cannot be split between aggregation workers (None: it can): a robust
+    aggregator, central DP, or (dense) sums that are not exact."""
+    from ..security import dp
+    from ..security.robust import RobustConfig
+    cfg = RobustConfig.from_params(params, dense=dense)
+    if cfg.aggregator != "mean":
+        return (f"aggregator={cfg.aggregator} looks at every update together (a robust statistic has no "
+                f"partial sums); use aggregator=mean with workers")
+    if dense and not exact_dense(params):
+        return DENSE_NOT_EXACT
+    if dp.DPConfig.from_params(params).central:
+        return "dp_mode=central clips and noises the whole round on one server; use dp_mode=local with workers"
+    return None
 
 
 def exact_dense(params) -> bool:

@@ -226,15 +226,7 @@ class ServerVerifier:
         if not isinstance(msg, DEVICE_MESSAGES):
             raise P.SignatureError(f"{name} is not a device message")
         device = msg.device  # type: ignore[attr-defined]
-        pub = self.devices.get(device)
-        if pub is None:
-            raise P.SignatureError(f"{name} from unknown device {device!r}: not in the signing "
-                                   f"registry (devices.json)")
-        if sig is None:
-            raise P.SignatureError(f"unsigned {name} claiming to be from {device!r}")
-        if sig.key_id != device:
-            raise P.SignatureError(f"{name} for device {device!r} is signed with key {sig.key_id!r}")
-        _check(pub, sig, f"{name} from {device!r}")
+        _check_registered(self.devices.get(device), sig, name, "device", device, "devices.json")
 
 
 class DeviceVerifier:
@@ -266,15 +258,20 @@ class WorkerVerifier:
         if not isinstance(msg, WORKER_MESSAGES):
             raise P.SignatureError(f"{name} is not a worker message")
         worker = getattr(msg, "worker", None) or getattr(msg, "device", "")
-        pub = self.workers.get(worker)
-        if pub is None:
-            raise P.SignatureError(f"{name} from unknown worker {worker!r}: not in the signing registry "
-                                   f"(workers.json; `edgefed certs --workers ...`)")
-        if sig is None:
-            raise P.SignatureError(f"unsigned {name} claiming to be from worker {worker!r}")
-        if sig.key_id != worker:
-            raise P.SignatureError(f"{name} for worker {worker!r} is signed with key {sig.key_id!r}")
-        _check(pub, sig, f"{name} from worker {worker!r}")
+        _check_registered(self.workers.get(worker), sig, name, "worker", worker,
+                          "workers.json; `edgefed certs --workers ...`")
+
+
+def _check_registered(pub, sig, name: str, kind: str, who: str, registry: str) -> None:
+    """A message claiming to come from a registered device or worker: known, signed, with its
+    own key, and the signature holds."""
+    if pub is None:
+        raise P.SignatureError(f"{name} from unknown {kind} {who!r}: not in the signing registry ({registry})")
+    if sig is None:
+        raise P.SignatureError(f"unsigned {name} claiming to be from {kind} {who!r}")
+    if sig.key_id != who:
+        raise P.SignatureError(f"{name} for {kind} {who!r} is signed with key {sig.key_id!r}")
+    _check(pub, sig, f"{name} from {kind} {who!r}")
 
 
 def _signing_dir(path: PathLike) -> Path:

@@ -228,6 +228,8 @@ def main(argv=None) -> int:
                     "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}")
     ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
+                    "(add seeds to a saved run: merge the JSONs' runs)")
     ap.add_argument("--forwards", type=int, default=480, help="training forward passes per run (all devices)")
     ap.add_argument("--evals", type=int, default=6, help="evaluations per run (equal slices of the budget)")
     ap.add_argument("--batch", type=int, default=8)
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for s in settings:
         for v in variants:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = run_one(v, s, seed, cfg, base, evaluator, train, held, artifact)
                 runs.append(r)
                 done = len(runs)

@@ -74,6 +74,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from edgefed.estimate import duration  # noqa: E402
+
 # ----------------------------------------------------------------------------- settings
 
 METHOD_ROWS = {  # row name -> (registry method, client backend, what differs)
@@ -436,10 +438,6 @@ def evaluator_init(ev) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- table and plot
 
-def _dur(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
-
-
 def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
@@ -693,7 +691,7 @@ def main(argv=None) -> int:
         + (len(rows) + 1) * cfg["eval_n"] * EVAL_ROW_S * scale + (0 if args.no_probe else len(rows) * PROBE_S * scale)
     _log(f"{cfg['model']} ({cfg['trainable']}), {len(rows)} methods x {cfg['rounds']} rounds x "
          f"{cfg['devices_per_round']}/{cfg['clients']} clients x {cfg['local_steps']} local steps, batch "
-         f"{cfg['batch']} x {cfg['seq_len']} tokens; estimate ~{_dur(est)} on 2 cores shared with another "
+         f"{cfg['batch']} x {cfg['seq_len']} tokens; estimate ~{duration(est)} on 2 cores shared with another "
          f"job (one step ~{STEP_S[('onnx', 'fedkseed')] * scale:.2f} s ZO, ~{STEP_S[('torch', 'fedavg')] * scale:.2f} "
          f"s backprop); load average {load0[0]:.2f}")
 
@@ -747,7 +745,7 @@ def main(argv=None) -> int:
         par = 2.0 if os.getloadavg()[0] < 1.0 else 1.3  # clients of a round share the cores
         est2 = sum(cfg["rounds"] * cfg["devices_per_round"] * r["probe"]["round_s"] / par for r in rows) \
             + (len(rows) + 1) * cfg["eval_n"] * EVAL_ROW_S * scale
-        _log(f"measured local rounds -> the jobs should take ~{_dur(est2)} more")
+        _log(f"measured local rounds -> the jobs should take ~{duration(est2)} more")
 
     # 2. the starting model on the held-out rows (the same for every method)
     t0 = time.time()

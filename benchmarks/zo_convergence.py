@@ -73,18 +73,9 @@ def parse_setting(name: str) -> tuple[int, str]:
         raise SystemExit(f"setting {name!r}: use central or fed<N>-iid / fed<N>-dir (e.g. fed4-dir)") from None
 
 
-def t_interval(x: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval over seeds."""
-    a = np.asarray(x, np.float64)
-    if a.size < 2:
-        return float(a.mean()), float("nan"), float("nan")
-    from scipy import stats  # noqa: PLC0415 (scipy comes with the host extras)
-    h = stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size)
-    return float(a.mean()), float(a.mean() - h), float(a.mean() + h)
-
-
 def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, train, held, artifact) -> dict:
     from edgefed.data import dirichlet_split, iid_split
+    from edgefed.estimate import forwards_per_step
     from edgefed.methods import JobConfig
     from edgefed.research import run_inline
 
@@ -93,12 +84,8 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
     k = int(params.pop("k", cfg["k"]))
     n_dev, split = parse_setting(setting)
     shards = iid_split(train, n_dev, seed=seed) if split == "iid" else dirichlet_split(train, n_dev, 0.5, seed=seed)
-    q = int(params.get("n_perturb", 1))
-    # forwards per step (adaptive: between max(2, q) and n_perturb_max probes; sized for the midpoint,
-    # and the curves are drawn against the forwards actually spent)
-    q_max = int(params.get("n_perturb_max", 0) or 0)
-    per_step = 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
-    steps_total = max(1, int(cfg["forwards"] // per_step))
+    # adaptive probes spend the budget at their own pace: the curves are drawn against the forwards spent
+    steps_total = max(1, int(cfg["forwards"] // forwards_per_step(params)))
     rounds = cfg["evals"]
     local = max(1, round(steps_total / (rounds * n_dev)))
     job = JobConfig(job=f"zo-{variant}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
@@ -136,7 +123,7 @@ def reach(curve_mean: list[tuple[float, float]], target: float) -> float:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    from edgefed.metrics import paired_gain
+    from edgefed.metrics import mean_interval, paired_gain
     rows = []
     by = {}
     for r in runs:
@@ -150,9 +137,9 @@ def summarise(runs: list[dict]) -> list[dict]:
         # held-out loss: a smoother signal than accuracy on a few hundred rows (lower is better)
         loss_curve = [(fw, -float(np.mean([r["curve"][i]["loss"] for r in rs])))
                       for i, (fw, _) in enumerate(mean_curve)]
-        lm, llo, lhi = t_interval([r["curve"][-1]["loss"] for r in rs])
-        m, lo, hi = t_interval(finals)
-        g, glo, ghi = t_interval(gains)
+        lm, llo, lhi = mean_interval([r["curve"][-1]["loss"] for r in rs])
+        m, lo, hi = mean_interval(finals)
+        g, glo, ghi = mean_interval(gains)
         rows.append({"setting": setting, "variant": variant, "seeds": len(rs), "final": m, "final_lo": lo,
                      "final_hi": hi, "gain": g, "gain_lo": glo, "gain_hi": ghi, "curve": mean_curve,
                      "loss": lm, "loss_lo": llo, "loss_hi": lhi, "loss_curve": loss_curve,

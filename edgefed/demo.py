@@ -113,21 +113,16 @@ def plan_time(args, model, shards, held) -> None:
     """Size the work to this machine and say how long the job will take, before it starts: device
     threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
     from one timed forward pass (edgefed.estimate)."""
-    from .estimate import estimate_job, time_forward, usable_cores
+    from .estimate import estimate_job, forwards_per_step, time_forward, usable_cores
 
     cores = usable_cores()
     args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
     rows = max(shards, key=len)
     fwd = time_forward(model, rows, min(args.batch_size, len(rows)))
-    params = dict(getattr(args, "param", None) or [])
-    q = max(1, int(params.get("n_perturb", 1)))
-    q_max = int(params.get("n_perturb_max", 0) or 0)
-    per_step = 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
-    est = estimate_job(fwd, rounds=args.rounds, local_steps=args.local_steps,
-                       forwards_per_step=per_step, devices=args.devices, batch_size=args.batch_size,
-                       eval_n=min(args.eval_n, len(held)), heldout_n=len(held), eval_threads=args.eval_threads,
-                       eval_budget=args.eval_budget, cores=cores,
-                       eval_every=args.eval_every or None)
+    sizes = dict(local_steps=args.local_steps, forwards_per_step=forwards_per_step(dict(args.param or [])),
+                 devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
+                 heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget, cores=cores)
+    est = estimate_job(fwd, rounds=args.rounds, eval_every=args.eval_every or None, **sizes)
     budget = float(getattr(args, "time_budget", 0) or 0) * 60
     if budget and est.total_s > budget and args.rounds > 4:
         fixed = est.eval_final_s
@@ -138,10 +133,7 @@ def plan_time(args, model, shards, held) -> None:
                   f"{args.rounds} rounds): running {rounds} rounds to stay within --time-budget "
                   f"{args.time_budget:g} min (--time-budget 0 runs all {args.rounds})", file=sys.stderr)
             args.rounds = rounds
-            est = estimate_job(fwd, rounds=rounds, local_steps=args.local_steps, forwards_per_step=per_step,
-                               devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
-                               heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget,
-                               cores=cores, eval_every=est.eval_every)
+            est = estimate_job(fwd, rounds=rounds, eval_every=est.eval_every, **sizes)
     args.eval_every = est.eval_every
     print(f"      estimate: {est.describe()}; {args.devices} devices x {args.device_threads} thread(s), held-out "
           f"evaluation of {min(args.eval_n, len(held))} rows every {est.eval_every} round(s)", file=sys.stderr)

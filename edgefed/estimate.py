@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["JobEstimate", "time_forward", "estimate_job", "usable_cores", "duration"]
+__all__ = ["JobEstimate", "time_forward", "estimate_job", "usable_cores", "duration", "forwards_per_step"]
 
 EVAL_BATCH = 32
 
@@ -25,6 +25,14 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def forwards_per_step(params) -> float:
+    """Forward passes one ZO step runs under a job's params: two per probe, n_perturb probes; with
+    variance-adaptive probes between max(2, n_perturb) and n_perturb_max (sized for the midpoint)."""
+    q = max(1, int(params.get("n_perturb", 1)))
+    q_max = int(params.get("n_perturb_max", 0) or 0)
+    return 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
 
 
 def time_forward(model, rows: Sequence, batch_size: int, repeats: int = 3) -> float:

@@ -52,7 +52,7 @@ from edgefed.replica import TrainablesReplica, artifact_id
 
 from . import round_policy
 from .admission import AcceptedMeta, Admission, Decision, ExtraRowQuota, Keep, Verdict, reason_class, reject
-from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
+from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize, take_batch
 from .round_policy import Action, ExpectedChange, RoundView
 from .secure_round import SecureRound, SecureRoundFailed
 from .workers import WorkerHub
@@ -698,15 +698,7 @@ class Server:
     # ================================================================== the engine thread
     def _loop(self) -> None:
         while True:
-            try:
-                batch = [self._q.get(timeout=self._wait_time())]
-            except queue.Empty:
-                batch = []  # nothing arrived: still check the deadline
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
+            batch = take_batch(self._q, self._wait_time(), self.max_batch)  # []: still check the deadline
             stop = any(item is _STOP for item in batch)
             try:
                 self._process_batch([b[:2] for b in batch if isinstance(b, tuple)])

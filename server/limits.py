@@ -1,10 +1,12 @@
 """What one client can make the server hold (`ResourceLimits`, docs/server.md "Resource
 limits") and how client-chosen text reaches the log: escaped and cut (`sanitize`), at most a
-burst of lines per interval and kind (`LogLimiter`). Kept apart from the engine so the
+burst of lines per interval and kind (`LogLimiter`); how handler threads take queued work in
+batches (`take_batch`, the engine's and the workers'). Kept apart from the engine so the
 admission rules (the quotas) and the tests use them without a Server."""
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
 import unicodedata
@@ -83,3 +85,18 @@ class LogLimiter:
                 return 0
             w[2] += 1
             return None
+
+
+def take_batch(q: "queue.Queue", timeout: float, max_batch: int) -> list:
+    """What a handler thread works on next: one item (waiting up to `timeout`; [] if none came),
+    then whatever else is already queued, up to max_batch, so work is handled in batches."""
+    try:
+        batch = [q.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while len(batch) < max_batch:
+        try:
+            batch.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return batch

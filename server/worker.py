@@ -36,7 +36,7 @@ from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, Limits, ProtocolEr
                               parse_topic, validate_update)
 
 from .admission import reason_class
-from .limits import LogLimiter, sanitize
+from .limits import LogLimiter, sanitize, take_batch
 
 __all__ = ["Worker", "WorkerError", "DEFAULT_GROUP", "share_group"]
 
@@ -169,15 +169,7 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            try:
-                batch = [self._q.get(timeout=0.2)]
-            except queue.Empty:
-                batch = []
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
+            batch = take_batch(self._q, 0.2, self.max_batch)
             stop = any(b is _STOP for b in batch)
             try:
                 for item in batch:

@@ -36,8 +36,16 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but no _kernels module in {out.parent}")
         if built.resolve() != out:
             shutil.move(str(built), out)
+        # The CUDA kernels are compiled at run time (NVRTC, edgefed/cuda_kernels.py): a wheel carries
+        # their source. A checkout (editable install) reads csrc/ itself.
+        if out.parent != ROOT / "edgefed":
+            dest = out.parent / "_cuda_src"
+            for rel in CUDA_SOURCES:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ROOT / "csrc" / rel, dest / rel)
 
 
+CUDA_SOURCES = ("hd.hpp", "philox.hpp", "normal.hpp", "cuda/seeded_blocks.hpp", "cuda/seeded.cu")
 TORCH = "torch>=2.1,<2.14"  # 2.13.0 (CPU) is the tested build
 setup(
     name="edgefed",
@@ -71,7 +79,12 @@ setup(
         "dp": ["dp-accounting>=0.6,<0.7"],
         # hardware in the loop on boards from an inventory, over ssh (edgefed/hil_remote.py)
         "hil": ["paramiko>=3.4", "pyyaml>=6"],
-        "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5", "hypothesis>=6", "paramiko>=3.4"],
+        # GPU hosts: the seeded kernels on CUDA (edgefed/cuda_kernels.py), compiled by NVRTC at first
+        # use; no toolkit needed. cuda-bindings' major must match the driver's CUDA (12.x: CUDA 12).
+        "cuda": ["cuda-bindings>=12.6"],
+        # nvrtc-cu12: tests compile the CUDA kernels to PTX (no GPU needed) and read the arithmetic.
+        "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5", "hypothesis>=6", "paramiko>=3.4",
+                "cuda-bindings>=12.6,<13", "nvidia-cuda-nvrtc-cu12>=12.6,<13"],
     },
     entry_points={"console_scripts": ["edgefed=edgefed.cli:main"]},
     zip_safe=False,

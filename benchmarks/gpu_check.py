@@ -11,8 +11,13 @@ Prints a table:
   fused CUDA kernels are meant to beat;
 - one round of each torch method through the transport-free loop (edgefed.research), with its
   wall time and whether every replica ended bit-identical;
-- whether the torch graph's loss matches ONNX Runtime's on the same trainables (CPU ORT).
-CUDA seeded kernels are not part of this build: the perturbation kernels run on the CPU.
+- whether the torch graph's loss matches ONNX Runtime's on the same trainables (CPU ORT);
+- the seeded kernels on CUDA (edgefed/cuda_kernels.py): mismatched bits against the CPU kernels
+  over millions of elements and several seeds (perturb, zo_update, replay, fill), throughput
+  against the device-to-device copy bound and MeZO's torch.normal + add_, and a full-parameter
+  ZO step as a ratio to one forward on a random-weight model of the packaged model's shapes (bf16
+  autocast, float32 master weights), with the seeded kernels and with MeZO's torch perturbation.
+  Without CUDA the ZO step rows run with the CPU kernels, to exercise the script.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--zo-seq-len", type=int, default=256, help="sequence length of the full-parameter ZO step rows")
     args = ap.parse_args(argv)
 
     import torch
@@ -129,12 +135,136 @@ def main(argv=None) -> int:
         label = method + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
         print(f"{label[:44]:<44} {dt:>8.2f} {loss:>11.4f} {ok:>9}")
         results.append({"method": label, "seconds": dt, "train_loss": loss, "replicas": ok})
+    seeded = seeded_kernel_checks(args, cuda, sync)
     out = {"where": where, "model": args.model, "batch": args.batch, "seq_len": args.seq_len,
            "steps_ms": {n: t * 1e3 for n, t in rows}, "ratios": {n: t / fwd for n, t in rows},
-           "onnx_agreement": agree, "methods": results}
+           "onnx_agreement": agree, "methods": results, "seeded_kernels": seeded}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0 if all(r["replicas"] == "identical" for r in results) and agree < (5e-2 if cuda else 1e-4) else 1
+    ok = all(r["replicas"] == "identical" for r in results) and agree < (5e-2 if cuda else 1e-4)
+    return 0 if ok and seeded.get("mismatched_elements", 0) == 0 else 1
+
+
+def _random_lm(model: str, device):
+    """A random-weight causal LM of the packaged model's shapes (no download), float32 weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if model == "tiny":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+    else:  # SmolLM2-135M's config
+        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                          max_position_embeddings=8192, rope_theta=100000.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device).eval(), cfg
+
+
+def seeded_kernel_checks(args, cuda: bool, sync) -> dict:
+    """The CUDA seeded kernels: bits against the CPU kernels, throughput, the full-parameter ZO step."""
+    import torch
+
+    from edgefed import cuda_kernels as ck
+    from edgefed import kernels
+    out: dict = {}
+    ok, why = ck.available()
+    print(f"\nseeded kernels on CUDA: {'available on ' + why if ok else 'not run: ' + why}")
+    if ok:
+        rng = np.random.default_rng(0)
+        n, begin = 5_800_003, 1_000_001  # ragged ends, a logical offset
+        base = rng.standard_normal(n).astype(np.float32)
+        seeds = [int(s) for s in rng.integers(0, 2**63, 4)]
+        mism = 0
+        for dist in ("normal", "rademacher"):
+            g, c = torch.from_numpy(base.copy()).cuda(), base.copy()
+            for s in seeds:
+                ck.perturb(g, s, 1e-3, dist, offsets=[begin])
+                kernels.perturb([c], s, 1e-3, dist, offsets=[begin])
+                ck.zo_update(g, s, 1e-3, 1e-4, 0.5, dist, offsets=[begin])
+                kernels.zo_update([c], s, 1e-3, 1e-4, 0.5, dist, offsets=[begin])
+            coeffs = rng.standard_normal(len(seeds)).astype(np.float32)
+            ck.replay(g, seeds, coeffs, dist, offsets=[begin])
+            kernels.replay([c], seeds, coeffs, dist, offsets=[begin])
+            mism += int((g.cpu().numpy().view(np.uint32) != c.view(np.uint32)).sum())
+            zg, zc = torch.empty(n, device="cuda"), np.empty(n, np.float32)
+            ck.fill(zg, seeds[0], dist, stream=2, offset=begin)
+            kernels.fill(zc, seeds[0], dist, stream=2, offset=begin)
+            mism += int((zg.cpu().numpy().view(np.uint32) != zc.view(np.uint32)).sum())
+        out["mismatched_elements"] = mism
+        out["checked_elements"] = 2 * 2 * n
+        print(f"bit-exactness: {mism} mismatched of {2 * 2 * n:,} elements (perturb, zo_update, replay x{len(seeds)} "
+              "seeds, fill; normal and rademacher) against the CPU kernels")
+        # throughput on a 135M-element vector (SmolLM2-135M's parameter count)
+        N = 134_515_008 if args.model != "tiny" else 4_000_000
+        theta, other = torch.zeros(N, device="cuda"), torch.zeros(N, device="cuda")
+        t_copy = _time(lambda: other.copy_(theta), args.reps, sync)
+        t_ours = _time(lambda: ck.perturb(theta, 1, 1e-3), args.reps, sync)
+        gen = torch.Generator(device="cuda")
+
+        def torch_perturb():
+            gen.manual_seed(1)
+            theta.add_(torch.normal(0, 1, theta.shape, device="cuda", generator=gen), alpha=1e-3)
+        t_torch = _time(torch_perturb, args.reps, sync)
+        t_replay = _time(lambda: ck.replay(theta, list(range(16)), [1e-3] * 16), args.reps, sync) / 16
+        del theta, other
+        out["throughput"] = {"elements": N, "copy_s": t_copy, "seeded_perturb_s": t_ours, "torch_normal_add_s": t_torch,
+                             "replay16_per_seed_s": t_replay}
+        print(f"\n{'perturb ' + format(N, ','):<46} {'G elem/s':>9} {'x copy time':>12}")
+        for name, t in (("device-to-device copy (bound)", t_copy), ("seeded kernel perturb", t_ours),
+                        ("torch.normal + add_ (MeZO)", t_torch), ("seeded replay, per seed of 16", t_replay)):
+            print(f"{name:<46} {N / t / 1e9:>9.1f} {t / t_copy:>12.2f}")
+    # the full-parameter ZO step against one forward: seeded kernels vs MeZO's torch perturbation
+    device = torch.device("cuda" if cuda else "cpu")
+    lm, cfg = _random_lm(args.model, device)
+    params = [p for p in lm.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])  # float32 master weights, one buffer
+    off = 0
+    for p in params:
+        p.data = flat[off:off + p.numel()].view_as(p)
+        off += p.numel()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.zo_seq_len), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def loss():
+        with torch.no_grad(), ctx:
+            return float(lm(input_ids=ids, labels=ids).loss)
+
+    if cuda and ok:
+        def step_perturb(seed, scale):
+            ck.perturb(flat, seed, scale)
+        label = "seeded CUDA kernels"
+    else:
+        flat_np = flat.numpy()
+
+        def step_perturb(seed, scale):
+            kernels.perturb([flat_np], seed, scale)
+        label = "seeded CPU kernels" if not cuda else None
+
+    def zo_step(perturb, eps=1e-3, lr=1e-6):
+        perturb(7, eps)
+        lp = loss()
+        perturb(7, -2 * eps)
+        lm_ = loss()
+        perturb(7, eps - lr * (lp - lm_) / (2 * eps))
+
+    def torch_perturb_params(seed, scale):  # MeZO's loop: torch.normal per parameter tensor
+        torch.manual_seed(seed)
+        for p in params:
+            p.data.add_(torch.normal(0, 1, p.shape, device=p.device, dtype=p.dtype), alpha=scale)
+
+    t_fwd = _time(loss, args.reps, sync)
+    zo_rows = [("forward", t_fwd), ("ZO step, MeZO torch perturbation", _time(lambda: zo_step(torch_perturb_params),
+                                                                             args.reps, sync))]
+    if label:
+        zo_rows.append((f"ZO step, {label}", _time(lambda: zo_step(step_perturb), args.reps, sync)))
+    n_par = flat.numel()
+    print(f"\n{'full-parameter ZO, ' + format(n_par, ',') + ' params':<46} {'ms':>9} {'x forward':>10}  "
+          f"(batch {args.batch} x {args.zo_seq_len}{', bf16 autocast' if cuda else ', CPU fp32'})")
+    for name, t in zo_rows:
+        print(f"{name:<46} {t * 1e3:>9.1f} {t / t_fwd:>10.2f}")
+    out["zo_step"] = {"params": n_par, "seq_len": args.zo_seq_len, "ms": {n: t * 1e3 for n, t in zo_rows},
+                      "x_forward": {n: t / t_fwd for n, t in zo_rows}}
+    return out
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/seeded_blocks.hpp"
 #include "kernels.hpp"
 
 namespace py = pybind11;
@@ -94,6 +95,31 @@ void add_scalar_py(const py::list& buffers, float c) {
   add_scalar(s.segs, c);
 }
 
+// The CUDA kernels' per-block code (csrc/cuda/seeded_blocks.hpp) run block after block on the
+// CPU: tests hold it to the tiled kernels bit for bit, so a GPU check only has to prove the
+// compiler kept the arithmetic (no FMA) and the launch covers every block.
+void emulate_cuda_apply(py::array_t<float, py::array::c_style> theta, uint64_t begin,
+                        py::array_t<uint64_t, py::array::c_style> seeds,
+                        py::array_t<float, py::array::c_style> coeffs, int dist) {
+  if (seeds.ndim() != 1 || coeffs.ndim() != 1 || seeds.size() != coeffs.size())
+    throw py::value_error("seeds and coeffs must be 1-D arrays of equal length");
+  parse_dist(dist);
+  float* p = theta.mutable_data();
+  const uint64_t n = static_cast<uint64_t>(theta.size());
+  if (n == 0) return;
+  for (uint64_t blk = begin / 4; blk <= (begin + n - 1) / 4; ++blk)
+    apply_block(p, begin, n, blk, seeds.data(), coeffs.data(), static_cast<int>(seeds.size()), dist);
+}
+
+void emulate_cuda_fill(py::array_t<float, py::array::c_style> out, uint64_t seed, int dist, uint32_t stream,
+                       uint64_t offset) {
+  parse_dist(dist);
+  float* p = out.mutable_data();
+  const uint64_t n = static_cast<uint64_t>(out.size());
+  if (n == 0) return;
+  for (uint64_t blk = offset / 4; blk <= (offset + n - 1) / 4; ++blk) fill_block(p, offset, n, blk, seed, stream, dist);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -119,5 +145,9 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("set_simd_path", [](const std::string& name) { return set_simd_path(name.c_str()); },
         py::arg("name"), "use this path from now on; False (nothing changed) if unavailable");
   m.def("native_build", &native_build, "whether the kernels were tuned for the build machine (-march=native)");
+  m.def("emulate_cuda_apply", &emulate_cuda_apply, py::arg("theta"), py::arg("begin"), py::arg("seeds"),
+        py::arg("coeffs"), py::arg("dist"), "the CUDA apply kernel's per-block code, run on the CPU (tests)");
+  m.def("emulate_cuda_fill", &emulate_cuda_fill, py::arg("out"), py::arg("seed"), py::arg("dist"), py::arg("stream"),
+        py::arg("offset"), "the CUDA fill kernel's per-block code, run on the CPU (tests)");
   m.attr("TILE") = kTile;
 }

@@ -2,10 +2,9 @@
 // under IEEE-754) plus our own polynomials, so the bits are the same on x86-64,
 // aarch64 and in the numpy reference (edgefed/rng.py). Build with
 // -ffp-contract=off and without -ffast-math: a fused multiply-add would change bits.
+// The same lines run on CUDA (hd.hpp; NVRTC with --fmad=false, see edgefed/cuda_kernels.py).
 #pragma once
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "hd.hpp"
 
 namespace edgefed {
 
@@ -20,12 +19,9 @@ constexpr float kC2 = -0.5f, kC4 = 0x1.555556p-5f, kC6 = -0x1.6c16c2p-10f,
 constexpr float kTwoM24 = 0x1p-24f, kTwoM22 = 0x1p-22f;
 constexpr uint32_t kSqrt2Bits = 0x3FB504F3u;
 
-inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
-
 // ln(u) for u in [2^-24, 1]: u = m * 2^e with m in (sqrt(1/2), sqrt(2)],
 // ln m = 2 atanh(s), s = (m-1)/(m+1), |s| < 0.172, series to s^9.
-inline float log_f32(float u) {
+EDGEFED_HD float log_f32(float u) {
   const uint32_t bits = float_to_bits(u);
   int32_t e = static_cast<int32_t>(bits >> 23) - 127;
   const uint32_t mbits = (bits & 0x7FFFFFu) | 0x3F800000u;
@@ -51,10 +47,10 @@ inline float log_f32(float u) {
 }
 
 // One word pair -> two standard normals (cos branch, sin branch).
-inline void box_muller(uint32_t wa, uint32_t wb, float& zc, float& zs) {
+EDGEFED_HD void box_muller(uint32_t wa, uint32_t wb, float& zc, float& zs) {
   // Via int32 (exact: < 2^25) so AVX2 and NEON have a vector conversion for it.
   const float u = static_cast<float>(static_cast<int32_t>((wa >> 8) + 1u)) * kTwoM24;
-  const float r = std::sqrt(log_f32(u) * -2.0f);
+  const float r = sqrt_rn(log_f32(u) * -2.0f);
   const uint32_t q = wb >> 30;
   const float x = static_cast<float>(static_cast<int32_t>((wb >> 8) & 0x3FFFFFu)) * kTwoM22;
   const float phi = (x - 0.5f) * kHalfPi;

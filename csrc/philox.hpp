@@ -2,7 +2,7 @@
 // Counter-based: the output depends only on (counter, key), which is what lets a
 // device and the server regenerate the same perturbation from a 64-bit seed.
 #pragma once
-#include <cstdint>
+#include "hd.hpp"
 
 namespace edgefed {
 
@@ -12,7 +12,7 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 struct Philox4 { uint32_t v[4]; };
 
 // One block, scalar. The tiled kernels inline the same rounds over arrays.
-inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+EDGEFED_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                              uint32_t k0, uint32_t k1) {
   for (int r = 0; r < 10; ++r) {
     if (r) { k0 += kPhiloxW0; k1 += kPhiloxW1; }

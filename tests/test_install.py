@@ -64,7 +64,8 @@ def test_the_sdist_builds_the_kernels_for_aarch64_and_they_pass_the_vectors(tmp_
     """What a Pi without a matching wheel gets: the sdist carries the kernels' sources, CMake
     and the test vectors; its C++ cross-built for aarch64 passes the vectors under qemu."""
     src = _sdist(tmp_path)
-    for need in ("CMakeLists.txt", "csrc/dispatch.cpp", "csrc/kernels.cpp", "tests/vectors/perturbation.txt",
+    for need in ("CMakeLists.txt", "csrc/dispatch.cpp", "csrc/kernels.cpp", "csrc/hd.hpp", "csrc/cuda/seeded.cu",
+                 "csrc/cuda/seeded_blocks.hpp", "tests/vectors/perturbation.txt",
                  "device_configs/raspberry-pi-4-4gb.yaml"):
         assert (src / need).is_file(), f"the sdist lacks {need}"
     build = tmp_path / "arm"

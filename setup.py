@@ -80,8 +80,10 @@ setup(
         # hardware in the loop on boards from an inventory, over ssh (edgefed/hil_remote.py)
         "hil": ["paramiko>=3.4", "pyyaml>=6"],
         # GPU hosts: the seeded kernels on CUDA (edgefed/cuda_kernels.py), compiled by NVRTC at first
-        # use; no toolkit needed. cuda-bindings' major must match the driver's CUDA (12.x: CUDA 12).
-        "cuda": ["cuda-bindings>=12.6"],
+        # use; no toolkit needed. Pick the extra of the CUDA major your driver and torch build use
+        # (torch.version.cuda): the bindings load that major's NVRTC.
+        "cuda12": ["cuda-bindings>=12.6,<13", "nvidia-cuda-nvrtc-cu12>=12.6,<13"],
+        "cuda13": ["cuda-bindings>=13,<14", "nvidia-cuda-nvrtc>=13,<14"],
         # nvrtc-cu12: tests compile the CUDA kernels to PTX (no GPU needed) and read the arithmetic.
         "dev": ["pytest>=7", "scipy>=1.9", "matplotlib>=3.5", "hypothesis>=6", "paramiko>=3.4",
                 "cuda-bindings>=12.6,<13", "nvidia-cuda-nvrtc-cu12>=12.6,<13"],

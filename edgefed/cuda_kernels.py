@@ -7,9 +7,8 @@ identical. The kernel source (csrc/cuda/seeded.cu) includes the very per-element
 kernels use (csrc/philox.hpp, csrc/normal.hpp); NVRTC compiles it at first use for the GPU in
 hand, with --fmad=false (a fused multiply-add changes bits) and IEEE division and square root.
 
-Needs a CUDA build of torch and cuda-bindings with NVRTC (`pip install "edgefed[cuda]"`; choose
-cuda-bindings' major version to match your driver's CUDA, 12.x for CUDA 12). No toolkit (nvcc)
-is needed. Host only; devices never import this module.
+Needs a CUDA build of torch and cuda-bindings with NVRTC: `pip install "edgefed[cuda12]"` (or
+`[cuda13]`: the CUDA major of torch.version.cuda and the driver). No toolkit (nvcc) is needed. Host only; devices never import this module.
 
 Checks: tests/test_cuda_kernels.py (the per-block code on the CPU against the tiled kernels; the
 PTX NVRTC makes holds no fused or approximate arithmetic; bit-exactness on a GPU when there is
@@ -59,8 +58,8 @@ def _nvrtc():
     try:
         from cuda.bindings import nvrtc
     except ImportError as e:
-        raise CudaUnavailable(f"cuda-bindings is not installed ({e}): pip install \"edgefed[cuda]\" "
-                              "(cuda-bindings 12.x for CUDA 12 drivers, 13.x for CUDA 13)") from None
+        raise CudaUnavailable(f"cuda-bindings is not installed ({e}): pip install \"edgefed[cuda12]\" "
+                              "(or [cuda13]: the CUDA major of torch.version.cuda)") from None
     return nvrtc
 
 

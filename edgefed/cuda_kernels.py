@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import rng
-from .kernels import KernelInputError, _check_dist, _check_finite, _check_seed
+from .kernels import (KernelInputError, _check_dist, _check_finite, _check_offsets, _check_replay, _check_seed,
+                      _check_stream_offset, _check_zo_coefficient)
 
 __all__ = ["available", "compile_source", "perturb", "zo_update", "replay", "fill", "CudaUnavailable",
            "NVRTC_OPTIONS"]
@@ -172,31 +172,12 @@ def _check_tensors(tensors) -> list:
     return out
 
 
-def _begins(offsets, tensors: list) -> list[int]:
-    if offsets is None:
-        out, end = [], 0
-        for t in tensors:
-            out.append(end)
-            end += t.numel()
-        return out
-    out = [int(o) for o in offsets]
-    if len(out) != len(tensors):
-        raise KernelInputError(f"offsets must hold one logical begin per buffer: {len(out)} offsets, "
-                               f"{len(tensors)} buffers")
-    end = 0
-    for k, (o, t) in enumerate(zip(out, tensors)):
-        if o < end or o + t.numel() > 1 << 62:
-            raise KernelInputError(f"offset {o} of buffer {k} overlaps the buffer before it (which ends at {end}) "
-                                   "or passes 2**62; offsets must be ascending, buffers disjoint")
-        end = o + t.numel()
-    return out
-
-
 def _apply(tensors, seeds: np.ndarray, coeffs: np.ndarray, dist: str, offsets) -> None:
     import torch
     code = _check_dist(dist)
     ts = _check_tensors(tensors)
-    begins = _begins(offsets, ts)
+    sizes = [t.numel() for t in ts]
+    begins = _check_offsets(offsets, sizes) or [sum(sizes[:k]) for k in range(len(sizes))]
     if seeds.size == 0:
         return
     for t, begin in zip(ts, begins):
@@ -224,9 +205,7 @@ def zo_update(tensors, seed: int, eps: float, lr: float, g: float, dist: str = "
     """theta += float32(eps - lr*g) * z(seed): restore and SGD step in one pass after a two-point probe."""
     _check_dist(dist)
     seed = _check_seed(seed)
-    c = rng.zo_coefficient(_check_finite(eps, "eps"), _check_finite(lr, "lr"),
-                           _check_finite(g, "g (projected gradient)"))
-    _check_finite(c, "eps - lr*g")
+    c = _check_zo_coefficient(eps, lr, g)
     _apply(tensors, np.array([seed], np.uint64), np.array([c], np.float32), dist, offsets)
 
 
@@ -235,30 +214,20 @@ def replay(tensors, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] |
     """theta += sum_j coeffs[j] * z(seeds[j]), one pass over GPU memory; the bits of perturbing
     seed by seed in order, on any device."""
     _check_dist(dist)
-    seeds_list = list(seeds)
-    c = np.asarray(list(coeffs) if not isinstance(coeffs, np.ndarray) else coeffs, dtype=np.float64)
-    if c.ndim != 1 or len(seeds_list) != c.shape[0]:
-        raise KernelInputError(f"replay needs one coefficient per seed: {len(seeds_list)} seeds, {c.size} coefficients")
-    bad = np.flatnonzero(~np.isfinite(c.astype(np.float32)))
-    if bad.size:
-        raise KernelInputError(f"coefficient {int(bad[0])} is {c[bad[0]]} (non-finite in float32); nothing was applied")
-    s = np.array([_check_seed(x, f"seed {j}") for j, x in enumerate(seeds_list)], dtype=np.uint64)
-    _apply(tensors, s, c.astype(np.float32), dist, offsets)
+    s, c = _check_replay(seeds, coeffs)
+    _apply(tensors, s, c, dist, offsets)
 
 
 def fill(out, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0) -> None:
     """out[i] = z(seed)[offset + i] on `stream`, written on the GPU."""
     code = _check_dist(dist)
     seed = _check_seed(seed)
-    if not 0 <= int(stream) < 1 << 32:
-        raise KernelInputError(f"stream must be in [0, 2**32), got {stream}")
-    if not 0 <= int(offset) < 1 << 62:
-        raise KernelInputError(f"offset must be in [0, 2**62), got {offset}")
+    stream, offset = _check_stream_offset(stream, offset)
     (t,) = _check_tensors([out])
     n = t.numel()
     if n:
         n_blocks = (offset + n - 1) // 4 - offset // 4 + 1
-        _launch(t, 2, n_blocks, (t.data_ptr(), int(offset), n, seed, int(stream), code),
+        _launch(t, 2, n_blocks, (t.data_ptr(), offset, n, seed, stream, code),
                 (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int))
 
 

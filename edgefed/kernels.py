@@ -150,21 +150,53 @@ def _check_finite(x, what: str) -> float:
     return v
 
 
-def _check_offsets(offsets, bufs: list[np.ndarray]) -> list[int] | None:
-    """Each buffer's logical begin: ascending, no overlaps (None: one after another from 0)."""
+def _check_offsets(offsets, sizes: Sequence[int]) -> list[int] | None:
+    """Each buffer's logical begin (buffers of `sizes` elements): ascending, no overlaps (None: one
+    after another from 0)."""
     if offsets is None:
         return None
     out = [int(o) for o in offsets]
-    if len(out) != len(bufs):
+    if len(out) != len(sizes):
         raise KernelInputError(f"offsets must hold one logical begin per buffer: {len(out)} offsets, "
-                               f"{len(bufs)} buffers")
+                               f"{len(sizes)} buffers")
     end = 0
-    for k, (o, b) in enumerate(zip(out, bufs)):
-        if o < end or o + b.size > 1 << 62:
+    for k, (o, n) in enumerate(zip(out, sizes)):
+        if o < end or o + n > 1 << 62:
             raise KernelInputError(f"offset {o} of buffer {k} overlaps the buffer before it (which ends at "
                                    f"{end}) or passes 2**62; offsets must be ascending, buffers disjoint")
-        end = o + b.size
+        end = o + n
     return out
+
+
+def _check_zo_coefficient(eps, lr, g) -> float:
+    """float32(eps - lr*g), computed in float64 (rng.zo_coefficient), every input finite."""
+    c = rng.zo_coefficient(_check_finite(eps, "eps"), _check_finite(lr, "lr"),
+                           _check_finite(g, "g (projected gradient)"))
+    _check_finite(c, "eps - lr*g")
+    return c
+
+
+def _check_stream_offset(stream, offset) -> tuple[int, int]:
+    if not 0 <= int(stream) < 1 << 32:
+        raise KernelInputError(f"stream must be in [0, 2**32), got {stream}")
+    if not 0 <= int(offset) < 1 << 62:
+        raise KernelInputError(f"offset must be in [0, 2**62), got {offset}")
+    return int(stream), int(offset)
+
+
+def _check_replay(seeds, coeffs) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds as uint64, coefficients rounded to float32) of a replay, checked before anything is written."""
+    seeds_list = list(seeds)
+    c = np.asarray(list(coeffs) if not isinstance(coeffs, np.ndarray) else coeffs, dtype=np.float64)
+    if c.ndim != 1 or len(seeds_list) != c.shape[0]:
+        raise KernelInputError(f"replay needs one coefficient per seed: {len(seeds_list)} seeds, "
+                               f"{c.size} coefficients")
+    bad = np.flatnonzero(~np.isfinite(c.astype(np.float32)))
+    if bad.size:
+        raise KernelInputError(f"coefficient {int(bad[0])} is {c[bad[0]]} (non-finite in float32); "
+                               "nothing was applied")
+    s = np.array([_check_seed(x, f"seed {j}") for j, x in enumerate(seeds_list)], dtype=np.uint64)
+    return s, c.astype(np.float32)
 
 
 def _apply(buffers: list[np.ndarray], seeds: np.ndarray, coeffs: np.ndarray, dist: str,
@@ -183,7 +215,7 @@ def perturb(buffers, seed: int, scale: float, dist: str = "normal", offsets=None
     scale = _check_finite(scale, "scale")
     bufs = _check_buffers(buffers)
     _apply(bufs, np.array([seed], np.uint64), np.array([scale], np.float32), dist,
-           _check_offsets(offsets, bufs))
+           _check_offsets(offsets, [b.size for b in bufs]))
 
 
 def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "normal",
@@ -192,12 +224,10 @@ def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "
     theta += (eps - lr*g) * z, one pass over memory."""
     _check_dist(dist)
     seed = _check_seed(seed)
-    c = rng.zo_coefficient(_check_finite(eps, "eps"), _check_finite(lr, "lr"),
-                           _check_finite(g, "g (projected gradient)"))
-    _check_finite(c, "eps - lr*g")
+    c = _check_zo_coefficient(eps, lr, g)
     bufs = _check_buffers(buffers)
     _apply(bufs, np.array([seed], np.uint64), np.array([c], np.float32), dist,
-           _check_offsets(offsets, bufs))
+           _check_offsets(offsets, [b.size for b in bufs]))
 
 
 def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] | np.ndarray,
@@ -205,20 +235,11 @@ def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] |
     """theta += sum_j coeffs[j] * z(seeds[j]), in one tiled pass; bit-identical to calling
     perturb(buffers, seeds[j], coeffs[j]) for j in order."""
     _check_dist(dist)
-    seeds_list = list(seeds)
-    c = np.asarray(list(coeffs) if not isinstance(coeffs, np.ndarray) else coeffs, dtype=np.float64)
-    if c.ndim != 1 or len(seeds_list) != c.shape[0]:
-        raise KernelInputError(f"replay needs one coefficient per seed: {len(seeds_list)} seeds, "
-                               f"{c.size} coefficients")
-    bad = np.flatnonzero(~np.isfinite(c.astype(np.float32)))
-    if bad.size:
-        raise KernelInputError(f"coefficient {int(bad[0])} is {c[bad[0]]} (non-finite in float32); "
-                               "nothing was applied")
-    s = np.array([_check_seed(x, f"seed {j}") for j, x in enumerate(seeds_list)], dtype=np.uint64)
+    s, c = _check_replay(seeds, coeffs)
     bufs = _check_buffers(buffers)
-    offs = _check_offsets(offsets, bufs)
+    offs = _check_offsets(offsets, [b.size for b in bufs])
     if s.size:
-        _apply(bufs, s, c.astype(np.float32), dist, offs)
+        _apply(bufs, s, c, dist, offs)
 
 
 def fill(out: np.ndarray, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0) -> None:
@@ -226,12 +247,9 @@ def fill(out: np.ndarray, seed: int, dist: str = "normal", stream: int = 0, offs
     e.g. projection matrices)."""
     code = _check_dist(dist)
     seed = _check_seed(seed)
-    if not 0 <= int(stream) < 1 << 32:
-        raise KernelInputError(f"stream must be in [0, 2**32), got {stream}")
-    if not 0 <= int(offset) < 1 << 62:
-        raise KernelInputError(f"offset must be in [0, 2**62), got {offset}")
+    stream, offset = _check_stream_offset(stream, offset)
     (buf,) = _check_buffers([out])
     if backend() == "cpp":
-        _ext.fill(buf, seed, code, int(stream), int(offset))
+        _ext.fill(buf, seed, code, stream, offset)
     else:
-        buf.reshape(-1)[:] = rng.generate(seed, buf.size, dist, int(stream), int(offset))
+        buf.reshape(-1)[:] = rng.generate(seed, buf.size, dist, stream, offset)

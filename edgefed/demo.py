@@ -118,7 +118,7 @@ def plan_time(args, model, shards, held) -> None:
     cores = usable_cores()
     args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
     rows = max(shards, key=len)
-    fwd = time_forward(model, rows, min(args.batch_size, len(rows)), concurrent=args.devices, cores=cores)
+    fwd = time_forward(model, rows, min(args.batch_size, len(rows)))
     sizes = dict(local_steps=args.local_steps, forwards_per_step=forwards_per_step(dict(args.param or [])),
                  devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
                  heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget, cores=cores)

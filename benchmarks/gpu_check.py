@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         label = method + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
         print(f"{label[:44]:<44} {dt:>8.2f} {loss:>11.4f} {ok:>9}")
         results.append({"method": label, "seconds": dt, "train_loss": loss, "replicas": ok})
-    seeded = seeded_kernel_checks(args, cuda, sync)
+    seeded = seeded_kernel_checks(args, cuda, sync, host, data)
     out = {"where": where, "model": args.model, "batch": args.batch, "seq_len": args.seq_len,
            "steps_ms": {n: t * 1e3 for n, t in rows}, "ratios": {n: t / fwd for n, t in rows},
            "onnx_agreement": agree, "methods": results, "seeded_kernels": seeded}
@@ -160,8 +160,9 @@ def _random_lm(model: str, device):
     return LlamaForCausalLM(cfg).to(device).eval(), cfg
 
 
-def seeded_kernel_checks(args, cuda: bool, sync) -> dict:
-    """The CUDA seeded kernels: bits against the CPU kernels, throughput, the full-parameter ZO step."""
+def seeded_kernel_checks(args, cuda: bool, sync, host, data) -> dict:
+    """The CUDA seeded kernels: bits against the CPU kernels, throughput, a torch host's local ZO
+    steps on its GPU copy, the full-parameter ZO step."""
     import torch
 
     from edgefed import cuda_kernels as ck
@@ -213,6 +214,29 @@ def seeded_kernel_checks(args, cuda: bool, sync) -> dict:
         for name, t in (("device-to-device copy (bound)", t_copy), ("seeded kernel perturb", t_ours),
                         ("torch.normal + add_ (MeZO)", t_torch), ("seeded replay, per seed of 16", t_replay)):
             print(f"{name:<46} {N / t / 1e9:>9.1f} {t / t_copy:>12.2f}")
+
+    # a torch host's local ZO steps (the trainer, probe=zo): on its GPU copy vs CPU kernels + a copy per forward
+    from edgefed.trainer import LocalTrainer
+    from edgefed.zo import SeedPool, ZOConfig
+    steps, per = 8, {}
+    finals = []
+    for resident in (False, True):
+        m = host.fork()
+        m.zo_on_device = resident
+        trainer = LocalTrainer(m, SeedPool(3, 256), ZOConfig(lr=1e-3, eps=1e-3, probe="zo"), progress=False)
+        trainer.train(data[:64], 1, batch_size=args.batch, seed=0)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        trainer.train(data[:64], steps, batch_size=args.batch, seed=1)
+        sync()
+        per[resident] = (time.perf_counter() - t0) / steps
+        finals.append(m.params.copy())
+    same = bool(np.array_equal(finals[0].view(np.uint32), finals[1].view(np.uint32)))
+    out["host_zo_steps"] = {"copied_s": per[False], "resident_s": per[True], "identical": same}
+    out["mismatched_elements"] = out.get("mismatched_elements", 0) + (0 if same else 1)
+    print(f"torch host ZO step ({host.n_trainable:,} trainables): {per[False] * 1e3:.1f} ms with the CPU kernels "
+          f"and a copy per forward, {per[True] * 1e3:.1f} ms on its device copy (zo_session); trainables "
+          f"{'identical' if same else 'DIFFER'}")
     # the full-parameter ZO step against one forward: seeded kernels vs MeZO's torch perturbation
     device = torch.device("cuda" if cuda else "cpu")
     lm, cfg = _random_lm(args.model, device)

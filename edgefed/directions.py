@@ -197,8 +197,7 @@ class DirectionSpace:
         if self.matrices:
             c = np.float32(kernels._check_finite(scale, "scale"))
             for m in self.matrices:
-                flat = buffers[m.buf]
-                flat += c * self._lowrank(seed, m, dist)
+                _add_into(buffers[m.buf], c * self._lowrank(seed, m, dist))
 
     def zo_update(self, buffers, seed: int, eps: float, lr: float, g: float, dist: str = "normal") -> None:
         """After a probe left theta at theta - eps d: theta += (eps - lr g) d (the fused coefficient
@@ -221,8 +220,7 @@ class DirectionSpace:
             kernels.replay(segs, seeds, c, dist, offsets=offs)
         for s, cj in zip(seeds, c):
             for m in self.matrices:
-                flat = buffers[m.buf]
-                flat += cj * self._lowrank(int(s), m, dist)
+                _add_into(buffers[m.buf], cj * self._lowrank(int(s), m, dist))
 
     def fill(self, out: np.ndarray, seed: int, dist: str = "normal") -> None:
         """out = d(seed) over the whole trainable vector (zeros outside the space)."""
@@ -247,6 +245,16 @@ class DirectionSpace:
         if s.lowrank:
             parts.append(f"rank-{s.lowrank} directions on {len(self.matrices)} matrices")
         return f"{', '.join(parts)}: {self.n_active:,} of {self.n_total:,} trainables move"
+
+
+def _add_into(flat, delta: np.ndarray) -> None:
+    """flat += delta (float32, one rounding per element) on a numpy buffer or a torch tensor (a GPU
+    host's trainables): the same bits either way."""
+    if isinstance(flat, np.ndarray):
+        flat += delta
+    else:
+        import torch
+        flat.add_(torch.from_numpy(delta).to(flat.device))
 
 
 class WholeVector:

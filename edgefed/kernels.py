@@ -5,6 +5,9 @@ tensors, in order): element indices continue from one buffer to the next, so the
 same seed gives the same direction however the parameters are laid out.
 
 All inputs are checked before any buffer is written, so a bad call changes nothing.
+Buffers may also be torch tensors (a GPU host's trainables): CUDA tensors go to the CUDA kernels
+(edgefed.cuda_kernels, the same bits), CPU tensors are updated through their numpy views. torch
+is never imported here: a device passes numpy arrays only.
 The C++ extension (``edgefed._kernels``) does the work; without it the numpy
 reference in :mod:`edgefed.rng` is used, with a warning (it is ~20x slower).
 """
@@ -100,6 +103,25 @@ def get_num_threads() -> int:
     if _ext is not None:
         return int(_ext.get_num_threads())
     return _threads or (os.cpu_count() or 1)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _route(buffers):
+    """(buffers, the CUDA kernels module or None): numpy arrays as they are; torch CPU tensors as
+    their numpy views (shared memory); torch CUDA tensors to edgefed.cuda_kernels."""
+    if isinstance(buffers, np.ndarray):
+        return buffers, None
+    if _is_torch(buffers):
+        buffers = [buffers]
+    elif not isinstance(buffers, (list, tuple)) or not any(_is_torch(b) for b in buffers):
+        return buffers, None
+    if any(_is_torch(b) and b.is_cuda for b in buffers):
+        from . import cuda_kernels
+        return list(buffers), cuda_kernels
+    return [b.detach().numpy() if _is_torch(b) else b for b in buffers], None
 
 
 def _check_dist(dist: str) -> int:
@@ -210,6 +232,9 @@ def _apply(buffers: list[np.ndarray], seeds: np.ndarray, coeffs: np.ndarray, dis
 def perturb(buffers, seed: int, scale: float, dist: str = "normal", offsets=None) -> None:
     """theta += float32(scale) * z(seed), in place. offsets: each buffer's logical begin in the
     perturbation vector (a subset of a model's tensors gets the z it has in the whole vector)."""
+    buffers, gpu = _route(buffers)
+    if gpu:
+        return gpu.perturb(buffers, seed, scale, dist, offsets)
     _check_dist(dist)
     seed = _check_seed(seed)
     scale = _check_finite(scale, "scale")
@@ -222,6 +247,9 @@ def zo_update(buffers, seed: int, eps: float, lr: float, g: float, dist: str = "
               offsets=None) -> None:
     """Fused restore + SGD step after a two-point probe that left theta at theta - eps*z:
     theta += (eps - lr*g) * z, one pass over memory."""
+    buffers, gpu = _route(buffers)
+    if gpu:
+        return gpu.zo_update(buffers, seed, eps, lr, g, dist, offsets)
     _check_dist(dist)
     seed = _check_seed(seed)
     c = _check_zo_coefficient(eps, lr, g)
@@ -234,6 +262,9 @@ def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] |
            dist: str = "normal", offsets=None) -> None:
     """theta += sum_j coeffs[j] * z(seeds[j]), in one tiled pass; bit-identical to calling
     perturb(buffers, seeds[j], coeffs[j]) for j in order."""
+    buffers, gpu = _route(buffers)
+    if gpu:
+        return gpu.replay(buffers, seeds, coeffs, dist, offsets)
     _check_dist(dist)
     s, c = _check_replay(seeds, coeffs)
     bufs = _check_buffers(buffers)
@@ -245,6 +276,9 @@ def replay(buffers, seeds: Sequence[int] | np.ndarray, coeffs: Iterable[float] |
 def fill(out: np.ndarray, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0) -> None:
     """out[i] = z(seed)[offset + i] on `stream` (0: parameter perturbations; others for
     e.g. projection matrices)."""
+    (out,), gpu = _route([out])
+    if gpu:
+        return gpu.fill(out, seed, dist, stream, offset)
     code = _check_dist(dist)
     seed = _check_seed(seed)
     stream, offset = _check_stream_offset(stream, offset)

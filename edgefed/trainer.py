@@ -1,6 +1,7 @@
 """Local forward-only training on a device: batches, ZO steps, progress, checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -70,41 +71,52 @@ class LocalTrainer:
         exact = self._exact_probes()
         scratch = np.empty(self.model.params.size, np.float32) if exact else None
         bar = progress_bar(steps, desc, self.progress)
+        # A GPU host's two-point steps run on its device copy of the trainables (zo_session); its
+        # exact-gradient steps and every device use the model's own buffers.
+        on_device = not exact and getattr(self.model, "zo_on_device", False)
+        session = self.model.zo_session() if on_device else contextlib.nullcontext(
+            (self.model.buffers, self.model.loss))
         try:
-            for t in range(steps):
-                rows = gen.choice(len(examples), size=bs, replace=False)
-                batch = self.model.encode([examples[i] for i in rows])
-                lr = self.cfg.lr / q
-                eps = self.cfg.eps
-                grad = None
-                if exact:  # one backward pass serves every seed of the step
-                    loss, grad = self.model.loss_and_grad(batch)
-                    if not np.isfinite(loss):
-                        raise DivergedError(f"loss is {loss} at step {t}; parameters unchanged. Lower lr.")
-                if grad is None and self.cfg.n_perturb_max > q:
-                    for probe in self._adaptive_step(batch, gen, probs, noise_gen):
-                        acc.add(probe)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
-                    continue
-                for j in self.pool.sample(gen, q, probs):
-                    noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
-                    if grad is not None:
-                        probe = gradient_projection_step(grad, loss, self.model.buffers, scratch,
-                                                         self.pool.seed(int(j)), int(j), lr,
-                                                         self.cfg.dist, self.cfg.clip, noise, self.space)
-                    else:
-                        probe = two_point_step(lambda: self.model.loss(batch), self.model.buffers,
-                                               self.pool.seed(int(j)), int(j), eps, lr,
-                                               self.cfg.dist, self.cfg.clip, noise, self.space)
-                    acc.add(probe)
-                bar.update(1)
-                bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
+            with session as (self._buffers, self._loss):
+                self._steps(examples, steps, bs, gen, acc, q, noise_std, noise_gen, exact, scratch, probs, bar)
         finally:
             bar.close()
+            self._buffers = self._loss = None
             if checkpoint is not None:
                 save_checkpoint(self.model, checkpoint, {"steps": len(acc.history)})
         return acc
+
+    def _steps(self, examples, steps: int, bs: int, gen, acc, q: int, noise_std: float, noise_gen, exact: bool,
+               scratch, probs, bar) -> None:
+        for t in range(steps):
+            rows = gen.choice(len(examples), size=bs, replace=False)
+            batch = self.model.encode([examples[i] for i in rows])
+            lr = self.cfg.lr / q
+            eps = self.cfg.eps
+            grad = None
+            if exact:  # one backward pass serves every seed of the step
+                loss, grad = self.model.loss_and_grad(batch)
+                if not np.isfinite(loss):
+                    raise DivergedError(f"loss is {loss} at step {t}; parameters unchanged. Lower lr.")
+            if grad is None and self.cfg.n_perturb_max > q:
+                for probe in self._adaptive_step(batch, gen, probs, noise_gen):
+                    acc.add(probe)
+                bar.update(1)
+                bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
+                continue
+            for j in self.pool.sample(gen, q, probs):
+                noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
+                if grad is not None:
+                    probe = gradient_projection_step(grad, loss, self._buffers, scratch,
+                                                     self.pool.seed(int(j)), int(j), lr,
+                                                     self.cfg.dist, self.cfg.clip, noise, self.space)
+                else:
+                    probe = two_point_step(lambda: self._loss(batch), self._buffers,
+                                           self.pool.seed(int(j)), int(j), eps, lr,
+                                           self.cfg.dist, self.cfg.clip, noise, self.space)
+                acc.add(probe)
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
 
     def _adaptive_step(self, batch, gen: np.random.Generator, probs, noise_gen) -> list[ProbeResult]:
         """Variance-adaptive n-SPSA: probes at the same theta on the same batch, at least
@@ -119,7 +131,7 @@ class LocalTrainer:
         while len(probes) < q_max:
             j = int(self.pool.sample(gen, 1, probs)[0])
             noise = float(noise_gen.normal(0.0, noise_std)) if noise_std > 0 else 0.0
-            probes.append(probe_only(lambda: self.model.loss(batch), self.model.buffers, self.pool.seed(j), j,
+            probes.append(probe_only(lambda: self._loss(batch), self._buffers, self.pool.seed(j), j,
                                      cfg.eps, cfg.dist, cfg.clip, noise, self.space))
             if len(probes) >= max(2, q_min):
                 g = np.array([p.g for p in probes])
@@ -129,6 +141,6 @@ class LocalTrainer:
         for p in probes:  # the same float32 coefficient the server's replay will use
             scaled = float(np.float32(p.g * q_min / q_t))
             coeff = float(np.float32(-cfg.lr / q_min * scaled))
-            self.space.perturb(self.model.buffers, self.pool.seed(p.seed_index), coeff, cfg.dist)
+            self.space.perturb(self._buffers, self.pool.seed(p.seed_index), coeff, cfg.dist)
             p.g, p.coeff = scaled, coeff
         return probes

@@ -182,3 +182,52 @@ def test_deltas_larger_than_a_broker_message_travel_in_chunks_and_sync_replies(a
         assert agent.t.chunk_stats()["messages_chunked"] >= 3, "every update went out in chunks"
     up = [h["bytes_in"] / h["n_updates"] for h in res.history if h["round"] > 0]
     assert min(up) > host.n_trainable * 4
+
+
+@pytest.mark.parametrize("params", [{}, {"mask_tensors": "lora_B"}, {"lowrank": 2, "n_perturb_max": 3}],
+                         ids=["dense", "lora_B", "lowrank-adaptive"])
+def test_a_hosts_zo_steps_on_its_device_copy_leave_the_cpu_paths_bits(arts, reviews, params):
+    """A GPU host's two-point steps run on one device copy of the trainables (zo_session: the
+    CUDA kernels perturb it in GPU memory) and hand back exactly what the in-place CPU path
+    leaves. Here both run on the CPU, so the session's plumbing is what is checked: the copy in
+    and out, the loss at the copy, torch tensors through the kernels, masks and low-rank
+    directions on torch tensors. tests/test_cuda_kernels.py checks the CUDA kernels' bits."""
+    from edgefed.backends.torch_model import TorchModel
+    from edgefed.directions import direction_space
+    from edgefed.trainer import LocalTrainer
+    from edgefed.zo import SeedPool, ZOConfig
+
+    plain = TorchModel(arts["lora"], seq_len=64)
+    plain.zo_on_device = False
+    session = plain.fork()
+    session.zo_on_device = True
+    space = direction_space(plain, params)
+    cfg = ZOConfig(lr=5e-2, eps=1e-3, probe="zo", n_perturb_max=int(params.get("n_perturb_max", 0)))
+    accs = [LocalTrainer(m, SeedPool(7, 64), cfg, progress=False, space=space).train(list(reviews[:40]), 5,
+                                                                                   batch_size=4, seed=3)
+            for m in (plain, session)]
+    assert not np.array_equal(plain.params, plain._init), "the steps moved the trainables"
+    assert np.array_equal(plain.params.view(np.uint32), session.params.view(np.uint32))
+    assert [(p.seed_index, p.g) for p in accs[0].history] == [(p.seed_index, p.g) for p in accs[1].history]
+    assert plain.forward_count == session.forward_count > 0
+
+
+def test_a_gpu_hosts_zo_steps_run_on_the_gpu_with_the_cpu_paths_bits(arts, reviews):
+    from edgefed import cuda_kernels
+    ok, why = cuda_kernels.available()
+    if not ok:
+        pytest.skip(f"no GPU for the CUDA kernels: {why}")
+    from edgefed.backends.torch_model import TorchModel
+    from edgefed.directions import WHOLE
+    from edgefed.trainer import LocalTrainer
+    from edgefed.zo import SeedPool, ZOConfig
+
+    resident = TorchModel(arts["lora"], seq_len=64, device="cuda")
+    assert resident.zo_on_device, "on CUDA with the kernels available, steps run on the GPU copy"
+    copied = resident.fork()
+    copied.zo_on_device = False  # CPU kernels on params, a copy to the GPU per forward
+    cfg = ZOConfig(lr=5e-2, eps=1e-3, probe="zo")
+    for m in (copied, resident):
+        LocalTrainer(m, SeedPool(7, 64), cfg, progress=False, space=WHOLE).train(list(reviews[:40]), 5,
+                                                                              batch_size=4, seed=3)
+    assert np.array_equal(copied.params.view(np.uint32), resident.params.view(np.uint32))

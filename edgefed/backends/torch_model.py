@@ -142,6 +142,7 @@ class TorchModel(TaskBatches):
             self.task.reference = self._reference_logps
         self.forward_count = 0
         self.backward_count = 0
+        self._zo_on_device: bool | None = None
         if check_base:
             self._check_base()
 
@@ -158,6 +159,37 @@ class TorchModel(TaskBatches):
     def trainable_tensor(self, requires_grad: bool = True) -> torch.Tensor:
         """A copy of the global trainables on the compute device, for a local optimiser."""
         return self._flat_cpu.to(self.device, copy=True).requires_grad_(requires_grad)
+
+    @contextlib.contextmanager
+    def zo_session(self):
+        """Local ZO training with the trainables held on the compute device: yields (buffers, loss)
+        where buffers are views of one device copy of the trainables (manifest order, what the
+        kernels take) and loss(batch) is the loss there. On CUDA the seeded kernels perturb them in
+        GPU memory (edgefed.cuda_kernels: the CPU kernels' bits), so a step costs no host copies and
+        no CPU work; on leaving, the trainables come back to `params`, bit for bit what the CPU
+        path would have left."""
+        flat = self._flat_cpu.to(self.device, copy=True)
+        bufs = [flat[t["offset"]:t["offset"] + t["numel"]] for t in self.manifest["trainable"]]
+
+        def loss(batch: Batch) -> float:
+            with torch.no_grad():
+                return float(self._forward(batch, flat)[0].float())
+        try:
+            yield bufs, loss
+        finally:
+            self.params[:] = flat.cpu().numpy()
+
+    @property
+    def zo_on_device(self) -> bool:
+        """Whether local ZO steps run in a zo_session: on CUDA, when the CUDA seeded kernels can run."""
+        if self._zo_on_device is None:
+            from ..cuda_kernels import available
+            self._zo_on_device = self.device.type == "cuda" and available()[0]
+        return self._zo_on_device
+
+    @zo_on_device.setter
+    def zo_on_device(self, value: bool) -> None:
+        self._zo_on_device = bool(value)
 
     def _current(self) -> torch.Tensor:
         return self._flat_cpu if self.device.type == "cpu" else self._flat_cpu.to(self.device)

@@ -29,7 +29,7 @@ import numpy as np
 from .kernels import (KernelInputError, _check_dist, _check_finite, _check_offsets, _check_replay, _check_seed,
                       _check_stream_offset, _check_zo_coefficient)
 
-__all__ = ["available", "compile_source", "perturb", "zo_update", "replay", "fill", "CudaUnavailable",
+__all__ = ["available", "prepare", "compile_source", "perturb", "zo_update", "replay", "fill", "CudaUnavailable",
            "NVRTC_OPTIONS"]
 
 # Bit-exactness needs every float op IEEE-rounded as written: no contraction into FMA, no
@@ -106,11 +106,24 @@ def available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, f"torch {torch.__version__} sees no CUDA device"
     try:
-        _nvrtc()
+        _check(_nvrtc().nvrtcVersion(), "loading NVRTC")  # the library itself, not just the bindings
         from cuda.bindings import driver  # noqa: F401
-    except CudaUnavailable as e:
+    except Exception as e:  # bindings without their library raise their own errors
         return False, str(e)
     return True, torch.cuda.get_device_name(0)
+
+
+def prepare(device) -> None:
+    """Compile and load the kernels for a CUDA device now (a cubin for it, once per process);
+    raises CudaUnavailable saying why they cannot run there."""
+    import torch
+    dev = torch.device(device)
+    try:
+        _module(dev.index if dev.index is not None else torch.cuda.current_device())
+    except CudaUnavailable:
+        raise
+    except Exception as e:
+        raise CudaUnavailable(f"the CUDA seeded kernels could not be loaded on {dev}: {e}") from e
 
 
 def _module(index: int):

@@ -181,10 +181,23 @@ class TorchModel(TaskBatches):
 
     @property
     def zo_on_device(self) -> bool:
-        """Whether local ZO steps run in a zo_session: on CUDA, when the CUDA seeded kernels can run."""
+        """Whether local ZO steps run in a zo_session: on CUDA, when the CUDA seeded kernels load
+        there. Otherwise the CPU kernels step `params` and each forward copies it to the device,
+        said once in a warning on CUDA."""
         if self._zo_on_device is None:
-            from ..cuda_kernels import available
-            self._zo_on_device = self.device.type == "cuda" and available()[0]
+            self._zo_on_device = False
+            if self.device.type == "cuda":
+                from .. import cuda_kernels
+                ok, why = cuda_kernels.available()
+                try:
+                    if not ok:
+                        raise cuda_kernels.CudaUnavailable(why)
+                    cuda_kernels.prepare(self.device)
+                    self._zo_on_device = True
+                except cuda_kernels.CudaUnavailable as e:
+                    import warnings
+                    warnings.warn(f"ZO steps on this GPU host use the CPU kernels and copy the trainables for every "
+                                  f"forward: {e}", RuntimeWarning, stacklevel=2)
         return self._zo_on_device
 
     @zo_on_device.setter

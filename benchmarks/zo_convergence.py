@@ -45,6 +45,7 @@ VARIANTS = {
     "nspsa4": {"n_perturb": 4},
     "adaptive": {"n_perturb": 1, "n_perturb_max": 4, "adaptive_tol": 0.5},
     "lora-b": {"mask_tensors": "lora_B", "lr_x": 2.0},
+    "lora-b-x4": {"mask_tensors": "lora_B", "lr_x": 4.0},
     "sparse-mag": {"mask_frac": 0.25, "mask_by": "magnitude", "lr_x": 2.0},
     "sparse-rand": {"mask_frac": 0.25, "mask_by": "random", "lr_x": 2.0},
     "lowrank2": {"lowrank": 2},

@@ -16,7 +16,8 @@ device's own steps); "fed4-iid", "fed4-dir", "fed16-iid", ... split the rows ove
 Budget: each run gets the same number of training forward passes (--forwards, counted by the
 models: two per probe); rounds are sized so that every setting spends the budget in --evals
 equal slices, and the global model is scored on the same balanced held-out rows after each
-slice (evaluation passes are not counted). For each variant and setting: final accuracy with a
+slice (evaluation passes are not counted). --rounds-per-eval R splits each slice into R rounds,
+so server optimisers (momentum, seed-space Adam), which step once a round, get R steps a slice. For each variant and setting: final accuracy with a
 95% interval over seeds (t, n-1), the gain over the starting model, and the forward passes at
 which the seed-mean curve first reaches plain MeZO's final seed-mean accuracy in the same setting
 (its ratio to MeZO's budget: the target is <= 1/3). Table to stdout (markdown), progress to
@@ -87,7 +88,9 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
     shards = iid_split(train, n_dev, seed=seed) if split == "iid" else dirichlet_split(train, n_dev, 0.5, seed=seed)
     # adaptive probes spend the budget at their own pace: the curves are drawn against the forwards spent
     steps_total = max(1, int(cfg["forwards"] // forwards_per_step(params)))
-    rounds = cfg["evals"]
+    # server optimisers (momentum, seed-space Adam) act once a round: --rounds-per-eval gives them rounds
+    per_eval = max(1, int(cfg.get("rounds_per_eval", 1)))
+    rounds = cfg["evals"] * per_eval
     local = max(1, round(steps_total / (rounds * n_dev)))
     job = JobConfig(job=f"zo-{variant}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
                     devices_per_round=n_dev, min_devices=n_dev, round_timeout=600, local_steps=local,
@@ -97,6 +100,8 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
     curve = []
 
     def score(rnd, params_now, metrics=None):
+        if rnd >= 0 and (rnd + 1) % per_eval:
+            return
         evaluator.params[:] = params_now
         ev = evaluator.evaluate(held, batch_size=32)
         fw = sum(m.forward_count for m in models)
@@ -220,6 +225,8 @@ def main(argv=None) -> int:
                     "(add seeds to a saved run: merge the JSONs' runs)")
     ap.add_argument("--forwards", type=int, default=480, help="training forward passes per run (all devices)")
     ap.add_argument("--evals", type=int, default=6, help="evaluations per run (equal slices of the budget)")
+    ap.add_argument("--rounds-per-eval", type=int, default=1,
+                    help="rounds in each slice (server optimisers step once a round; local steps shrink to match)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="plain MeZO's lr (the demo's)")
@@ -272,7 +279,7 @@ def main(argv=None) -> int:
     kernels.set_num_threads(args.threads)
     base = DeviceModel(artifact, threads=args.threads, batch_size=args.batch, seq_len=args.seq_len, check_memory=False)
     evaluator = base.fork()
-    cfg = {"forwards": args.forwards, "evals": args.evals, "batch": args.batch, "lr": args.lr, "eps": args.eps,
+    cfg = {"forwards": args.forwards, "evals": args.evals, "rounds_per_eval": args.rounds_per_eval, "batch": args.batch, "lr": args.lr, "eps": args.eps,
            "k": args.k}
     n_runs = len(variants) * len(settings) * args.seeds
     load0 = os.getloadavg()

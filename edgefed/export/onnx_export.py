@@ -193,9 +193,25 @@ def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers, offsite
     if ts.mode == "full":
         # named_parameters() drops duplicates, so tied lm_head/embed_tokens is one tensor.
         return [(p[len("lm."):], p) for p, _ in core.named_parameters() if p.startswith("lm.")]
+    if ts.mode == "norms":
+        found = [(p[len("lm."):], p) for p, m in _norm_gains(core.lm)]
+        if not found:
+            raise ValueError("trainable 'norms': this model has no normalisation layer with a gain (weight)")
+        return found
     if ts.mode == "lora":
         return [(f"{m}.{ab}", f"lm.{m}.{ab}") for m in lora_wrappers for ab in ("lora_A", "lora_B")]
     return [("soft_prompt", "soft_prompt")]
+
+
+def _norm_gains(lm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """("lm.<module path>.weight", module) of every normalisation layer with a gain, in model order:
+    torch's LayerNorm / RMSNorm and transformers' own (LlamaRMSNorm, ...), found by class name."""
+    out = []
+    for path, mod in lm.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and w.dim() == 1 and "norm" in type(mod).__name__.lower():
+            out.append((f"lm.{path}.weight", mod))
+    return out
 
 
 def _session(path: Path):

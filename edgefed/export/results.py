@@ -71,7 +71,7 @@ def export_peft(artifact: str | Path, params: np.ndarray, out: str | Path, base_
 
     m = read_manifest(artifact)
     ts = parse_trainable(m["trainable_spec"])
-    if ts.mode in ("full", "offsite"):
+    if ts.mode in ("full", "norms", "offsite"):
         raise ValueError(f"a {ts.mode} fine-tune has no PEFT adapter: export --format merged")
     views = trainable_views(params.astype(np.float32), m)
     lm, tok = _load_base(m, base_model)
@@ -123,7 +123,7 @@ def export_merged(artifact: str | Path, params: np.ndarray, out: str | Path, bas
     lm, tok = _load_base(m, base_model)
     own = dict(lm.named_parameters())
     with torch.no_grad():
-        if ts.mode == "full":
+        if ts.mode in ("full", "norms"):
             for name, v in views.items():
                 own[name].copy_(torch.from_numpy(v))
         elif ts.mode == "offsite":  # plug the adapter layers into the full model (offsite-tuning)

@@ -50,7 +50,7 @@ def _check_known(spec: str, opts: dict, known: set[str]) -> None:
 
 @dataclass(frozen=True)
 class TrainableSpec:
-    mode: str  # "full" | "lora" | "prompt" | "offsite"
+    mode: str  # "full" | "norms" | "lora" | "prompt" | "offsite"
     spec: str  # the string as given (goes into the manifest)
     r: int = 8
     alpha: float = 16.0
@@ -65,6 +65,9 @@ def parse_trainable(spec: str) -> TrainableSpec:
     if kind == "full":
         _check_known(spec, opts, set())
         return TrainableSpec("full", spec)
+    if kind == "norms":  # LN-tuning: only the normalisation layers' gains train (35k of SmolLM2-135M's 135M)
+        _check_known(spec, opts, set())
+        return TrainableSpec("norms", spec)
     if kind == "lora":
         _check_known(spec, opts, {"r", "alpha", "targets"})
         r = _one(spec, opts, "r", int, 8)
@@ -86,7 +89,7 @@ def parse_trainable(spec: str) -> TrainableSpec:
         if adapter < 1 or drop < 1:
             raise ValueError(f"{spec!r}: adapter and drop must be >= 1")
         return TrainableSpec("offsite", spec, adapter=adapter, drop=drop)
-    raise ValueError(f"trainable spec {spec!r}: kind must be full, lora, prompt or offsite")
+    raise ValueError(f"trainable spec {spec!r}: kind must be full, norms, lora, prompt or offsite")
 
 
 @dataclass(frozen=True)

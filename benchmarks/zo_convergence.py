@@ -58,9 +58,9 @@ VARIANTS = {
     # the server sums rather than averages part of the devices' steps (server_lr = S; S = devices sums)
     "lora-b-x4-slr2": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 2.0},
     "lora-b-x4-slr4": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 4.0},
-    # with --trainable full: only the RMSNorm gains move (35k of 135M; LN-tuning)
+    # with --trainable full: only the RMSNorm gains move (35k of 135M; --trainable norms exports just those)
     "norms": {"mask_tensors": r"norm\.weight$"},
-    "norms-slr4": {"mask_tensors": r"norm\.weight$", "server_lr": 4.0},
+    "slr4": {"server_lr": 4.0},
 }
 # learning_check.py's first TREC candidate (the template the zero-shot check there ranks first)
 TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"

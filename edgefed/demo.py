@@ -28,13 +28,21 @@ from .simulate import add_job_args, job_from_args, split_data, task_from_args
 
 __all__ = ["add_demo_args", "run_demo"]
 
-# The demo's ZO variant (benchmarks/zo_convergence.py, docs/results.md "Zeroth-order variants"):
-# only LoRA's B matrices move, at twice the step (lr 4e-3). At LoRA's start B = 0, so the
-# gradient of A is exactly 0 and perturbing A adds only noise; measured centrally at this step,
-# it reached MeZO's final held-out loss in 0.25x the forwards and stayed stable in every seed
-# where a doubled step on every trainable did not. Any --param overrides it (mask_tensors= moves
-# every trainable).
-DEMO_PARAMS = [("mask_tensors", "lora_B")]
+# The demo's ZO recipe per trainable kind: (lr, job params), measured with
+# benchmarks/zo_convergence.py (docs/results.md "Zeroth-order variants"). LoRA: only the B
+# matrices move, at four times MeZO's step: at LoRA's start B = 0, so the gradient of A is
+# exactly 0 and perturbing A adds only noise. A kind without a recipe gets MeZO's plain step.
+# --lr and --param override them (mask_tensors= moves every trainable).
+RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")])}
+PLAIN_LR = 2e-3
+
+
+def recipe(trainable: str) -> tuple[float, list[tuple[str, str]]]:
+    """(lr, job params) of the demo's recipe for this trainable spec."""
+    lr, params = RECIPES.get(trainable.split(":", 1)[0].strip(), (PLAIN_LR, []))
+    return lr, list(params)
+
+
 QUICK = {"model": "tiny", "trainable": "lora:r=4,targets=q_proj,v_proj", "rounds": 3, "local_steps": 4,
          "lr": 1e-2, "heldout": 100, "eval_n": 50, "batch_size": 8}
 
@@ -57,7 +65,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    "when the estimate (forward passes timed on random batches) is over it, fewer rounds are run and the demo says "
                    "so (0: always run --rounds)")
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
-    add_job_args(p, rounds=20, local_steps=16, lr=4e-3, batch=8)
+    add_job_args(p, rounds=20, local_steps=16, lr=None, batch=8)  # lr None: the trainable's recipe
     p.set_defaults(eval_every=0)  # 0: from --eval-budget
 
 
@@ -153,6 +161,9 @@ def run_demo(args) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    recipe_lr, recipe_params = recipe(args.trainable)
+    if args.lr is None:
+        args.lr = recipe_lr
     try:  # before any work: a typo here would otherwise surface in every device's log
         load_device_config(args.device_config)
     except (OSError, ValueError) as e:
@@ -191,7 +202,7 @@ def run_demo(args) -> int:
     broker = start_broker(args.broker, prefer=args.broker_kind, die_with_parent=True)
     print(f"[3/4] broker: {broker.kind} at {broker.url}", file=sys.stderr)
     kernels.set_num_threads(2)
-    args.param = DEMO_PARAMS + list(getattr(args, "param", None) or [])  # yours come last and win
+    args.param = recipe_params + list(getattr(args, "param", None) or [])  # yours come last and win
     job = job_from_args(args, job_id, args.devices, artifact)
     try:
         variant = ", ".join(f"{k}={v}" for k, v in job.params.items() if k != "pro" and v != "")

@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
-    """{'full' | 'lora' | 'prompt': artifact dir} for a tiny classifier (needs torch: host side)."""
+    """{'full' | 'norms' | 'lora' | 'prompt': artifact dir} for a tiny classifier (needs torch: host side)."""
     pytest.importorskip("torch")
     from edgefed.export import export_artifact
     from edgefed.models import load_model, tiny_random_model
@@ -14,7 +14,7 @@ def tiny_artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-artifacts")
     model, tok = load_model(tiny_random_model(root / "model", seed=0))
     out = {}
-    for name, spec in [("full", "full"), ("lora", "lora:r=4,targets=q_proj,v_proj"),
+    for name, spec in [("full", "full"), ("norms", "norms"), ("lora", "lora:r=4,targets=q_proj,v_proj"),
                        ("prompt", "prompt:tokens=4")]:
         out[name] = export_artifact(model, root / name, spec, "classify:labels=positive,negative",
                                     tokenizer=tok, progress=False)

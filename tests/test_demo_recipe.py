@@ -1,0 +1,34 @@
+"""The demo's ZO recipe follows the trainable: LoRA moves only its B matrices; every other kind
+gets a recipe whose job params fit its artifact (a LoRA mask on a soft prompt would stop every
+device at its first step)."""
+import argparse
+
+import pytest
+
+from edgefed.demo import PLAIN_LR, RECIPES, add_demo_args, recipe
+from edgefed.directions import WHOLE, direction_space
+from edgefed.runtime import DeviceModel
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "norms", "full"])
+def test_each_trainable_kind_gets_a_recipe_its_artifact_accepts(tiny_artifacts, kind):
+    art = tiny_artifacts[kind]
+    from edgefed.export.artifact import read_manifest
+    lr, params = recipe(read_manifest(art)["trainable_spec"])
+    assert lr > 0
+    space = direction_space(DeviceModel(art, threads=1, check_memory=False), dict(params))
+    if kind == "lora":
+        names = list(DeviceModel(art, threads=1, check_memory=False).views)
+        moved = {names[p.buf] for p in space.pieces}
+        assert moved and all(n.endswith("lora_B") for n in moved)
+    elif kind not in RECIPES:
+        assert space is WHOLE and lr == PLAIN_LR
+
+
+def test_the_recipe_lr_is_the_default_and_yours_wins():
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    assert p.parse_args([]).lr is None, "None: filled from the trainable's recipe at run time"
+    assert p.parse_args(["--lr", "0.01"]).lr == 0.01
+    assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B")])
+    assert recipe("prompt:tokens=8")[1] == [], "no LoRA mask on a soft prompt"

@@ -33,7 +33,7 @@ __all__ = ["add_demo_args", "run_demo"]
 # matrices move, at four times MeZO's step: at LoRA's start B = 0, so the gradient of A is
 # exactly 0 and perturbing A adds only noise. A kind without a recipe gets MeZO's plain step.
 # --lr and --param override them (mask_tensors= moves every trainable).
-RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")])}
+RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")]), "prompt": (8e-3, [])}
 PLAIN_LR = 2e-3
 
 

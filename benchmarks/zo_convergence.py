@@ -55,7 +55,7 @@ VARIANTS = {
     "seed-adam": {"server_opt": "adam", "server_lr": 2e-4, "server_beta2": 0.9},
     "pro": {"pro": 1, "k": 256},
     "lr-x2": {"lr_x": 2.0},
-    # the server sums rather than averages part of the devices' steps (server_lr = S; S = devices sums)
+    # server_lr S scales the devices' mean step: S = the number of devices sums their steps
     "lora-b-x4-slr2": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 2.0},
     "lora-b-x4-slr4": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 4.0},
     # with --trainable full: only the RMSNorm gains move (35k of 135M; --trainable norms exports just those)

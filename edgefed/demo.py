@@ -24,7 +24,7 @@ from typing import IO
 from .children import die_with_parent_preexec
 from .data import write_jsonl
 from .data_args import fields_from_args
-from .simulate import add_job_args, job_from_args, split_data, task_from_args
+from .simulate import add_job_args, job_from_args, prompt_init_from_args, split_data, task_from_args
 
 __all__ = ["add_demo_args", "run_demo"]
 
@@ -185,7 +185,8 @@ def run_demo(args) -> int:
         return 2
     print(f"[1/4] model {args.model}: preparing and exporting ({args.trainable}, {task}) ...", file=sys.stderr)
     prepare_model(args.model)
-    artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data, fields=fields_from_args(args), progress=True)
+    artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
+                               fields=fields_from_args(args), prompt_init=prompt_init_from_args(args), progress=True)
     print(f"      artifact {artifact}", file=sys.stderr)
     from .runtime import DeviceModel
     try:  # every row checked before the devices start (labels known, answers fit seq_len)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import kernels
 from .agent import DeviceAgent
-from .data import SPLIT_KINDS, SENTIMENT_TEMPLATE, split_examples, train_heldout_split, write_split_report
+from .data import SENTIMENT_PROMPT_INIT, SENTIMENT_TEMPLATE, SPLIT_KINDS, split_examples, train_heldout_split, write_split_report
 from .data_args import add_field_args, fields_from_args
 from .methods import METHODS, JobConfig
 from .runtime import DeviceModel
@@ -43,6 +43,8 @@ def add_job_args(p: argparse.ArgumentParser, *, rounds: int, local_steps: int, l
                    '"classify:labels=a,b", "sft", "dpo[:beta=0.1]", "lm"')
     p.add_argument("--template", default=None, help=r"prompt template: classify {text}; sft/dpo {instruction} "
                    r"[{input}] (default: the tokenizer's chat template); \n is a newline")
+    from .export.cli import add_prompt_init_arg
+    add_prompt_init_arg(p)
     p.add_argument("--split", choices=list(SPLIT_KINDS), default="iid",
                    help="iid, dirichlet (label skew, classify) or group (one device per value of the group field)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID)")
@@ -71,6 +73,14 @@ def task_from_args(args) -> tuple[str, str | None]:
     if template is None and not args.data and task.startswith("classify"):
         template = SENTIMENT_TEMPLATE
     return task, template
+
+
+def prompt_init_from_args(args) -> str | None:
+    """A soft prompt's starting text: --prompt-init, else the sentiment instruction on the packaged
+    corpus, else None (export builds one from the task's labels)."""
+    if getattr(args, "prompt_init", None):
+        return args.prompt_init
+    return SENTIMENT_PROMPT_INIT if not args.data else None
 
 
 def job_from_args(args, job_id: str, n_devices: int, artifact: Path) -> JobConfig:
@@ -199,7 +209,8 @@ def run_simulate(args) -> int:
     task, template = task_from_args(args)
     try:
         shards, held = split_data(args, args.devices, out)
-        artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data, fields=fields_from_args(args),
+        artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
+                                   fields=fields_from_args(args), prompt_init=prompt_init_from_args(args),
                                    progress=not args.no_progress)
     except (DataError, ValueError, OSError) as e:
         print(f"edgefed simulate: {e}", file=sys.stderr)

@@ -33,3 +33,16 @@ def test_the_recipe_lr_is_the_default_and_yours_wins():
     assert p.parse_args(["--lr", "0.01"]).lr == 0.01
     assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B")])
     assert recipe("prompt:tokens=8")[1] == [], "no LoRA mask on a soft prompt"
+
+
+def test_the_soft_prompt_starts_from_words_for_the_data():
+    """Packaged sentiment corpus: the sentiment instruction; your data: None, so the export
+    builds one from your labels; --prompt-init wins over both."""
+    from edgefed.data import SENTIMENT_PROMPT_INIT
+    from edgefed.simulate import prompt_init_from_args
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    assert prompt_init_from_args(p.parse_args([])) == SENTIMENT_PROMPT_INIT
+    assert prompt_init_from_args(p.parse_args(["--data", "trec.jsonl"])) is None
+    assert prompt_init_from_args(p.parse_args(["--data", "t.jsonl", "--prompt-init", "Kind of answer?"])) == \
+        "Kind of answer?"

@@ -168,10 +168,54 @@ def test_manifest_and_trainable_roundtrip(tiny, artifacts, mode):
         assert sp.shape == (5, 64)
         from tokenizers import Tokenizer
 
-        from edgefed.export.specs import DEFAULT_PROMPT_INIT
+        # no prompt_init given: the soft prompt starts from an instruction naming the task's labels
+        assert man["prompt_init"] == "Classify this text as positive or negative."
         ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(
-            DEFAULT_PROMPT_INIT, add_special_tokens=False).ids[:5]
+            man["prompt_init"], add_special_tokens=False).ids[:5]
         np.testing.assert_array_equal(sp, params["model.embed_tokens.weight"].detach().numpy()[ids])
+
+
+def test_prompt_init_follows_the_task_or_the_user(tiny, tmp_path):
+    """A soft prompt for a user's own task starts from that task's words, not the demo's
+    sentiment instruction; --prompt-init overrides; a text with no tokens is refused."""
+    from tokenizers import Tokenizer
+
+    from edgefed.export.specs import default_prompt_init
+    _, model, tok = tiny
+    assert default_prompt_init({"kind": "classify", "labels": ["ABBR", "DESC", "HUM"]}) == \
+        "Classify this text as ABBR, DESC or HUM."
+    emb = model.get_input_embeddings().weight.detach().numpy()
+
+    def start(d):
+        man = art.read_manifest(d)
+        sp = art.trainable_views(art.read_trainable(d, man), man)["soft_prompt"]
+        ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(man["prompt_init"], add_special_tokens=False).ids
+        return man, sp, ids
+
+    d = export_artifact(model, tmp_path / "trec", "prompt:tokens=40", "classify:labels=ABBR,DESC,HUM",
+                        tokenizer=tok, progress=False)
+    man, sp, ids = start(d)
+    assert man["prompt_init"] == "Classify this text as ABBR, DESC or HUM."
+    assert len(ids) < 40  # shorter than the prompt: repeated to fill it
+    np.testing.assert_array_equal(sp, emb[(ids * 40)[:40]])
+
+    d = export_artifact(model, tmp_path / "own", "prompt:tokens=3", CLS, tokenizer=tok, progress=False,
+                        prompt_init="Is this review glowing or scathing?")
+    man, sp, ids = start(d)
+    assert man["prompt_init"] == "Is this review glowing or scathing?"
+    np.testing.assert_array_equal(sp, emb[ids[:3]])
+
+    with pytest.raises(ValueError, match="has no tokens"):
+        export_artifact(model, tmp_path / "empty", "prompt:tokens=3", CLS, tokenizer=tok, progress=False,
+                        prompt_init="")
+
+
+def test_cache_key_holds_the_prompt_init():
+    """Two starting texts are two artifacts; other trainables' keys do not change with it."""
+    from edgefed.export.cache import artifact_key
+    key = lambda tr, init: artifact_key("m", tr, CLS, None, False, init)  # noqa: E731
+    assert len({key("prompt:tokens=8", None), key("prompt:tokens=8", "a"), key("prompt:tokens=8", "b")}) == 3
+    assert key(LORA, "a") == key(LORA, None) == artifact_key("m", LORA, CLS, None, False)
 
 
 def test_tokenizer_and_label_ids(artifacts):
@@ -247,9 +291,11 @@ def test_cli(tiny, tmp_path, monkeypatch, capsys):
     d, _, _ = tiny
     out = tmp_path / "cli"
     assert main(["export", "--model", str(d), "--trainable", "prompt:tokens=3", "--task", CLS,
-                 "--template", r"Text: {text}\nLabel:", "--out", str(out), "--no-progress"]) == 0
+                 "--template", r"Text: {text}\nLabel:", "--prompt-init", "Judge the review.",
+                 "--out", str(out), "--no-progress"]) == 0
     man = art.read_manifest(out)
     assert man["task"]["template"] == "Text: {text}\nLabel:" and man["trainable"][0]["shape"][0] == 3
+    assert man["prompt_init"] == "Judge the review."
     monkeypatch.setenv("EDGEFED_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()
     assert main(["models", "--json"]) == 0

@@ -17,13 +17,16 @@ import numpy as np
 
 from .records import Example, PreferencePair
 
-__all__ = ["SENTIMENT_TEMPLATE", "load_rotten_tomatoes", "rotten_tomatoes_pairs"]
+__all__ = ["SENTIMENT_TEMPLATE", "SENTIMENT_PROMPT_INIT", "load_rotten_tomatoes", "rotten_tomatoes_pairs"]
 
 # The zero-shot template the demo and learning check use: on 300 held-out snippets it scored
 # 76.3% (balanced: 47% predicted positive) against 74.0% for "Review: {text}\nSentiment:"
 # and 57-68% for instruction-style and chat variants (SmolLM2-135M-Instruct, next-token
 # logits of " positive" vs " negative").
 SENTIMENT_TEMPLATE = "Review: {text}\nOverall, the sentiment of this review is"
+# A soft prompt on this corpus starts from this instruction's embeddings: with 8 tokens it
+# scores 79.5% before training against the bare template's 77.5% (docs/results.md).
+SENTIMENT_PROMPT_INIT = "Classify the sentiment of this movie review as positive or negative."
 
 _CATEGORY = {"fresh": "positive", "rotten": "negative"}  # 'plot' rows are synopses: skipped
 

@@ -3,9 +3,9 @@
 `export_artifact` is imported lazily so that `import edgefed.export.artifact` (numpy only)
 and the CLI's argument parsing do not pull in torch.
 """
-from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, parse_task, parse_trainable
+from .specs import DEFAULT_TEMPLATE, default_prompt_init, parse_task, parse_trainable
 
-__all__ = ["export_artifact", "parse_task", "parse_trainable", "DEFAULT_TEMPLATE", "DEFAULT_PROMPT_INIT"]
+__all__ = ["export_artifact", "parse_task", "parse_trainable", "DEFAULT_TEMPLATE", "default_prompt_init"]
 
 
 def __getattr__(name):

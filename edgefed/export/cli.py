@@ -22,6 +22,12 @@ def _spec_type(parse):
     return check
 
 
+def add_prompt_init_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-init", default=None, metavar="TEXT",
+                        help="--trainable prompt: the soft prompt starts from this text's token embeddings "
+                             "(write an instruction for your task; default: one built from the task's labels)")
+
+
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m",
                         help="registry name (smollm2-135m, tiny) or a local transformers model dir")
@@ -37,6 +43,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=r"classify: prompt with {text} (default %r); sft/dpo: prompt with {instruction} "
                              r"[and {input}] instead of the tokenizer's chat template; \n is a newline. "
                              r"`edgefed zero-shot` compares candidates" % DEFAULT_TEMPLATE)
+    add_prompt_init_arg(parser)
     parser.add_argument("--out", required=True, help="artifact directory to write")
     parser.add_argument("--quantize", nargs="?", const="int8", default=None, choices=quant.METHODS,
                         help="quantise the frozen weights (lora/prompt only): int8 weight-only (default), "
@@ -60,6 +67,7 @@ def run_export(args: argparse.Namespace) -> int:
         out = export_artifact(args.model, args.out, trainable=args.trainable, task=args.task,
                               template=template, quantize_frozen=args.quantize or False, opset=args.opset,
                               progress=not args.no_progress, seed=args.seed, data=args.data,
+                              prompt_init=args.prompt_init,
                               fields=fields_from_args(args))
     except (ValueError, OSError) as e:  # bad template, data or labels: say what, no traceback
         print(f"edgefed export: {e}", file=sys.stderr)

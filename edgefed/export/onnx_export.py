@@ -21,7 +21,7 @@ import torch
 from . import artifact as art
 from . import quantize as quant
 from .adapters import ExportWrapper, lora_patched, make_core, make_emulator
-from .specs import DEFAULT_PROMPT_INIT, DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, parse_task, parse_trainable
+from .specs import DEFAULT_TEMPLATE, TaskSpec, default_prompt_init, TrainableSpec, parse_task, parse_trainable
 
 __all__ = ["export_artifact"]
 
@@ -176,7 +176,10 @@ def _records(data, kind: str, fields):
 
 
 def _soft_prompt_init(tok, model, n_tokens: int, text: str) -> torch.Tensor:
-    ids = tok.encode(text, add_special_tokens=False).ids or [0]
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError(f"prompt_init {text!r} has no tokens: give the soft prompt a starting text "
+                         "(an instruction for your task)")
     ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]  # truncate or repeat
     emb = model.get_input_embeddings().weight
     return emb.detach()[torch.tensor(ids)].clone().float()
@@ -222,13 +225,16 @@ def _session(path: Path):
 def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
                     template: str | None = None, quantize_frozen: bool | str = False,
                     opset: int = 17, progress: bool = True, *, tokenizer=None,
-                    model_name: str | None = None, prompt_init: str = DEFAULT_PROMPT_INIT,
+                    model_name: str | None = None, prompt_init: str | None = None,
                     seed: int = 0, data=None, fields=None) -> Path:
     """Export `model` (a transformers causal LM, or a registry name / model dir) to an
     EdgeFed artifact folder and check ONNX Runtime's loss against torch's. Returns out_dir.
 
     quantize_frozen: False | True (= "int8") | "int8" | "dynamic-int8" (see
     export/quantize.py: only the weight-only methods keep the loss smooth for ZO training).
+    prompt_init: prompt mode: the text whose token embeddings the soft prompt starts from (cut
+    or repeated to its length); default: an instruction built from the task's labels
+    (specs.default_prompt_init).
     template: classify: a format string with {text} (default DEFAULT_TEMPLATE); sft / dpo: with
     {instruction} [and {input}], replacing the tokenizer's chat template; lm: none.
     data: a data file (or records) of the task: classify:labels=auto reads its label set from
@@ -258,7 +264,11 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         stack.enter_context(_eager_eval(model))
         wrappers = (stack.enter_context(lora_patched(model, ts.targets, ts.r, ts.alpha, seed))
                     if ts.mode == "lora" else {})
-        soft = _soft_prompt_init(tok, model, ts.tokens, prompt_init) if ts.mode == "prompt" else None
+        if ts.mode == "prompt":
+            prompt_init = default_prompt_init(task_entry) if prompt_init is None else prompt_init
+            soft = _soft_prompt_init(tok, model, ts.tokens, prompt_init)
+        else:
+            soft = None
         lm, offsite = (make_emulator(model, ts.adapter, ts.drop) if ts.mode == "offsite" else (model, None))
         core = make_core(lm, task_entry, soft).eval()
         names, paths = zip(*_trainables(core, ts, wrappers, offsite))
@@ -337,6 +347,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
         "base_model": base_model,
         "trainable_mode": ts.mode, "trainable_spec": trainable,
         **({"offsite": offsite} if offsite else {}),
+        **({"prompt_init": prompt_init} if ts.mode == "prompt" else {}),
         "task": task_entry, "task_spec": task,
         "inputs": io_names, "outputs": out_names,
         "trainable": layout, "n_trainable": int(n_trainable), "n_frozen": int(n_frozen),

@@ -10,7 +10,22 @@ from dataclasses import dataclass, field
 # Task-neutral: a template written for your data usually scores better; `edgefed zero-shot`
 # compares candidates (the demo uses edgefed.data.SENTIMENT_TEMPLATE, picked that way).
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
-DEFAULT_PROMPT_INIT = "Classify the sentiment of this movie review as positive or negative."
+
+
+def default_prompt_init(task_entry: dict) -> str:
+    """The text whose token embeddings a soft prompt starts from, when the user gives none: an
+    instruction built from the task itself (a classify task's own labels), so a prompt for TREC
+    does not start from a sentiment instruction. `--prompt-init` (edgefed export, demo,
+    simulate) sets one written for the data; the packaged sentiment corpus uses
+    edgefed.data.SENTIMENT_PROMPT_INIT."""
+    kind = task_entry["kind"]
+    if kind == "classify":
+        labels = [str(x) for x in task_entry["labels"]]
+        choices = " or ".join(labels) if len(labels) == 2 else ", ".join(labels[:-1]) + " or " + labels[-1]
+        return f"Classify this text as {choices}."
+    if kind in ("sft", "dpo"):
+        return "Follow the instruction and give a helpful, accurate answer."
+    return "Continue the text."
 
 
 def _parse(spec: str) -> tuple[str, dict[str, list[str]]]:

@@ -58,6 +58,10 @@ VARIANTS = {
     # server_lr S scales the devices' mean step: S = the number of devices sums their steps
     "lora-b-x4-slr2": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 2.0},
     "lora-b-x4-slr4": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_lr": 4.0},
+    # FedAvgM on the replayed seed deltas: momentum 0.5 also moves 2x as far in the long run as
+    # server_lr 2 does, but smooths the round-to-round noise instead of amplifying it
+    "lora-b-x4-momentum": {"mask_tensors": "lora_B", "lr_x": 4.0, "server_opt": "avgm",
+                           "server_momentum": 0.5, "server_lr": 1.0},
     # with --trainable full: only the RMSNorm gains move (35k of 135M; --trainable norms exports just those)
     "norms": {"mask_tensors": r"norm\.weight$"},
     "slr4": {"server_lr": 4.0},

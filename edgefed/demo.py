@@ -33,9 +33,13 @@ __all__ = ["add_demo_args", "run_demo"]
 # matrices move, at four times MeZO's step: at LoRA's start B = 0, so the gradient of A is
 # exactly 0 and perturbing A adds only noise. A kind without a recipe gets MeZO's plain step.
 # --lr and --param override them (mask_tensors= moves every trainable).
+# server_lr=2: the server applies twice the devices' mean step, giving back part of what
+# averaging 4 devices costs in distance per forward (demo: +4.2 points and loss 0.4659 in 13
+# rounds, against +3.2 and 0.4740 in 16 without it).
 # norms: 1e-4, the best step centrally (batch 16; 4e-4 worse, 4e-3 diverged); in the demo 2e-4
 # ended at the same accuracy with a higher loss and a gain interval that included zero.
-RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")]), "prompt": (8e-3, []), "norms": (1e-4, [])}
+RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B"), ("server_lr", 2)]), "prompt": (8e-3, []),
+           "norms": (1e-4, [])}
 PLAIN_LR = 2e-3
 
 

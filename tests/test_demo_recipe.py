@@ -31,7 +31,7 @@ def test_the_recipe_lr_is_the_default_and_yours_wins():
     add_demo_args(p)
     assert p.parse_args([]).lr is None, "None: filled from the trainable's recipe at run time"
     assert p.parse_args(["--lr", "0.01"]).lr == 0.01
-    assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B")])
+    assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B"), ("server_lr", 2)])
     assert recipe("prompt:tokens=8")[1] == [], "no LoRA mask on a soft prompt"
 
 

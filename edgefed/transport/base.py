@@ -453,23 +453,25 @@ class Chunker:
     def receive(self, topic: str, payload: bytes) -> Optional[bytes]:
         """Feed one chunk received on `topic`; the whole message once complete, else None.
         Never raises ChunkError: it is counted and logged (rate-limited)."""
-        with self._lock:
-            self.chunks_received += 1
         whole: Optional[bytes] = None
+        error: Optional[ChunkError] = None
         try:
             whole = self.reassembler.add(topic, payload)
         except ChunkError as e:
-            with self._lock:
+            error = e
+        with self._lock:  # counted once processed: whoever sees the count also sees the chunk's effect
+            self.chunks_received += 1
+            if error is not None:
                 self.chunk_errors += 1
-                self._errors_by_reason[e.reason] = self._errors_by_reason.get(e.reason, 0) + 1
+                self._errors_by_reason[error.reason] = self._errors_by_reason.get(error.reason, 0) + 1
+            elif whole is not None:
+                self.messages_reassembled += 1
+        if error is not None:
             n = self._warn_errors()
             if n:
                 log.warning("%s: dropped a bad chunk on topic %s (%s): %s (%d chunk errors since "
-                            "the last warning, %d in all)", self.name, _log_topic(topic), e.reason,
-                            str(e).replace(topic, "<topic>")[:500], n, self.chunk_errors)
-        if whole is not None:
-            with self._lock:
-                self.messages_reassembled += 1
+                            "the last warning, %d in all)", self.name, _log_topic(topic), error.reason,
+                            str(error).replace(topic, "<topic>")[:500], n, self.chunk_errors)
         self.expire()
         return whole
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..models import cache_dir
 from .artifact import FORMAT_VERSION
+from .specs import parse_trainable
 
 __all__ = ["ensure_artifact", "artifact_key"]
 
@@ -16,7 +17,7 @@ __all__ = ["ensure_artifact", "artifact_key"]
 def artifact_key(model: str, trainable: str, task: str, template: str | None, quantize: bool,
                  prompt_init: str | None = None) -> str:
     key = [model, trainable, task, template, bool(quantize), FORMAT_VERSION]
-    kind = trainable.split(":")[0].strip().lower()
+    kind = parse_trainable(trainable).mode
     if kind == "prompt":  # the starting text is part of a soft prompt's artifact (None: from the task)
         key.append(["prompt_init", prompt_init])
     blob = json.dumps(key).encode()

@@ -21,7 +21,7 @@ import torch
 from . import artifact as art
 from . import quantize as quant
 from .adapters import ExportWrapper, lora_patched, make_core, make_emulator
-from .specs import DEFAULT_TEMPLATE, TaskSpec, default_prompt_init, TrainableSpec, parse_task, parse_trainable
+from .specs import DEFAULT_TEMPLATE, TaskSpec, TrainableSpec, default_prompt_init, parse_task, parse_trainable
 
 __all__ = ["export_artifact"]
 

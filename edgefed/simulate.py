@@ -78,7 +78,7 @@ def task_from_args(args) -> tuple[str, str | None]:
 def prompt_init_from_args(args) -> str | None:
     """A soft prompt's starting text: --prompt-init, else the sentiment instruction on the packaged
     corpus, else None (export builds one from the task's labels)."""
-    if getattr(args, "prompt_init", None):
+    if args.prompt_init is not None:  # "" too: the export refuses it with a message, not silently
         return args.prompt_init
     return SENTIMENT_PROMPT_INIT if not args.data else None
 

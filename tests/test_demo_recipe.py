@@ -46,3 +46,4 @@ def test_the_soft_prompt_starts_from_words_for_the_data():
     assert prompt_init_from_args(p.parse_args(["--data", "trec.jsonl"])) is None
     assert prompt_init_from_args(p.parse_args(["--data", "t.jsonl", "--prompt-init", "Kind of answer?"])) == \
         "Kind of answer?"
+    assert prompt_init_from_args(p.parse_args(["--prompt-init", ""])) == "", "passed on, for export to refuse"

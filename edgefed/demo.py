@@ -158,7 +158,7 @@ def plan_time(args, model, shards, held) -> None:
 def run_demo(args) -> int:
     from . import kernels
     from .export.cache import ensure_artifact
-    from .federation import DeviceFailed, print_report, run_federation
+    from .federation import DeviceFailed, check_job, print_report, run_federation
     from .device_config import load_device_config
     from .models import prepare_model
     from .estimate import duration, usable_cores
@@ -189,8 +189,15 @@ def run_demo(args) -> int:
         return 2
     print(f"[1/4] model {args.model}: preparing and exporting ({args.trainable}, {task}) ...", file=sys.stderr)
     prepare_model(args.model)
-    artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
-                               fields=fields_from_args(args), prompt_init=prompt_init_from_args(args), progress=True)
+    args.param = recipe_params + list(getattr(args, "param", None) or [])  # yours come last and win
+    try:  # a bad trainable, template or --param fails here, before a broker or device starts
+        artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
+                                   fields=fields_from_args(args), prompt_init=prompt_init_from_args(args),
+                                   progress=True)
+        check_job(job_from_args(args, job_id, args.devices, artifact))  # rounds may still change: plan_time
+    except (ValueError, OSError) as e:
+        print(f"edgefed demo: {e}", file=sys.stderr)
+        return 2
     print(f"      artifact {artifact}", file=sys.stderr)
     from .runtime import DeviceModel
     try:  # every row checked before the devices start (labels known, answers fit seq_len)
@@ -209,7 +216,6 @@ def run_demo(args) -> int:
     broker = start_broker(args.broker, prefer=args.broker_kind, die_with_parent=True)
     print(f"[3/4] broker: {broker.kind} at {broker.url}", file=sys.stderr)
     kernels.set_num_threads(2)
-    args.param = recipe_params + list(getattr(args, "param", None) or [])  # yours come last and win
     job = job_from_args(args, job_id, args.devices, artifact)
     try:
         variant = ", ".join(f"{k}={v}" for k, v in job.params.items() if k != "pro" and v != "")

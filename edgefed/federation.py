@@ -16,13 +16,13 @@ import numpy as np
 
 from .jsonable import without_arrays
 from .global_model import GlobalModel, plot_rounds
-from .methods import JobConfig
+from .methods import JobConfig, get_method
 from .metrics import paired_f1_gain, paired_gain, paired_mean_gain, plot_confusion
 from .runtime import DeviceModel
 from .trainer import progress_bar
 from .transport import make_transport
 
-__all__ = ["DeviceFailed", "FederationResult", "run_federation", "print_report"]
+__all__ = ["DeviceFailed", "FederationResult", "check_job", "run_federation", "print_report"]
 
 log = logging.getLogger("edgefed.federation")
 
@@ -68,6 +68,12 @@ def compare(before: dict, after: dict, n_classes: int = 0) -> dict:
 def primary(ev: dict, kind: str) -> float:
     return float(ev["accuracy"] if kind == "classify" else ev["preference_accuracy"] if kind == "dpo"
                  else ev["loss"])
+
+
+def check_job(job: JobConfig) -> None:
+    """Refuse a job the server would refuse (unknown method, a bad --param: ValueError naming
+    it), before a broker or device starts: the strategy's init_state is where it checks them."""
+    get_method(job.method).server().init_state(job)
 
 
 def run_federation(job: JobConfig, artifact: str | Path, heldout: Sequence, *,

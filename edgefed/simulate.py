@@ -200,7 +200,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 def run_simulate(args) -> int:
     from .export.cache import ensure_artifact
-    from .federation import DeviceFailed, print_report, run_federation
+    from .federation import DeviceFailed, check_job, print_report, run_federation
 
     from .data import DataError
 
@@ -212,6 +212,7 @@ def run_simulate(args) -> int:
         artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
                                    fields=fields_from_args(args), prompt_init=prompt_init_from_args(args),
                                    progress=not args.no_progress)
+        check_job(job_from_args(args, job_id, args.devices, artifact))  # a bad --param: before any device
     except (DataError, ValueError, OSError) as e:
         print(f"edgefed simulate: {e}", file=sys.stderr)
         return 2

@@ -287,6 +287,24 @@ def test_demo_stops_with_the_device_error_when_devices_fail(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("cmd, flags, says", [
+    ("demo", ["--quick", "--param", "server_lr=abc"], "job param server_lr='abc' must be a number"),
+    ("simulate", ["--model", "tiny", "--rounds", "1", "--param", "server_lr=abc"],
+     "job param server_lr='abc' must be a number"),
+    ("demo", ["--model", "tiny", "--trainable", "prompt:tokens=4", "--prompt-init", ""], "has no tokens"),
+], ids=["demo-param", "simulate-param", "demo-prompt-init"])
+def test_a_bad_job_setting_is_refused_before_any_device_starts(tmp_path, cmd, flags, says):
+    """A typo in --param or an empty --prompt-init is one line and exit 2 before a broker or a
+    device starts, not a traceback from the server's first round."""
+    env = dict(os.environ, EDGEFED_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "edgefed.cli", cmd, *flags, "--out", str(tmp_path / "run"),
+                        "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"edgefed {cmd}: " in r.stderr and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "[3/4] broker" not in r.stderr
+    assert not list((tmp_path / "run").glob("device-*.log")) and not (tmp_path / "run" / "server.sqlite").exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_killing_the_demo_leaves_no_processes_behind(tmp_path):
     """SIGKILL of the demo (a CI timeout, an OOM kill) takes its broker and devices with it:

@@ -261,6 +261,7 @@ def export_artifact(model, out_dir, trainable: str = "full", task: str = "lm",
 
     with contextlib.ExitStack() as stack, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers are expected noise
+        stack.callback(bar.close)  # an error then starts on its own line
         stack.enter_context(_eager_eval(model))
         wrappers = (stack.enter_context(lora_patched(model, ts.targets, ts.r, ts.alpha, seed))
                     if ts.mode == "lora" else {})

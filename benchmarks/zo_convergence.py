@@ -156,13 +156,37 @@ def reach(curve_mean: list[tuple[float, float]], target: float) -> float:
     return float("nan")
 
 
+def load_runs(paths: list[Path]) -> list[dict]:
+    """The runs of saved JSONs, in file order, each tagged with its file's trainable and task, so
+    that runs of different artifacts (LoRA, prompt, norms) or of added seeds can be merged into one
+    table: --from-json A.json,B.json."""
+    runs = []
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+            cfg = saved["config"]
+            for r in saved["runs"]:
+                runs.append({"trainable": cfg["trainable"], "task": cfg.get("task", "sentiment"), **r})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"zo_convergence: {path} is not a saved run of this benchmark ({e!r}); give files "
+                  f"written by --json", file=sys.stderr)
+            raise SystemExit(2)
+    return runs
+
+
 def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (task, setting, trainable, variant), in order of first appearance. The baseline
+    of a row is plain MeZO in its task and setting, on the first trainable that has one."""
     from edgefed.metrics import mean_interval, paired_gain
     rows = []
     by = {}
-    for r in runs:
-        by.setdefault((r["setting"], r["variant"]), []).append(r)
-    for (setting, variant), rs in by.items():
+    several = len({r.get("trainable") for r in runs}) > 1
+    for r in runs:  # a variant saved at two steps (a step search) stays two rows
+        by.setdefault((r.get("task"), r["setting"], r.get("trainable"), r["variant"], r["lr"]), []).append(r)
+    steps = {}
+    for task, setting, trainable, variant, lr in by:
+        steps.setdefault((task, setting, trainable, variant), set()).add(lr)
+    for (task, setting, trainable, variant, lr), rs in by.items():
         finals = [r["curve"][-1]["accuracy"] for r in rs]
         gains = [paired_gain(r["curve"][0]["correct"], r["curve"][-1]["correct"])["gain"] for r in rs]
         n_pts = min(len(r["curve"]) for r in rs)
@@ -174,7 +198,11 @@ def summarise(runs: list[dict]) -> list[dict]:
         lm, llo, lhi = mean_interval([r["curve"][-1]["loss"] for r in rs])
         m, lo, hi = mean_interval(finals)
         g, glo, ghi = mean_interval(gains)
-        rows.append({"setting": setting, "variant": variant, "seeds": len(rs), "final": m, "final_lo": lo,
+        label = f"{trainable.split(':')[0]} {variant}" if several and trainable else variant
+        if len(steps[(task, setting, trainable, variant)]) > 1:
+            label += f" (lr {lr:g})"
+        rows.append({"task": task, "setting": setting, "trainable": trainable, "variant": label,
+                     "mezo": variant == "mezo", "seeds": len(rs), "final": m, "final_lo": lo,
                      "final_hi": hi, "gain": g, "gain_lo": glo, "gain_hi": ghi, "curve": mean_curve,
                      "loss": lm, "loss_lo": llo, "loss_hi": lhi, "loss_curve": loss_curve,
                      "lr": rs[0]["lr"], "bytes_up": float(np.mean([r["bytes_up"] for r in rs])),
@@ -182,7 +210,9 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "forwards": float(np.mean([r["forwards"] for r in rs])),
                      "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
     for row in rows:
-        ref = next((x for x in rows if x["setting"] == row["setting"] and x["variant"] == "mezo"), None)
+        ref = next((x for x in rows if (x["task"], x["setting"]) == (row["task"], row["setting"]) and x["mezo"]),
+                   None)
+        row["baseline"] = ref is row
         row["to_mezo_final"] = reach(row["curve"], ref["final"]) if ref else float("nan")
         row["ratio_to_mezo"] = row["to_mezo_final"] / ref["forwards"] if ref else float("nan")
         row["to_mezo_loss"] = reach(row["loss_curve"], -ref["loss"]) if ref else float("nan")
@@ -215,17 +245,19 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    settings = sorted({r["setting"] for r in rows}, key=lambda s: SETTINGS.index(s) if s in SETTINGS else 99)
-    fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 8), squeeze=False)
-    for col, s in enumerate(settings):
-        for r in [x for x in rows if x["setting"] == s]:
-            style = dict(marker="o", ms=3, lw=2.2 if r["variant"] == "mezo" else 1.2, label=r["variant"],
-                         color="black" if r["variant"] == "mezo" else None)
+    panels = list(dict.fromkeys((r.get("task"), r["setting"]) for r in rows))  # a column per task and setting
+    several_tasks = len({t for t, _ in panels}) > 1
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
+    for col, (task, s) in enumerate(panels):
+        for r in [x for x in rows if (x.get("task"), x["setting"]) == (task, s)]:
+            base = r.get("baseline", r["variant"] == "mezo")
+            style = dict(marker="o", ms=3, lw=2.2 if base else 1.2, label=r["variant"],
+                         color="black" if base else None)
             xs, ys = zip(*r["curve"])
             axes[0][col].plot(xs, [100 * y for y in ys], **style)
             xs, ls = zip(*r["loss_curve"])
             axes[1][col].plot(xs, [-v for v in ls], **style)
-        axes[0][col].set_title(s)
+        axes[0][col].set_title(f"{task}, {s}" if several_tasks else s)
         axes[0][col].set_ylabel("held-out accuracy, % (mean over seeds)")
         axes[1][col].set_ylabel("held-out loss (mean over seeds)")
         for ax in (axes[0][col], axes[1][col]):
@@ -265,12 +297,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--from-json", default=None, help="print the table and plot of a saved run")
+    ap.add_argument("--from-json", default=None,
+                    help="print the table and plot of saved runs: A.json[,B.json...] merges them (added "
+                         "seeds, other variants or trainables; MeZO on the first file's trainable is the baseline)")
     ap.add_argument("--note", default="", help="what else ran on the machine (kept in the JSON)")
     args = ap.parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        rows = summarise(saved["runs"])
+        rows = summarise(load_runs([Path(p) for p in args.from_json.split(",") if p.strip()]))
         print_table(rows)
         if args.plot:
             plot(rows, Path(args.plot))

@@ -56,3 +56,43 @@ def test_a_variant_at_a_multiple_of_its_step_and_bad_names_refused():
     r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--variants", "mezo,mezo@x"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "mezo@x" in r.stderr and "NAME@F" in r.stderr
+
+
+def _saved(path, trainable, variant, lr, losses, accs, seeds=(0, 1)):
+    """A saved run in the benchmark's --json format: 200 held-out rows scored at 0/100/200 forwards."""
+    runs = []
+    for seed in seeds:
+        curve = [{"forwards": 100 * i, "round": i - 1, "accuracy": a, "loss": l + 0.001 * seed,
+                  "correct": [1] * int(200 * a) + [0] * (200 - int(200 * a))}
+                 for i, (l, a) in enumerate(zip(losses, accs))]
+        runs.append({"variant": variant, "setting": "central", "seed": seed, "lr": lr, "k": 4096, "local_steps": 10,
+                     "rounds": 2, "devices": 1, "curve": curve, "wall_s": 1.0, "bytes_up": 100, "bytes_down": 300,
+                     "forwards": 200})
+    path.write_text(json.dumps({"config": {"trainable": trainable, "task": "sentiment"}, "runs": runs}))
+    return path
+
+
+def test_saved_runs_of_other_trainables_merge_against_the_first_files_mezo(tmp_path):
+    """--from-json A,B: seeds and trainables saved by separate invocations form one table; rows
+    keep their trainable and step apart, and MeZO of the first file is every row's baseline."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import zo_convergence as zc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    lora = _saved(tmp_path / "lora.json", "lora:r=8", "mezo", 1e-3, [0.50, 0.49, 0.48], [0.75, 0.76, 0.78])
+    more = _saved(tmp_path / "more.json", "lora:r=8", "mezo", 1e-3, [0.50, 0.49, 0.48], [0.75, 0.76, 0.78],
+                  seeds=(2,))
+    prompt = _saved(tmp_path / "prompt.json", "prompt:tokens=8", "mezo@8", 8e-3, [0.47, 0.45, 0.44],
+                    [0.78, 0.80, 0.80])
+    rows = zc.summarise(zc.load_runs([lora, more, prompt]))
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("lora mezo", 3), ("prompt mezo@8", 2)]
+    base, soft = rows
+    assert base["baseline"] and not soft["baseline"]
+    assert soft["to_mezo_final"] == 0 and soft["to_mezo_loss"] == 0  # starts past the baseline's final
+    r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--from-json", f"{lora},{prompt}",
+                        "--plot", str(tmp_path / "m.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "| prompt mezo@8 | 0.008 |" in r.stdout and (tmp_path / "m.png").exists(), r.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--from-json", str(tmp_path / "none.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "none.json" in bad.stderr and "--json" in bad.stderr

@@ -54,7 +54,8 @@ QUICK = {"model": "tiny", "trainable": "lora:r=4,targets=q_proj,v_proj", "rounds
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny random model, same path, < 2 minutes")
+    p.add_argument("--quick", action="store_true", help="tiny random model, same path, < 2 minutes (flags you "
+                   "give win: --quick --trainable prompt:tokens=4)")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--broker", default=None, help="mqtt://host:port of an existing broker "
                    "(default: start one, see --broker-kind)")
@@ -73,6 +74,17 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=0, help="server status page port (0: any free)")
     add_job_args(p, rounds=20, local_steps=16, lr=None, batch=8)  # lr None: the trainable's recipe
     p.set_defaults(eval_every=0)  # 0: from --eval-budget
+
+
+def apply_quick(args) -> None:
+    """--quick: QUICK fills in only what the command line left at its default, so
+    `--quick --trainable prompt:tokens=4` runs a quick soft-prompt demo."""
+    parser = argparse.ArgumentParser()
+    add_demo_args(parser)
+    defaults = vars(parser.parse_args([]))
+    for k, v in QUICK.items():
+        if getattr(args, k) == defaults[k]:
+            setattr(args, k, v)
 
 
 class DeviceProcesses:
@@ -165,8 +177,7 @@ def run_demo(args) -> int:
     from .transport.broker import start_broker
 
     if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
+        apply_quick(args)
     recipe_lr, recipe_params = recipe(args.trainable)
     if args.lr is None:
         args.lr = recipe_lr

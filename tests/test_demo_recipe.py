@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from edgefed.demo import PLAIN_LR, RECIPES, add_demo_args, recipe
+from edgefed.demo import PLAIN_LR, QUICK, RECIPES, add_demo_args, apply_quick, recipe
 from edgefed.directions import WHOLE, direction_space
 from edgefed.runtime import DeviceModel
 
@@ -47,3 +47,17 @@ def test_the_soft_prompt_starts_from_words_for_the_data():
     assert prompt_init_from_args(p.parse_args(["--data", "t.jsonl", "--prompt-init", "Kind of answer?"])) == \
         "Kind of answer?"
     assert prompt_init_from_args(p.parse_args(["--prompt-init", ""])) == "", "passed on, for export to refuse"
+
+
+def test_quick_fills_in_only_what_you_did_not_give():
+    """`--quick --trainable prompt:tokens=4 --rounds 2` is a quick soft-prompt demo of 2 rounds,
+    not the quick LoRA demo with your flags dropped."""
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    args = p.parse_args(["--quick", "--trainable", "prompt:tokens=4", "--rounds", "2"])
+    apply_quick(args)
+    assert (args.trainable, args.rounds) == ("prompt:tokens=4", 2)
+    assert (args.model, args.local_steps, args.heldout) == ("tiny", QUICK["local_steps"], QUICK["heldout"])
+    plain = p.parse_args(["--quick"])
+    apply_quick(plain)
+    assert {k: getattr(plain, k) for k in QUICK} == QUICK

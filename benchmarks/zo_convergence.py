@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
-                    "(add seeds to a saved run: merge the JSONs' runs)")
+                    "(add seeds to a saved run, then --from-json saved.json,added.json)")
     ap.add_argument("--forwards", type=int, default=480, help="training forward passes per run (all devices)")
     ap.add_argument("--evals", type=int, default=6, help="evaluations per run (equal slices of the budget)")
     ap.add_argument("--rounds-per-eval", type=int, default=1,

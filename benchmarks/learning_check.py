@@ -37,7 +37,7 @@ from edgefed.data import SENTIMENT_TEMPLATE, label_targets, load_rotten_tomatoes
 from edgefed.metrics import paired_gain  # noqa: E402
 from edgefed.zo import SeedPool, ZOConfig  # noqa: E402
 
-DEFAULTS = {  # per trainable set: spec, lr, eps, steps (DESIGN.md: lr 1e-2 diverges for LoRA)
+DEFAULTS = {  # per trainable set: spec, lr, eps, steps (LoRA at lr 1e-2 diverged within ~30 steps)
     "lora": ("lora:r=8,targets=q_proj,v_proj", 1e-3, 1e-3, 150),
     "full": ("full", 1e-6, 1e-3, 40),
     "prompt": ("prompt:tokens=10", 1e-3, 1e-3, 100),

@@ -13,6 +13,7 @@ and writes a plot of accuracy and loss over rounds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -33,20 +34,26 @@ __all__ = ["add_demo_args", "run_demo"]
 # matrices move, at four times MeZO's step: at LoRA's start B = 0, so the gradient of A is
 # exactly 0 and perturbing A adds only noise. A kind without a recipe gets MeZO's plain step.
 # --lr and --param override them (mask_tensors= moves every trainable).
-# server_lr=2: the server applies twice the devices' mean step, giving back part of what
-# averaging 4 devices costs in distance per forward (demo: +4.2 points and loss 0.4659 in 13
-# rounds, against +3.2 and 0.4740 in 16 without it).
+# LoRA's server step is sqrt(devices): averaging N devices' independent probes cuts the step's
+# noise by sqrt(N) and its length by N, so scaling the mean by sqrt(N) keeps one device's noise
+# while the signal grows; N (summing) was unstable. Measured: 4 devices, server_lr=2, demo +4.2
+# points and loss 0.4659 in 13 rounds against +3.2 and 0.4740 in 16 without it; 16 devices,
+# server_lr=4, stable, MeZO's final loss in 1/3 of its forwards (docs/results.md).
 # norms: 1e-4, the best step centrally (batch 16; 4e-4 worse, 4e-3 diverged); in the demo 2e-4
 # ended at the same accuracy with a higher loss and a gain interval that included zero.
-RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B"), ("server_lr", 2)]), "prompt": (8e-3, []),
-           "norms": (1e-4, [])}
+RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")]), "prompt": (8e-3, []), "norms": (1e-4, [])}
+SQRT_N_SERVER_STEP = {"lora"}  # kinds whose recipe adds server_lr = sqrt(devices)
 PLAIN_LR = 2e-3
 
 
-def recipe(trainable: str) -> tuple[float, list[tuple[str, str]]]:
-    """(lr, job params) of the demo's recipe for this trainable spec."""
-    lr, params = RECIPES.get(trainable.split(":", 1)[0].strip(), (PLAIN_LR, []))
-    return lr, list(params)
+def recipe(trainable: str, devices: int = 4) -> tuple[float, list[tuple[str, object]]]:
+    """(lr, job params) of the demo's recipe for this trainable spec on `devices` devices."""
+    kind = trainable.split(":", 1)[0].strip()
+    lr, params = RECIPES.get(kind, (PLAIN_LR, []))
+    params = list(params)
+    if kind in SQRT_N_SERVER_STEP and devices > 1:
+        params.append(("server_lr", round(math.sqrt(devices), 4)))
+    return lr, params
 
 
 QUICK = {"model": "tiny", "trainable": "lora:r=4,targets=q_proj,v_proj", "rounds": 3, "local_steps": 4,
@@ -178,7 +185,7 @@ def run_demo(args) -> int:
 
     if args.quick:
         apply_quick(args)
-    recipe_lr, recipe_params = recipe(args.trainable)
+    recipe_lr, recipe_params = recipe(args.trainable, args.devices)
     if args.lr is None:
         args.lr = recipe_lr
     try:  # before any work: a typo here would otherwise surface in every device's log

@@ -245,13 +245,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    panels = list(dict.fromkeys((r.get("task"), r["setting"]) for r in rows))  # a column per task and setting
+    panels = list(dict.fromkeys((r["task"], r["setting"]) for r in rows))  # a column per task and setting
     several_tasks = len({t for t, _ in panels}) > 1
     uneven = len({r["seeds"] for r in rows}) > 1  # then each curve says how many seeds it averages
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for col, (task, s) in enumerate(panels):
-        for r in [x for x in rows if (x.get("task"), x["setting"]) == (task, s)]:
-            base = r.get("baseline", r["variant"] == "mezo")
+        for r in [x for x in rows if (x["task"], x["setting"]) == (task, s)]:
+            base = r["baseline"]
             label = f"{r['variant']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})" if uneven else r["variant"]
             style = dict(marker="o", ms=3, lw=2.2 if base else 1.2, label=label,
                          color="black" if base else None)

@@ -212,7 +212,8 @@ def run_simulate(args) -> int:
         artifact = ensure_artifact(args.model, args.trainable, task, template=template, data=args.data,
                                    fields=fields_from_args(args), prompt_init=prompt_init_from_args(args),
                                    progress=not args.no_progress)
-        check_job(job_from_args(args, job_id, args.devices, artifact))  # a bad --param: before any device
+        job = job_from_args(args, job_id, args.devices, artifact)
+        check_job(job)  # a bad --param: before any device
     except (DataError, ValueError, OSError) as e:
         print(f"edgefed simulate: {e}", file=sys.stderr)
         return 2
@@ -240,7 +241,7 @@ def run_simulate(args) -> int:
             return 2
         models = [host if i < hosts else base for i in range(args.devices)]
     if args.inline:
-        return _run_inline(args, job_from_args(args, job_id, args.devices, artifact), models, shards, held, base)
+        return _run_inline(args, job, models, shards, held, base)
     if args.processes > 1 and (hosts or args.inline):
         print("edgefed simulate: --processes runs ONNX devices over a broker; it takes neither --torch-hosts "
               "nor --inline", file=sys.stderr)
@@ -255,7 +256,6 @@ def run_simulate(args) -> int:
         url = broker.url
     elif args.transport != "inproc":
         url = args.transport
-    job = job_from_args(args, job_id, args.devices, artifact)
     if args.processes > 1:
         from .fleet_sim import ProcessFleet
         starter = ProcessFleet(job_id, str(artifact), shards, args.processes, backend="ray" if args.ray else "processes",

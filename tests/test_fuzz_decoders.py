@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zlib
+from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -26,35 +27,14 @@ FUZZ = settings(max_examples=N, deadline=2000, suppress_health_check=[HealthChec
                                                                       HealthCheck.function_scoped_fixture])
 
 
-def _messages():
-    rd = P.RoundDelta(2, [P.Tensor("seeds", np.array([3], np.uint32)),
-                          P.Tensor("coeffs", np.array([0.5], np.float32))])
-    return [
-        P.RoundPlan(job="j", round=3, method="fedkseed", params={"x": 1, "y": 0.5, "z": "s", "k": 8},
-                    tensors=[P.Tensor("seed_probs", np.full(8, 0.125, np.float32))],
-                    delta_tensors=[P.Tensor("seeds", np.array([1, 2], np.uint32)),
-                                   P.Tensor("coeffs", np.array([0.1, -0.2], np.float32)),
-                                   P.Tensor("w", np.ones((2, 3), np.float32))]),
-        P.Update(job="j", round=3, device="a", method="fedkseed", msg_id=12345, num_samples=8,
-                 tensors=[P.Tensor("seeds", np.array([1, 5, 7], np.uint32)),
-                          P.Tensor("scalars", np.array([0.1, -2, 3], np.float32)),
-                          P.Tensor("lora.A", np.arange(6, dtype=np.float32).reshape(2, 3))], train_loss=0.7),
-        P.Ack(job="j", round=3, device="a", msg_id=12345, status=P.AckStatus.LATE, reason="late"),
-        P.Status(job="j", device="a", state="online", round=2, timestamp=1.5, text="héllo"),
-        P.SyncRequest(job="j", device="a", from_round=1, request_id=7),
-        P.SyncReply(job="j", device="a", from_round=1, to_round=2, request_id=7, rounds=[rd]),
-        P.JobState(job="j", round=3, history_from=0, method="fedkseed", params={"done": 1}),
-    ]
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:  # one set of sample messages for both fuzzers: the benchmark's
+    from fuzz import messages as _messages, recrc as _recrc
+finally:
+    sys.path.pop(0)
 
 MESSAGES = _messages()
 ENCODED = [m.encode() for m in MESSAGES]
-
-
-def _recrc(b: bytearray) -> bytes:
-    """Recompute the CRC trailer of an unsigned encoding (so a mutation reaches the parser)."""
-    struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
-    return bytes(b)
 
 
 def _decode_ok(data: bytes, **kw):

@@ -220,6 +220,20 @@ def test_limits_on_counts():
         P.decode(P.Ack("j", 1, "d", 1, reason="too long").encode(), limits=lim)
 
 
+def test_an_empty_tensor_with_a_huge_dimension_is_refused_not_crashed():
+    # shape (0, 3) holds no values; a shape of (0, 2**32 - 1) holds none either, but numpy cannot
+    # even build it: the decoder must say so with its own error (found by the hypothesis fuzzer)
+    good = P.Update("j", 1, "d", "m", 1, 4, [P.Tensor("w", np.zeros((0, 3), np.float32))]).encode()
+    assert P.decode(good).tensors[0].data.shape == (0, 3)
+    b = bytearray(good)
+    at = good.index(b"\x01\x00w\x02") + 4  # name "w", 2 dims: the shape follows
+    assert struct.unpack_from("<2I", b, at) == (0, 3)
+    struct.pack_into("<I", b, at + 4, 2**32 - 1)
+    struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
+    with pytest.raises(P.MessageTooLarge, match=r"\(w\) has shape \(0, 4294967295\)"):
+        P.decode(bytes(b))
+
+
 def test_nan_scalar_names_the_index():
     s = np.zeros(10, np.float32)
     s[7] = np.nan

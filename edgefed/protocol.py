@@ -379,11 +379,13 @@ class _Reader:
                                    f"knows {sorted(TENSOR_DTYPES)}); upgrade edgefed")
             dt = TENSOR_DTYPES[dname][1]
             # a zero in the shape makes count 0 whatever the other dims say, but numpy still
-            # refuses a shape whose dims multiply past its index range: bound every dim
+            # refuses a shape whose other dims multiply past its index range: bound their product
             max_elems = self.limits.max_message_bytes // dt.itemsize
-            if any(d > max_elems for d in shape):
-                raise MessageTooLarge(f"{what}[{i}] ({name}) has shape {shape}: a dimension over {max_elems} "
-                                      f"{dname} values; the message limit is {self.limits.max_message_bytes} bytes")
+            span = math.prod(d for d in shape if d)
+            if span > max_elems:
+                raise MessageTooLarge(f"{what}[{i}] ({name}) has shape {shape}: {span} {dname} values "
+                                      f"across its dimensions; the message limit is "
+                                      f"{self.limits.max_message_bytes} bytes")
             if size > max_elems:
                 raise MessageTooLarge(f"{what}[{i}] ({name}) has {size} elements; the message limit "
                                       f"is {self.limits.max_message_bytes} bytes")

@@ -232,6 +232,14 @@ def test_an_empty_tensor_with_a_huge_dimension_is_refused_not_crashed():
     struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
     with pytest.raises(P.MessageTooLarge, match=r"\(w\) has shape \(0, 4294967295\)"):
         P.decode(bytes(b))
+    # nor may several dims, each under the limit, multiply past it beside the zero
+    good = P.Update("j", 1, "d", "m", 1, 4, [P.Tensor("w", np.zeros((0, 3, 3, 3), np.float32))]).encode()
+    b = bytearray(good)
+    at = good.index(b"\x01\x00w\x04") + 4
+    struct.pack_into("<4I", b, at, 0, 10**6, 10**6, 10**6)
+    struct.pack_into("<I", b, len(b) - 4, zlib.crc32(bytes(b[:-4])))
+    with pytest.raises(P.MessageTooLarge, match=r"\(w\) has shape \(0, 1000000, 1000000, 1000000\)"):
+        P.decode(bytes(b))
 
 
 def test_nan_scalar_names_the_index():

@@ -81,9 +81,12 @@ def start_tensor(model):
     return model.trainable_tensor(True)
 
 
-def backprop_steps(model, examples, plan: RoundPlan, seed: int, flat, s: dict, progress: bool = False):
+def backprop_steps(model, examples, plan: RoundPlan, seed: int, flat, s: dict, progress: bool = False,
+                   opt_state: dict | None = None):
     """plan.local_steps optimiser steps on `flat` (in place): AdamW or SGD, FedProx's proximal term
-    around flat's starting value, total-gradient clipping. Returns (losses, batch size)."""
+    around flat's starting value, total-gradient clipping. Returns (losses, batch size).
+    opt_state: a dict that keeps the optimiser between calls (a central run scored in slices);
+    None = a fresh optimiser, as every federated round starts."""
     import torch
 
     from ..trainer import progress_bar
@@ -94,8 +97,12 @@ def backprop_steps(model, examples, plan: RoundPlan, seed: int, flat, s: dict, p
     bs = min(int(plan.batch_size), len(examples))
     gen = np.random.default_rng(seed)  # the same batch order rule as the ZO trainer
     start = flat.detach().clone()
-    opt = (torch.optim.AdamW([flat], lr=plan.lr, weight_decay=s["weight_decay"]) if s["optimizer"] == "adamw"
-           else torch.optim.SGD([flat], lr=plan.lr, weight_decay=s["weight_decay"]))
+    opt = (opt_state or {}).get("opt")
+    if opt is None:
+        opt = (torch.optim.AdamW([flat], lr=plan.lr, weight_decay=s["weight_decay"]) if s["optimizer"] == "adamw"
+               else torch.optim.SGD([flat], lr=plan.lr, weight_decay=s["weight_decay"]))
+        if opt_state is not None:
+            opt_state["opt"] = opt
     losses = []
     lock = getattr(model, "step_lock", None) or contextlib.nullcontext()
     bar = progress_bar(plan.local_steps, f"round {plan.round}", progress)

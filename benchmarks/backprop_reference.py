@@ -146,6 +146,37 @@ def print_table(res: dict, file=sys.stdout) -> None:
               f"({g['fixed']} / {g['broken']}) | {r['loss']:.4f} |", file=file)
 
 
+def merge(results: list[dict]) -> dict:
+    """Runs of the same template and held-out rows (say seeds run apart) as one result."""
+    first = results[0]
+    for r in results[1:]:
+        if (r["template"], r["zero_shot"]["correct"]) != (first["template"], first["zero_shot"]["correct"]):
+            raise SystemExit("--from-json: these runs differ in template or held-out rows; merge only "
+                             "runs of one template (same --heldout)")
+    return {**first, "rows": [row for r in results for row in r["rows"]],
+            "seconds": sum(r.get("seconds", 0.0) for r in results)}
+
+
+def print_seed_summary(res: dict, file=sys.stdout) -> None:
+    """Backprop rows with several seeds: seed-mean accuracy and gain with 95% t intervals."""
+    from edgefed.metrics import mean_interval
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in res["rows"]:
+        if r["row"] != "readout":
+            groups.setdefault((r["row"], r["step"]), []).append(r)
+    if not any(len(g) > 1 for g in groups.values()):
+        return
+    print("\n| row | steps | seeds | accuracy, seed-mean [95% CI] | gain, pts [95% CI] | loss, seed-mean |", file=file)
+    print("| --- | ---: | ---: | ---: | ---: | ---: |", file=file)
+    for (name, step), g in sorted(groups.items()):
+        m, lo, hi = mean_interval([r["accuracy"] for r in g])
+        base = res["zero_shot"]["accuracy"]
+        print(f"| {name} | {step} | {len(g)} | {m:.1%} [{lo:.1%}, {hi:.1%}] | {100 * (m - base):+.1f} "
+              f"[{100 * (lo - base):+.1f}, {100 * (hi - base):+.1f}] | {np.mean([r['loss'] for r in g]):.4f} |",
+              file=file)
+
+
 def plot(res: dict, path: Path) -> Path | None:
     try:
         import matplotlib
@@ -165,6 +196,8 @@ def plot(res: dict, path: Path) -> Path | None:
             pts = [(0, res["zero_shot"]["accuracy"])] + [(r["step"], r["accuracy"]) for r in res["rows"]
                                                          if r["row"] == name and r.get("seed", 0) == seed]
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{name} seed {seed}")
+    for i, (label, acc) in enumerate(res.get("marks", [])):  # other results on the same rows (--mark)
+        ax.axhline(100 * acc, color=f"C{4 + i}", ls="-.", lw=1.2, label=label)
     if res.get("target"):
         ax.axhline(100 * res["target"], color="tab:red", lw=0.8, label=f"target {100 * res['target']:.2f}%")
     ax.set_xlabel("backprop steps (batch 8)")
@@ -187,19 +220,23 @@ def main(argv=None) -> int:
     ap.add_argument("--evals", type=int, default=4, help="held-out scorings per backprop run")
     ap.add_argument("--lrs", default="5e-4,1e-3", help="AdamW learning rates, comma-separated")
     ap.add_argument("--seeds", type=int, default=1, help="batch orders per lr")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--readout-epochs", type=int, default=300, help="0: no readout row")
     ap.add_argument("--readout-lr", type=float, default=1e-3)
     ap.add_argument("--target", type=float, default=0.8275, help="drawn on the plot (the issue's 82.75%%)")
+    ap.add_argument("--mark", action="append", default=[], metavar="LABEL=ACCURACY",
+                    help="draw another result on the same rows, e.g. 'ZO demo, 12 rounds=0.820' (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--from-json", default=None, help="print the table (and --plot) of an earlier --json")
+    ap.add_argument("--from-json", default=None, help="print the table (and --plot) of earlier --json files "
+                    "(comma-separated: runs of one template, say seeds run apart, merged)")
     args = ap.parse_args(argv)
 
     if args.from_json:
-        res = json.loads(Path(args.from_json).read_text())
+        res = merge([json.loads(Path(p).read_text()) for p in args.from_json.split(",") if p])
     else:
         import torch
 
@@ -226,7 +263,7 @@ def main(argv=None) -> int:
             marks = sorted({max(1, args.readout_epochs * k // 6) for k in range(1, 7)})
             rows += readout(model, train, held, base, args.readout_epochs, args.readout_lr, marks)
         for lr in lrs:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 rows += backprop(model, train, held, base, lr, args.steps, args.evals, seed, args.batch)
         res = {"template": args.template, "model": args.model, "trainable": args.trainable,
                "n_heldout": len(held), "n_train": len(train), "batch": args.batch, "target": args.target,
@@ -235,7 +272,12 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(res, indent=1))
+    try:
+        res["marks"] = [(m.rpartition("=")[0], float(m.rpartition("=")[2])) for m in args.mark]
+    except ValueError:
+        ap.error(f"--mark {args.mark}: write LABEL=ACCURACY, the accuracy as a fraction (0.820)")
     print_table(res)
+    print_seed_summary(res)
     if args.plot:
         p = plot(res, Path(args.plot))
         if p:

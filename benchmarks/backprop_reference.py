@@ -132,6 +132,49 @@ def backprop(model, train, held, base, lr: float, steps: int, evals: int, seed: 
     return rows
 
 
+def score_store(label: str, db: str, held, res: dict, threads: int) -> dict:
+    """A federated job's global model, rebuilt from its server store (the stored round deltas
+    replayed on the artifact, the bits every replica holds), scored on the same rows."""
+    from edgefed.export.artifact import read_manifest
+    from edgefed.export.results import trainables_from_store
+    from edgefed.runtime import DeviceModel
+    from edgefed_server.store import Store
+
+    with Store(db) as store:
+        jobs = store.job_ids()
+    if len(jobs) != 1:
+        raise SystemExit(f"--store {db}: holds {len(jobs)} jobs ({', '.join(jobs) or 'none'}); give a store of one job")
+    params, info = trainables_from_store(db, jobs[0])
+    template = read_manifest(info["artifact"])["task"].get("template")
+    if template != res["template"]:
+        raise SystemExit(f"--store {db}: job {jobs[0]} used the template {template!r}, these rows were scored "
+                         f"with {res['template']!r}; compare runs of one template")
+    model = DeviceModel(info["artifact"], threads=threads, check_memory=False)
+    start = scored(model, held)
+    if start["correct"] != res["zero_shot"]["correct"]:
+        raise SystemExit(f"--store {db}: the job's starting model does not predict as this reference's zero-shot "
+                         "on these rows (another model, artifact or held-out split)")
+    model.params[:] = params
+    out = scored(model, held, res["zero_shot"])
+    _log(f"{label}: job {jobs[0]} after {info['rounds']} rounds: {out['accuracy']:.3f} / {out['loss']:.4f}")
+    return {"row": label, "step": f"{info['rounds']} rounds", "job": jobs[0], "store": str(db), **out}
+
+
+def print_store_comparison(res: dict, file=sys.stdout) -> None:
+    """Each federated job against each reference row, paired on the same rows."""
+    if not res.get("jobs"):
+        return
+    print("\n| federated job | accuracy | against | steps | difference, pts [95% CI] (job right only / row right only) |",
+          file=file)
+    print("| --- | ---: | --- | ---: | ---: |", file=file)
+    for job in res["jobs"]:
+        for r in res["rows"]:
+            d = paired_gain(r["correct"], job["correct"])
+            print(f"| {job['row']} | {job['accuracy']:.1%} | {r['row']}{' seed ' + str(r['seed']) if 'seed' in r else ''} "
+                  f"| {r['step']} | {100 * d['gain']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] "
+                  f"({d['fixed']} / {d['broken']}) |", file=file)
+
+
 def print_table(res: dict, file=sys.stdout) -> None:
     base = res["zero_shot"]
     print(f"\ntemplate {res['template']!r}, {res['n_heldout']} held-out rows, {res['n_train']} training rows\n",
@@ -139,7 +182,7 @@ def print_table(res: dict, file=sys.stdout) -> None:
     print("| row | steps | accuracy | gain over zero-shot, pts [95% CI] (fixed / broken) | loss |", file=file)
     print("| --- | ---: | ---: | ---: | ---: |", file=file)
     print(f"| zero-shot (baseline) | 0 | {base['accuracy']:.1%} | - | {base['loss']:.4f} |", file=file)
-    for r in res["rows"]:
+    for r in res["rows"] + res.get("jobs", []):
         g = r["gain"]
         print(f"| {r['row']}{' seed ' + str(r['seed']) if 'seed' in r else ''} | {r['step']} | {r['accuracy']:.1%} | "
               f"{100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] "
@@ -228,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.8275, help="drawn on the plot (the issue's 82.75%%)")
     ap.add_argument("--mark", action="append", default=[], metavar="LABEL=ACCURACY",
                     help="draw another result on the same rows, e.g. 'ZO demo, 12 rounds=0.820' (repeatable)")
+    ap.add_argument("--store", action="append", default=[], metavar="LABEL=SQLITE",
+                    help="a federated job's server store (say runs/demo-*/server.sqlite, a job of the same "
+                         "template): its global model is rebuilt, scored on the same rows and compared "
+                         "pairwise with every row (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -269,15 +316,23 @@ def main(argv=None) -> int:
                "n_heldout": len(held), "n_train": len(train), "batch": args.batch, "target": args.target,
                "zero_shot": base, "rows": rows, "seconds": time.time() - t0,
                "threads": args.threads, "command": " ".join(sys.argv)}
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.store:
+        _, held = train_heldout_split(load_rotten_tomatoes(), heldout=res["n_heldout"], seed=0)
+        for spec in args.store:
+            label, sep, db = spec.rpartition("=")
+            if not sep or not Path(db).is_file():
+                ap.error(f"--store {spec!r}: write LABEL=PATH to an existing server.sqlite")
+            res.setdefault("jobs", []).append(score_store(label, db, held, res, args.threads))
+    if args.json:  # after --store: the jobs' rows are kept too
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
     try:
         res["marks"] = [(m.rpartition("=")[0], float(m.rpartition("=")[2])) for m in args.mark]
     except ValueError:
         ap.error(f"--mark {args.mark}: write LABEL=ACCURACY, the accuracy as a fraction (0.820)")
     print_table(res)
     print_seed_summary(res)
+    print_store_comparison(res)
     if args.plot:
         p = plot(res, Path(args.plot))
         if p:

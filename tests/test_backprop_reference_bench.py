@@ -60,3 +60,34 @@ def test_backprop_steps_keep_adamw_state_across_slices_only_when_asked():
     for i in range(2):
         backprop_steps(_Bowl(), [0, 1, 2], plan(3), i, fresh, s)
     assert not torch.equal(fresh, one), "a fresh AdamW per slice restarts its moments and bias correction"
+
+
+def test_a_federated_jobs_store_is_rebuilt_and_scored_on_the_same_rows(tmp_path):
+    """--store replays a job's stored round deltas: the model it scores is the one the job
+    itself reported after training, and a job of another template is refused."""
+    sim = tmp_path / "sim"
+    r = subprocess.run([sys.executable, "-m", "edgefed.cli", "simulate", "--model", "tiny", "--rounds", "2",
+                        "--local-steps", "4", "--devices", "2", "--lr", "0.05", "--out", str(sim), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = json.loads((sim / "results.json").read_text())
+    assert job["after"]["loss"] != job["before"]["loss"], "the job moved the model"
+    js = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "benchmarks/backprop_reference.py", "--model", "tiny", "--steps", "1",
+                        "--evals", "1", "--lrs", "1e-3", "--readout-epochs", "0", "--heldout", "500",
+                        "--json", str(js), "--store", f"sim job={sim / 'server.sqlite'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(js.read_text())
+    assert res["zero_shot"]["loss"] == pytest.approx(job["before"]["loss"], rel=1e-6)  # the same 500 rows
+    (stored,) = res["jobs"]
+    assert stored["loss"] == pytest.approx(job["after"]["loss"], rel=1e-6)
+    assert stored["accuracy"] == job["after"]["accuracy"]
+    assert f"| sim job | {job['after']['accuracy']:.1%} | backprop lr 0.001 seed 0 | 1 |" in r.stdout  # paired with the row
+    bad = json.loads(js.read_text())
+    bad["template"] = "Text: {text}\nLabel:"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    refused = subprocess.run([sys.executable, "benchmarks/backprop_reference.py", "--from-json", str(tmp_path / "bad.json"),
+                              "--store", f"x={sim / 'server.sqlite'}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "used the template" in refused.stderr

@@ -245,7 +245,8 @@ def plot(res: dict, path: Path) -> Path | None:
         ax.axhline(100 * res["target"], color="tab:red", lw=0.8, label=f"target {100 * res['target']:.2f}%")
     ax.set_xlabel("backprop steps (batch 8)")
     ax.set_ylabel(f"held-out accuracy, % ({res['n_heldout']} rows)")
-    ax.set_title("What backprop reaches on the demo's rows", fontsize=10)
+    ax.set_title(f"What backprop reaches on the demo's rows ({res['template'].split('{text}')[0].strip()[:48]!r})",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

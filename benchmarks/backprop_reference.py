@@ -83,10 +83,10 @@ def readout(model, train, held, base, epochs: int, lr: float, checkpoints: list[
     y_te = model.task.targets(held)
     dw = torch.zeros_like(w0, requires_grad=True)
     bias = torch.zeros(w0.shape[0], requires_grad=True)
-    # At zero correction the readout must predict as the graph does (two labels: a wrong row's
-    # prediction is the other label), or the features are not what the label scores read.
-    graph_pred = np.where(np.asarray(base["correct"]) == 1, y_te, 1 - y_te)
-    agree = float(np.mean((h_te @ w0.T + b0).argmax(1).numpy() == graph_pred))
+    # At zero correction the readout must be right and wrong on the same rows as the graph (with
+    # two labels: predict as it does), or the features are not what the label scores read.
+    start_correct = (h_te @ w0.T + b0).argmax(1).numpy() == y_te
+    agree = float(np.mean(start_correct == np.asarray(base["correct"], dtype=bool)))
     if agree < 0.99:
         raise RuntimeError(f"the frozen features predict like the graph on only {agree:.1%} of held-out rows: "
                            "they are not what the label scores read")
@@ -160,6 +160,10 @@ def score_store(label: str, db: str, held, res: dict, threads: int) -> dict:
     return {"row": label, "step": f"{info['rounds']} rounds", "job": jobs[0], "store": str(db), **out}
 
 
+def _name(row: dict) -> str:
+    return row["row"] + (f" seed {row['seed']}" if "seed" in row else "")
+
+
 def print_store_comparison(res: dict, file=sys.stdout) -> None:
     """Each federated job against each reference row, paired on the same rows."""
     if not res.get("jobs"):
@@ -170,7 +174,7 @@ def print_store_comparison(res: dict, file=sys.stdout) -> None:
     for job in res["jobs"]:
         for r in res["rows"]:
             d = paired_gain(r["correct"], job["correct"])
-            print(f"| {job['row']} | {job['accuracy']:.1%} | {r['row']}{' seed ' + str(r['seed']) if 'seed' in r else ''} "
+            print(f"| {job['row']} | {job['accuracy']:.1%} | {_name(r)} "
                   f"| {r['step']} | {100 * d['gain']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] "
                   f"({d['fixed']} / {d['broken']}) |", file=file)
 
@@ -184,7 +188,7 @@ def print_table(res: dict, file=sys.stdout) -> None:
     print(f"| zero-shot (baseline) | 0 | {base['accuracy']:.1%} | - | {base['loss']:.4f} |", file=file)
     for r in res["rows"] + res.get("jobs", []):
         g = r["gain"]
-        print(f"| {r['row']}{' seed ' + str(r['seed']) if 'seed' in r else ''} | {r['step']} | {r['accuracy']:.1%} | "
+        print(f"| {_name(r)} | {r['step']} | {r['accuracy']:.1%} | "
               f"{100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] "
               f"({g['fixed']} / {g['broken']}) | {r['loss']:.4f} |", file=file)
 
@@ -283,6 +287,14 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, help="print the table (and --plot) of earlier --json files "
                     "(comma-separated: runs of one template, say seeds run apart, merged)")
     args = ap.parse_args(argv)
+    try:  # checked before any work: a typo must not cost a finished run
+        marks = [(m.rpartition("=")[0], float(m.rpartition("=")[2])) for m in args.mark]
+    except ValueError:
+        ap.error(f"--mark {args.mark}: write LABEL=ACCURACY, the accuracy as a fraction (0.820)")
+    stores = [spec.rpartition("=") for spec in args.store]
+    for spec, (label, sep, db) in zip(args.store, stores):
+        if not sep or not Path(db).is_file():
+            ap.error(f"--store {spec!r}: write LABEL=PATH to an existing server.sqlite")
 
     if args.from_json:
         res = merge([json.loads(Path(p).read_text()) for p in args.from_json.split(",") if p])
@@ -309,8 +321,8 @@ def main(argv=None) -> int:
         _log(f"zero-shot: {base['accuracy']:.3f} / {base['loss']:.4f}")
         rows = []
         if args.readout_epochs > 0:
-            marks = sorted({max(1, args.readout_epochs * k // 6) for k in range(1, 7)})
-            rows += readout(model, train, held, base, args.readout_epochs, args.readout_lr, marks)
+            scored_at = sorted({max(1, args.readout_epochs * k // 6) for k in range(1, 7)})
+            rows += readout(model, train, held, base, args.readout_epochs, args.readout_lr, scored_at)
         for lr in lrs:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 rows += backprop(model, train, held, base, lr, args.steps, args.evals, seed, args.batch)
@@ -318,20 +330,14 @@ def main(argv=None) -> int:
                "n_heldout": len(held), "n_train": len(train), "batch": args.batch, "target": args.target,
                "zero_shot": base, "rows": rows, "seconds": time.time() - t0,
                "threads": args.threads, "command": " ".join(sys.argv)}
-    if args.store:
+    if stores:
         _, held = train_heldout_split(load_rotten_tomatoes(), heldout=res["n_heldout"], seed=0)
-        for spec in args.store:
-            label, sep, db = spec.rpartition("=")
-            if not sep or not Path(db).is_file():
-                ap.error(f"--store {spec!r}: write LABEL=PATH to an existing server.sqlite")
+        for label, _, db in stores:
             res.setdefault("jobs", []).append(score_store(label, db, held, res, args.threads))
     if args.json:  # after --store: the jobs' rows are kept too
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
-    try:
-        res["marks"] = [(m.rpartition("=")[0], float(m.rpartition("=")[2])) for m in args.mark]
-    except ValueError:
-        ap.error(f"--mark {args.mark}: write LABEL=ACCURACY, the accuracy as a fraction (0.820)")
+    res["marks"] = marks
     print_table(res)
     print_seed_summary(res)
     print_store_comparison(res)

@@ -37,3 +37,44 @@ def started_broker(kind, **kw):
     assert h.kind == kind
     yield h
     h.stop()
+
+
+class Inbox:
+    """A transport callback that records (topic, payload); thread-safe, since transports call
+    it from their network threads."""
+
+    def __init__(self):
+        import threading
+        self.items, self.lock = [], threading.Lock()
+
+    def __call__(self, topic, payload):
+        with self.lock:
+            self.items.append((topic, payload))
+
+    def topics(self):
+        with self.lock:
+            return [t for t, _ in self.items]
+
+
+def broker_auth_files(directory, job, other_job, devices=("d1", "d2")):
+    """`edgefed certs` output for `job` in `directory`, plus a server user of `other_job` in the
+    same password file and ACL (one broker, two jobs): the dict `generate` returns, with the
+    other server's password under "other_password"."""
+    from edgefed.security import broker_auth as BA
+    from edgefed.security.certs import generate
+
+    info = generate(str(directory), job, list(devices))
+    other_pw = BA.new_password()
+    with open(f"{directory}/passwd", "a") as f:
+        f.write(BA.password_file_text({BA.server_username(other_job): other_pw}))
+    with open(f"{directory}/acl", "a") as f:
+        f.write("\n" + "\n".join([f"user {BA.server_username(other_job)}", *BA.server_acl(other_job)]) + "\n")
+    info["other_password"] = other_pw
+    return info
+
+
+def broker_identity(sec, name):
+    """MqttTransport keyword arguments for identity `name` (server or a device id) of `sec`."""
+    crt, key = sec["certs"][name]
+    return dict(username=sec["users"][name], password_file=str(sec["credentials"][name]),
+                ca=str(sec["ca"]), cert=str(crt), key=str(key))

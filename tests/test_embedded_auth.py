@@ -9,26 +9,14 @@ import pytest
 
 from edgefed import protocol as P
 from edgefed.security import broker_auth as BA
-from edgefed.security.certs import generate
 from edgefed.transport import BrokerUnreachable, TransportError, start_broker
 from edgefed.transport import mqtt as M
 from edgefed.transport.mqtt import BrokerRefused
-from helpers import mqtt_clients, wait_for
+from helpers import Inbox, broker_auth_files, broker_identity, mqtt_clients, wait_for
 
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=10.0)
 JOB, OTHER = "jobA", "jobB"
 ENV_VARS = (M.ENV_USERNAME, M.ENV_PASSWORD, M.ENV_PASSWORD_FILE, M.ENV_CA, M.ENV_CERT, M.ENV_KEY)
-
-
-class Inbox:
-    def __init__(self):
-        self.items = []
-
-    def __call__(self, topic, payload):
-        self.items.append((topic, payload))
-
-    def topics(self):
-        return [t for t, _ in list(self.items)]
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +28,7 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="module")
 def sec(tmp_path_factory):
     """`edgefed certs` output for JOB (d1, d2), plus a server user of OTHER in the same broker."""
-    d = tmp_path_factory.mktemp("certs")
-    info = generate(str(d), JOB, ["d1", "d2"])
-    other_pw = BA.new_password()
-    with open(d / "passwd", "a") as f:
-        f.write(BA.password_file_text({BA.server_username(OTHER): other_pw}))
-    with open(d / "acl", "a") as f:
-        f.write("\n" + "\n".join([f"user {BA.server_username(OTHER)}", *BA.server_acl(OTHER)]) + "\n")
-    info["other_password"] = other_pw
-    return info
+    return broker_auth_files(tmp_path_factory.mktemp("certs"), JOB, OTHER)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +43,7 @@ def clients():
     yield from mqtt_clients(FAST, timeout=1)
 
 
-def ident(sec, name):
-    crt, key = sec["certs"][name]
-    return dict(username=sec["users"][name], password_file=str(sec["credentials"][name]),
-                ca=str(sec["ca"]), cert=str(crt), key=str(key))
+ident = broker_identity  # MqttTransport keyword arguments for identity `name`
 
 
 def other_server(sec):

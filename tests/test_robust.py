@@ -1,7 +1,6 @@
 """Bounds on what one device can send, and robust aggregation (edgefed.security.robust)."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -15,9 +14,9 @@ from edgefed.methods.fedkseed import SCALARS, FedKSeedServer, seed_tensors
 from edgefed.methods.fedmezo import FedMeZOServer, delta_norm_bound
 from edgefed.protocol import AckStatus, InvalidField, RoundPlan, Tensor, Update, validate_update
 from edgefed.runtime import DeviceModel
+from edgefed.simulate import thread_devices
 from edgefed.security.robust import (RobustConfig, aggregate_dense, aggregate_sparse, krum, krum_scores,
                                      median, min_voters, multi_krum, trim_count, trimmed_mean)
-from edgefed.transport import make_transport
 
 
 def corrupt(x: np.ndarray, attack: str, rng: np.random.Generator) -> np.ndarray:
@@ -56,39 +55,11 @@ class ByzantineAgent(DeviceAgent):
 
 
 def byzantine_devices(base, job: str, shards, attackers=(), attack="scale"):
-    """Like edgefed.simulate.thread_devices, with ByzantineAgent at the indices in `attackers`."""
-    def start(url: str):
-        stop = threading.Event()
-        workers, errors = [], []
-        for i, shard in enumerate(shards):
-            dev = f"sim-{i:03d}"
-            cls = ByzantineAgent if i in attackers else DeviceAgent
-            agent = cls(make_transport(url, client_id=f"edgefed-{job}-{dev}"), dev, job, base.fork(), shard,
-                        device_class="x86-sim")
-            agent.attack = attack
-            start.agents.append(agent)
-
-            def run(a=agent):
-                try:
-                    a.run(stop=stop)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(f"{a.device} failed: {type(e).__name__}: {e}")
-                    raise
-            th = threading.Thread(target=run, name=dev, daemon=True)
-            th.start()
-            workers.append(th)
-
-        def halt():
-            end = time.time() + 30
-            for th in workers:
-                th.join(timeout=max(0.1, end - time.time()))
-            stop.set()
-            for th in workers:
-                th.join(timeout=10)
-        halt.failure = lambda: errors[0] if errors else None
-        return halt
-    start.agents = []
-    return start
+    """edgefed.simulate.thread_devices with ByzantineAgent (running `attack`) at the indices in
+    `attackers` and honest DeviceAgents elsewhere."""
+    attacker = type(f"Byzantine_{attack}", (ByzantineAgent,), {"attack": attack})
+    return thread_devices(base, job, shards,
+                          agent_cls=[attacker if i in attackers else DeviceAgent for i in range(len(shards))])
 
 
 # ----------------------------------------------------------------------------- aggregators

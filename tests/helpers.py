@@ -55,6 +55,15 @@ class Inbox:
         with self.lock:
             return [t for t, _ in self.items]
 
+    def payloads(self, topic=None):
+        with self.lock:
+            return [p for t, p in self.items if topic is None or t == topic]
+
+    def decoded(self):
+        """The non-empty payloads as protocol messages (an empty retained payload clears a topic)."""
+        from edgefed import protocol as P
+        return [P.decode(p) for p in self.payloads() if p]
+
 
 def broker_auth_files(directory, job, other_job, devices=("d1", "d2")):
     """`edgefed certs` output for `job` in `directory`, plus a server user of `other_job` in the

@@ -16,7 +16,7 @@ from edgefed.transport import (BrokerUnreachable, InProcBroker, InProcTransport,
 from edgefed.transport import mqtt as M
 from edgefed.transport.base import check_topic_filter
 from edgefed.transport.broker import find_mosquitto, free_port
-from helpers import mqtt_clients, started_broker, wait_for
+from helpers import Inbox, mqtt_clients, started_broker, wait_for
 
 
 def _zo(seeds, scalars):
@@ -30,25 +30,6 @@ needs_mosquitto = [pytest.mark.mosquitto, pytest.mark.skipif(
     not HAVE_MOSQUITTO, reason="mosquitto binary not found (apt-get install mosquitto); CI installs it")]
 KINDS = [pytest.param("mosquitto", marks=needs_mosquitto), "embedded"]
 FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=15.0)
-
-
-class Inbox:
-    """Thread-safe collector usable as a transport callback."""
-
-    def __init__(self):
-        self.items = []
-        self.lock = threading.Lock()
-
-    def __call__(self, topic, payload):
-        with self.lock:
-            self.items.append((topic, payload))
-
-    def payloads(self):
-        with self.lock:
-            return [p for _, p in self.items]
-
-    def decoded(self):
-        return [P.decode(p) for p in self.payloads() if p]
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -13,7 +13,7 @@ from edgefed import chunking as C
 from edgefed.transport import DEFAULT_MAX_PAYLOAD_BYTES, ChunkedPublishHandle, InProcBroker, make_transport
 from edgefed.transport import mqtt as M
 from edgefed.transport.broker import find_mosquitto
-from helpers import mqtt_clients, started_broker, wait_for
+from helpers import Inbox, mqtt_clients, started_broker, wait_for
 
 MiB = 1 << 20
 HAVE_MOSQUITTO = find_mosquitto() is not None
@@ -25,20 +25,6 @@ FAST = dict(reconnect_min_delay=0.1, reconnect_max_delay=1.0, publish_timeout=30
 
 def blob(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-class Inbox:
-    def __init__(self):
-        self.items = []
-        self.lock = threading.Lock()
-
-    def __call__(self, topic, payload):
-        with self.lock:
-            self.items.append((topic, payload))
-
-    def payloads(self, topic=None):
-        with self.lock:
-            return [p for t, p in self.items if topic is None or t == topic]
 
 
 class FakeClock:

@@ -151,7 +151,10 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
         fw = sum(m.forward_count for m in models)
         curve.append({"round": rnd, "forwards": fw, "accuracy": float(ev["accuracy"]), "loss": float(ev["loss"]),
                       "train_loss": None if metrics is None else metrics.get("train_loss"),
-                      "correct": np.asarray(ev["correct"]).astype(int).tolist()})
+                      "correct": np.asarray(ev["correct"]).astype(int).tolist(),
+                      # on a multi-class task accuracy hides a label prior swinging between classes
+                      "macro_f1": float(ev["macro_f1"]),
+                      "predictions": np.asarray(ev["predictions"]).astype(int).tolist()})
     score(-1, base.params.copy())
     t0 = time.time()
     res = run_inline(job, models, shards, on_round=score)
@@ -214,12 +217,16 @@ def summarise(runs: list[dict]) -> list[dict]:
         lm, llo, lhi = mean_interval([r["curve"][-1]["loss"] for r in rs])
         m, lo, hi = mean_interval(finals)
         g, glo, ghi = mean_interval(gains)
+        # runs saved before macro-F1 was recorded have none: the column stays empty for them
+        f1s = [r["curve"][-1].get("macro_f1") for r in rs]
+        f1, f1lo, f1hi = mean_interval(f1s) if None not in f1s else (float("nan"),) * 3
         label = f"{trainable.split(':')[0]} {variant}" if several and trainable else variant
         if len(steps[(task, setting, trainable, variant)]) > 1:
             label += f" (lr {lr:g})"
         rows.append({"task": task, "setting": setting, "trainable": trainable, "variant": label,
                      "mezo": variant == "mezo", "seeds": len(rs), "final": m, "final_lo": lo,
                      "final_hi": hi, "gain": g, "gain_lo": glo, "gain_hi": ghi, "curve": mean_curve,
+                     "macro_f1": f1, "macro_f1_lo": f1lo, "macro_f1_hi": f1hi,
                      "loss": lm, "loss_lo": llo, "loss_hi": lhi, "loss_curve": loss_curve,
                      "lr": rs[0]["lr"], "bytes_up": float(np.mean([r["bytes_up"] for r in rs])),
                      "bytes_down": float(np.max([r["bytes_down"] for r in rs])),
@@ -239,8 +246,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def print_table(rows: list[dict], file=sys.stdout) -> None:
     print("| setting | variant | lr | final acc [95% CI over seeds] | gain, pts [95% CI] | forwards to MeZO's "
           "final acc (x MeZO's) | final held-out loss [95% CI] | forwards to MeZO's final loss (x MeZO's) | "
-          "B up / down per device-round |", file=file)
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+          "final macro-F1 [95% CI] | B up / down per device-round |", file=file)
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
     for r in rows:
         ci = "" if math.isnan(r["final_lo"]) else f" [{100 * r['final_lo']:.1f}, {100 * r['final_hi']:.1f}]"
         gci = "" if math.isnan(r["gain_lo"]) else f" [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
@@ -251,7 +258,14 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
         lratio = "" if math.isnan(r["loss_ratio_to_mezo"]) else f" ({r['loss_ratio_to_mezo']:.2f})"
         print(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {100 * r['final']:.1f}%{ci} | "
               f"{100 * r['gain']:+.1f}{gci} | {fw} ({ratio}) | {r['loss']:.4f}{lci} | {lfw}{lratio} | "
-              f"{r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |", file=file)
+              f"{_f1_cell(r)} | {r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |", file=file)
+
+
+def _f1_cell(r: dict) -> str:
+    if math.isnan(r["macro_f1"]):
+        return "-"
+    ci = "" if math.isnan(r["macro_f1_lo"]) else f" [{r['macro_f1_lo']:.3f}, {r['macro_f1_hi']:.3f}]"
+    return f"{r['macro_f1']:.3f}{ci}"
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:

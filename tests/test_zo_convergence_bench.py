@@ -1,6 +1,7 @@
 """benchmarks/zo_convergence.py at a small scale (tiny random model): the whole path of the
 benchmark runs, spends the forward budget it was given, and reports per-seed intervals."""
 import json
+import numpy as np
 import pytest
 import subprocess
 import sys
@@ -22,8 +23,18 @@ def test_the_convergence_benchmark_runs_end_to_end_at_a_small_scale(tmp_path):
         assert run["curve"][0]["forwards"] == 0 and len(run["curve"]) == 3  # the start + 2 evaluations
         budget = 32 if run["variant"] != "adaptive" else 64  # adaptive spends between 2 and 4 probes a step
         assert 0 < run["forwards"] <= budget, run
+    from edgefed.metrics import classification_metrics
+    for run in res["runs"]:  # every evaluation keeps its predictions and their macro-F1
+        for point in run["curve"]:
+            pred, ok = np.array(point["predictions"]), np.array(point["correct"], bool)
+            assert len(pred) == 40 and point["accuracy"] == pytest.approx(ok.mean())
+            y = np.where(ok, pred, 1 - pred)  # two labels: a wrong prediction names the other one
+            assert point["macro_f1"] == pytest.approx(classification_metrics(y, pred, 2)["macro_f1"])
     rows = {(x["setting"], x["variant"]): x for x in res["rows"]}
     mezo = rows[("central", "mezo")]
+    finals = [run["curve"][-1]["macro_f1"] for run in res["runs"] if run["setting"] == "central"
+              and run["variant"] == "mezo"]
+    assert mezo["macro_f1"] == pytest.approx(np.mean(finals))
     assert mezo["seeds"] == 2 and 0.0 <= mezo["ratio_to_mezo"] <= 1.0, "MeZO reaches its own final within its budget"
     assert "| central | lora-b |" in r.stdout
     assert (out / "zo_convergence.png").exists()
@@ -101,6 +112,7 @@ def test_saved_runs_of_other_trainables_merge_against_the_first_files_mezo(tmp_p
     r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--from-json", f"{lora},{prompt}",
                         "--plot", str(tmp_path / "m.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "| prompt mezo@8 | 0.008 |" in r.stdout and (tmp_path / "m.png").exists(), r.stderr
+    assert "| - | 100 / 300 |" in r.stdout  # runs saved without macro-F1 leave its column empty
     bad = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--from-json", str(tmp_path / "none.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "none.json" in bad.stderr and "--json" in bad.stderr

@@ -12,6 +12,16 @@ def wait_for(pred, timeout=10.0, step=0.02):
     return pred()
 
 
+def wait_until(cond, timeout=10.0, what="condition", poll=0.005):
+    """Poll cond() until it is true; an AssertionError naming `what` after timeout seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def mqtt_clients(defaults, **close_kw):
     """Body of a `clients` fixture: yields make(url, client_id=None, **kw), an MqttTransport
     factory with these defaults whose transports are all closed afterwards."""

@@ -23,17 +23,11 @@ from edgefed_server.http_status import render_metrics
 from edgefed_server.replay import compare_states, replay_log
 from edgefed_server.store import (Store, decode_delta, encode_delta, i64_to_u64, pack_arrays,
                                   u64_to_i64, unpack_arrays)
+from helpers import wait_until as wait_for
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def wait_for(cond, timeout=5.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class FakeClock:

@@ -22,6 +22,7 @@ from edgefed.methods.fedkseed import SCALARS, seed_tensors
 from edgefed.protocol import (AckStatus, MessageIds, RoundPlan, Status, Topics, Update, decode)
 from edgefed.transport.broker import find_mosquitto, start_broker
 from edgefed.transport.mqtt import MqttTransport
+from helpers import wait_until as wait_for
 
 pytestmark = [pytest.mark.mosquitto,
               pytest.mark.skipif(find_mosquitto() is None,
@@ -37,13 +38,6 @@ def broker():
     h.stop()
 
 
-def wait_for(cond, timeout=10.0, what="condition", poll=0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class ServerProc:

@@ -19,15 +19,9 @@ from edgefed.security.signing import (DeviceSigning, DeviceVerifier, ServerSigni
 from edgefed.transport import InProcBroker, make_transport
 from edgefed_server.engine import Server
 from edgefed_server.store import Store
+from helpers import wait_until as wait_for
 
 
-def wait_for(cond, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

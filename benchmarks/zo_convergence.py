@@ -23,7 +23,8 @@ so server optimisers (momentum, seed-space Adam), which step once a round, get R
 For each variant and setting: final accuracy with a 95% interval over seeds (t, n-1), the gain
 over the starting model, and the forward passes at which the seed-mean curve first reaches plain
 MeZO's final seed-mean accuracy in the same setting (its ratio to MeZO's budget: the target is
-<= 1/3). Table to stdout (markdown), progress to
+<= 1/3), the same for held-out loss, and final macro-F1 (every evaluation's predictions are kept in
+--json). Table to stdout (markdown), progress to
 stderr, curves to --plot (default <out>/zo_convergence.png), everything to --json.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """Small helpers shared by the test modules (pytest puts tests/ on sys.path)."""
+import threading
 import time
 
 
@@ -13,13 +14,9 @@ def wait_for(pred, timeout=10.0, step=0.02):
 
 
 def wait_until(cond, timeout=10.0, what="condition", poll=0.005):
-    """Poll cond() until it is true; an AssertionError naming `what` after timeout seconds."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """wait_for that fails the test: an AssertionError naming `what` after timeout seconds."""
+    if not wait_for(cond, timeout, poll):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def mqtt_clients(defaults, **close_kw):
@@ -54,7 +51,6 @@ class Inbox:
     it from their network threads."""
 
     def __init__(self):
-        import threading
         self.items, self.lock = [], threading.Lock()
 
     def __call__(self, topic, payload):

@@ -28,8 +28,6 @@ from helpers import wait_until as wait_for
 
 # ----------------------------------------------------------------------------- helpers
 
-
-
 class FakeClock:
     def __init__(self, t=1_000_000.0):
         self.t = t

@@ -143,10 +143,18 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
                     seed_pool_id=1000 + seed, params=params)
     models = [base.fork() for _ in shards]
     curve = []
+    eval_s = [0.0]  # scoring time, kept out of train_s: what a setting changes in training cost
 
     def score(rnd, params_now, metrics=None):
         if rnd >= 0 and (rnd + 1) % per_eval:
             return
+        t_eval = time.time()
+        try:
+            _score(rnd, params_now, metrics)
+        finally:
+            eval_s[0] += time.time() - t_eval
+
+    def _score(rnd, params_now, metrics):
         evaluator.params[:] = params_now
         ev = evaluator.evaluate(held, batch_size=32)
         fw = sum(m.forward_count for m in models)
@@ -157,13 +165,14 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
                       "macro_f1": float(ev["macro_f1"]),
                       "predictions": np.asarray(ev["predictions"]).astype(int).tolist()})
     score(-1, base.params.copy())
+    eval_s[0] = 0.0
     t0 = time.time()
     res = run_inline(job, models, shards, on_round=score)
     wall = time.time() - t0
     down = [h["bytes_down"] for h in res.history]
     up = [h["bytes_up"] for h in res.history]
     return {"variant": variant, "setting": setting, "seed": seed, "lr": lr, "k": k, "local_steps": local,
-            "rounds": job.rounds, "devices": n_dev, "curve": curve, "wall_s": wall,
+            "rounds": job.rounds, "devices": n_dev, "curve": curve, "wall_s": wall, "train_s": wall - eval_s[0],
             "bytes_up": float(np.mean(up)), "bytes_down": float(np.max(down)),
             "forwards": int(sum(m.forward_count for m in models))}
 
@@ -232,7 +241,9 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "lr": rs[0]["lr"], "bytes_up": float(np.mean([r["bytes_up"] for r in rs])),
                      "bytes_down": float(np.max([r["bytes_down"] for r in rs])),
                      "forwards": float(np.mean([r["forwards"] for r in rs])),
-                     "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
+                     "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+                     # runs saved before train_s was recorded: nan ("-" in the table)
+                     "train_s": float(np.mean([r.get("train_s", float("nan")) for r in rs]))})
     for row in rows:
         ref = next((x for x in rows if (x["task"], x["setting"]) == (row["task"], row["setting"]) and x["mezo"]),
                    None)
@@ -247,8 +258,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def print_table(rows: list[dict], file=sys.stdout) -> None:
     print("| setting | variant | lr | final acc [95% CI over seeds] | gain, pts [95% CI] | forwards to MeZO's "
           "final acc (x MeZO's) | final held-out loss [95% CI] | forwards to MeZO's final loss (x MeZO's) | "
-          "final macro-F1 [95% CI] | B up / down per device-round |", file=file)
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+          "final macro-F1 [95% CI] | B up / down per device-round | training s a run |", file=file)
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
     for r in rows:
         ci = "" if math.isnan(r["final_lo"]) else f" [{100 * r['final_lo']:.1f}, {100 * r['final_hi']:.1f}]"
         gci = "" if math.isnan(r["gain_lo"]) else f" [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
@@ -259,7 +270,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
         lratio = "" if math.isnan(r["loss_ratio_to_mezo"]) else f" ({r['loss_ratio_to_mezo']:.2f})"
         print(f"| {r['setting']} | {r['variant']} | {r['lr']:g} | {100 * r['final']:.1f}%{ci} | "
               f"{100 * r['gain']:+.1f}{gci} | {fw} ({ratio}) | {r['loss']:.4f}{lci} | {lfw}{lratio} | "
-              f"{_f1_cell(r)} | {r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} |", file=file)
+              f"{_f1_cell(r)} | {r['bytes_up']:,.0f} / {r['bytes_down']:,.0f} | "
+              f"{'-' if math.isnan(r['train_s']) else format(r['train_s'], '.0f')} |", file=file)
 
 
 def _f1_cell(r: dict) -> str:

@@ -41,9 +41,13 @@ __all__ = ["add_demo_args", "run_demo"]
 # server_lr=4, stable, MeZO's final loss in 1/3 of its forwards (docs/results.md).
 # norms: 1e-4, the best step centrally (batch 16; 4e-4 worse, 4e-3 diverged); in the demo 2e-4
 # ended at the same accuracy with a higher loss and a gain interval that included zero.
+# Every kind: devices draw 8 batches' rows at once and batch them by length (edgefed.batching):
+# less padding, so each forward pass is cheaper and more rounds fit the demo's time budget
+# (benchmarks/length_buckets.py; docs/results.md "Length buckets").
 RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")]), "prompt": (8e-3, []), "norms": (1e-4, [])}
 SQRT_N_SERVER_STEP = {"lora"}  # kinds whose recipe adds server_lr = sqrt(devices)
 PLAIN_LR = 2e-3
+LENGTH_BUCKETS = 8
 
 
 def recipe(trainable: str, devices: int = 4) -> tuple[float, list[tuple[str, object]]]:
@@ -53,6 +57,7 @@ def recipe(trainable: str, devices: int = 4) -> tuple[float, list[tuple[str, obj
     params = list(params)
     if kind in SQRT_N_SERVER_STEP and devices > 1:
         params.append(("server_lr", round(math.sqrt(devices), 4)))
+    params.append(("length_buckets", LENGTH_BUCKETS))
     return lr, params
 
 
@@ -147,13 +152,18 @@ def plan_time(args, model, shards, held) -> None:
     """Size the work to this machine and say how long the job will take, before it starts: device
     threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
     from forward passes timed on random batches (edgefed.estimate)."""
+    from .batching import check_buckets
     from .estimate import estimate_job, forwards_per_step, time_forward, usable_cores
 
     cores = usable_cores()
     args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
     rows = max(shards, key=len)
-    fwd = time_forward(model, rows, min(args.batch_size, len(rows)))
-    sizes = dict(local_steps=args.local_steps, forwards_per_step=forwards_per_step(dict(args.param or [])),
+    params = dict(args.param or [])
+    # two whole draws of M length-bucketed batches: short and long batches weigh as the job runs them
+    buckets = check_buckets(params.get("length_buckets", 1))
+    fwd = time_forward(model, rows, min(args.batch_size, len(rows)), repeats=max(6, 2 * buckets),
+                       length_buckets=buckets)
+    sizes = dict(local_steps=args.local_steps, forwards_per_step=forwards_per_step(params),
                  devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
                  heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget, cores=cores)
     est = estimate_job(fwd, rounds=args.rounds, eval_every=args.eval_every or None, **sizes)

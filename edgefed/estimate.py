@@ -37,18 +37,23 @@ def forwards_per_step(params) -> float:
     return 2 * ((max(2, q) + q_max) / 2 if q_max > q else q)
 
 
-def time_forward(model, rows: Sequence, batch_size: int, repeats: int = 6, seed: int = 0) -> float:
+def time_forward(model, rows: Sequence, batch_size: int, repeats: int = 6, seed: int = 0,
+                 length_buckets: int = 1) -> float:
     """Seconds of one forward pass (the loss) of `batch_size` rows on `model`: the mean over
-    `repeats` batches of rows drawn at random, after a warm-up (the first pass pays for ONNX
-    Runtime's allocations). Batches are padded to their longest row, so one batch says little:
-    on the sentiment rows the first 8 took 0.80 s and random batches of 8 0.92 s on average."""
+    `repeats` batches drawn as the job's devices draw them (edgefed.batching, with the job's
+    `length_buckets`), after a warm-up (the first pass pays for ONNX Runtime's allocations).
+    Batches are padded to their longest row, so one batch says little: on the sentiment rows the
+    first 8 took 0.80 s and random batches of 8 0.92 s on average."""
+    from .batching import row_batches
+
     rows = list(rows)
     model.loss(model.encode(rows[:batch_size]))
-    gen = np.random.default_rng(seed)
+    size = min(batch_size, len(rows))
+    draws = row_batches(np.random.default_rng(seed), len(rows), size, length_buckets,
+                        lambda i: model.row_length(rows[i]))
     total = 0.0
     for _ in range(repeats):
-        pick = gen.choice(len(rows), size=min(batch_size, len(rows)), replace=False)
-        batch = model.encode([rows[i] for i in pick])
+        batch = model.encode([rows[i] for i in next(draws)])
         t = time.perf_counter()
         model.loss(batch)
         total += time.perf_counter() - t

@@ -89,6 +89,7 @@ class ZOConfig:
     clip: float = 0.0             # clip |g| to this (0: off); guards against outlier batches
     noise_std: float = 0.0        # DP-ZO: N(0, noise_std^2) added to each clipped g (0: off)
     probe: str = "auto"           # see PROBES
+    length_buckets: int = 1       # > 1: batches of rows of like length (edgefed.batching), less padding
 
 
 

@@ -1,5 +1,6 @@
 """The demo's time plan (edgefed.estimate): training spread over the cores, evaluation fitted in
 its budget, and the estimate's arithmetic."""
+import numpy as np
 import pytest
 
 from edgefed.estimate import estimate_job, time_forward
@@ -58,6 +59,29 @@ def test_a_forward_is_timed_on_representative_batches_not_the_first():
     rows = [1] * 8 + [5] * 92
     t = time_forward(_Padded(), rows, 8, repeats=6)
     assert t > 0.008, t
+
+
+class _Lengths(_Timed):
+    """Records what each timed batch pads to; a row is its own length."""
+    def __init__(self):
+        super().__init__()
+        self.padded = []
+
+    def row_length(self, row):
+        return row
+
+    def loss(self, batch):
+        self.padded.append(max(batch))
+        return 0.0
+
+
+def test_a_bucketed_job_is_timed_on_bucketed_batches():
+    """With length_buckets the devices pad less, and the estimate must time what they will run."""
+    rows = [int(x) for x in np.random.default_rng(0).integers(5, 64, size=400)]
+    plain, bucketed = _Lengths(), _Lengths()
+    time_forward(plain, rows, 8, repeats=16)
+    time_forward(bucketed, rows, 8, repeats=16, length_buckets=8)
+    assert np.mean(bucketed.padded[1:]) < 0.85 * np.mean(plain.padded[1:])
 
 
 class _Slow(_Timed):

@@ -44,6 +44,10 @@ def _job(name, method, art, **kw):
     ("fedkseed", "torch", dict(lr=1e-2, eps=1e-3, k=128, params={"lowrank": 1, "mask_tensors": "lora_B"})),
     # the demo's LoRA recipe: B only, the server scaling the devices' mean step (sqrt(devices))
     ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"mask_tensors": "lora_B", "server_lr": 2.0})),
+    # ... with length buckets (edgefed.batching): the batches change, the replicas still agree
+    ("fedkseed", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"mask_tensors": "lora_B", "server_lr": 2.0,
+                                                               "length_buckets": 2})),
+    ("fedmezo", "torch", dict(lr=1e-2, eps=1e-3, k=128, params={"length_buckets": 3})),
     ("fedmezo", "onnx", dict(lr=1e-2, eps=1e-3, k=128, params={"mask_frac": 0.25, "n_perturb_max": 3})),
 ])
 def test_the_inline_loop_ends_on_the_full_paths_bits(art, tmp_path, method, backend, kw, request):

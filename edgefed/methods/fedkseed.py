@@ -21,6 +21,7 @@ from ..protocol import InvalidField, RoundDelta, RoundPlan, Tensor, Update
 from ..security import dp
 from ..security.robust import RobustConfig, aggregate_sparse, clip_to_norm
 from ..snapshot import MEMORY_LIMIT_BYTES, ParamSnapshot
+from ..batching import check_buckets
 from ..trainer import LocalTrainer
 from ..directions import DirectionSpec, direction_space
 from ..zo import ScalarAccumulator, SeedPool, ZOConfig, pro_probabilities
@@ -80,6 +81,7 @@ def zo_plan_params(job: JobConfig, seed_pool_id: int | None = None) -> dict:
             "n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
             **({"probe": str(p["probe"])} if "probe" in p else {}), **adaptive,
+            **({"length_buckets": int(p["length_buckets"])} if int(p.get("length_buckets", 1)) != 1 else {}),
             **DirectionSpec.from_params({**p, "seed_pool_id": pool}).plan_params(),
             **dp.DPConfig.from_params(p).plan_params()}
 
@@ -129,6 +131,7 @@ def check_job_bounds(job: JobConfig, *, dense: bool) -> RobustConfig:
     if q_max and q_max <= q:
         raise ValueError(f"n_perturb_max={q_max} must exceed n_perturb={q} (variance-adaptive probes per "
                          f"step between the two), or be 0 (off)")
+    check_buckets(job.params.get("length_buckets", 1))
     tol = float(job.params.get("adaptive_tol", 0.5))
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"adaptive_tol={tol} must be > 0")
@@ -271,7 +274,8 @@ def zo_config(lr: float, eps: float, params: dict) -> ZOConfig:
                     n_perturb_max=int(params.get("n_perturb_max", 0) or 0),
                     adaptive_tol=float(params.get("adaptive_tol", 0.5)),
                     dist=str(params.get("dist", "normal")), clip=float(params.get("clip", 0.0)),
-                    probe=str(params.get("probe", "auto")))
+                    probe=str(params.get("probe", "auto")),
+                    length_buckets=check_buckets(params.get("length_buckets", 1)))
 
 
 def space_of(model, params: dict):

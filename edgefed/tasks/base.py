@@ -86,6 +86,11 @@ class Task:
     def encode(self, records: Sequence) -> Batch:
         raise NotImplementedError
 
+    def length(self, record) -> int:
+        """Tokens one record's batch row pads to (its rows' longest, for a pair): what length
+        buckets sort by. No model call (DPO's reference scores are not needed for a length)."""
+        return int(self.encode([record]).input_ids.shape[1])
+
     def evaluate(self, model, records: Sequence, batch_size: int = 32, **kw) -> dict:
         raise NotImplementedError
 
@@ -99,6 +104,9 @@ class TaskBatches:
         if not records:
             raise ValueError("cannot encode an empty batch")
         return self.task.encode(records)
+
+    def row_length(self, record) -> int:
+        return self.task.length(record)
 
     def batches(self, records: Sequence, batch_size: int | None = None, shuffle_seed: int | None = None):
         bs = batch_size or self.batch_size

@@ -57,6 +57,9 @@ class DPOTask(SFTTask):
             batch.extra["ref_logps"] = self.ref_logps(records, batch)
         return batch
 
+    def length(self, record) -> int:
+        return int(self.encode_rows([record]).input_ids.shape[1])
+
     def ref_logps(self, records, batch: Batch) -> np.ndarray:
         missing = [i for i, r in enumerate(records) if r not in self._ref_cache]
         if missing:

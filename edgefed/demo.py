@@ -41,13 +41,13 @@ __all__ = ["add_demo_args", "run_demo"]
 # server_lr=4, stable, MeZO's final loss in 1/3 of its forwards (docs/results.md).
 # norms: 1e-4, the best step centrally (batch 16; 4e-4 worse, 4e-3 diverged); in the demo 2e-4
 # ended at the same accuracy with a higher loss and a gain interval that included zero.
-# Every kind: devices draw 8 batches' rows at once and batch them by length (edgefed.batching):
-# less padding, so each forward pass is cheaper and more rounds fit the demo's time budget
-# (benchmarks/length_buckets.py; docs/results.md "Length buckets").
+# Not in any recipe: length_buckets (edgefed.batching). It makes ZO steps 1.30-1.35x cheaper, but
+# two demos with it ran 20 rounds instead of 12-13 and ended lower (78.8% against 80.4%; 80.8%
+# against 82.0% with the instruction template), at about the same held-out loss: docs/results.md
+# "Length buckets". Pass --param length_buckets=8 to trade that for time.
 RECIPES = {"lora": (4e-3, [("mask_tensors", "lora_B")]), "prompt": (8e-3, []), "norms": (1e-4, [])}
 SQRT_N_SERVER_STEP = {"lora"}  # kinds whose recipe adds server_lr = sqrt(devices)
 PLAIN_LR = 2e-3
-LENGTH_BUCKETS = 8
 
 
 def recipe(trainable: str, devices: int = 4) -> tuple[float, list[tuple[str, object]]]:
@@ -57,7 +57,6 @@ def recipe(trainable: str, devices: int = 4) -> tuple[float, list[tuple[str, obj
     params = list(params)
     if kind in SQRT_N_SERVER_STEP and devices > 1:
         params.append(("server_lr", round(math.sqrt(devices), 4)))
-    params.append(("length_buckets", LENGTH_BUCKETS))
     return lr, params
 
 

@@ -31,14 +31,12 @@ def test_the_recipe_lr_is_the_default_and_yours_wins():
     add_demo_args(p)
     assert p.parse_args([]).lr is None, "None: filled from the trainable's recipe at run time"
     assert p.parse_args(["--lr", "0.01"]).lr == 0.01
-    buckets = ("length_buckets", 8)  # every kind: batches of like length, less padding
-    assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B"), ("server_lr", 2),
-                                                              buckets])
+    assert recipe("lora:r=8,targets=q_proj,v_proj") == (4e-3, [("mask_tensors", "lora_B"), ("server_lr", 2)])
     # the server's step is sqrt(devices): it keeps one device's noise while averaging shrinks the step
-    assert recipe("lora:r=8", devices=16)[1] == [("mask_tensors", "lora_B"), ("server_lr", 4), buckets]
+    assert recipe("lora:r=8", devices=16)[1] == [("mask_tensors", "lora_B"), ("server_lr", 4)]
     assert dict(recipe("lora:r=8", devices=8)[1])["server_lr"] == pytest.approx(8 ** 0.5, abs=1e-4)
-    assert recipe("lora:r=8", devices=1)[1] == [("mask_tensors", "lora_B"), buckets], "one device: nothing averaged"
-    assert recipe("prompt:tokens=8")[1] == [buckets], "no LoRA mask on a soft prompt"
+    assert recipe("lora:r=8", devices=1)[1] == [("mask_tensors", "lora_B")], "one device: nothing averaged"
+    assert recipe("prompt:tokens=8")[1] == [], "no LoRA mask on a soft prompt"
 
 
 def test_the_soft_prompt_starts_from_words_for_the_data():

@@ -108,3 +108,17 @@ def test_the_demo_runs_fewer_rounds_on_a_machine_too_slow_for_its_budget(capsys)
     b = p.parse_args(["--device-threads", "1", "--time-budget", "0"])
     plan_time(b, _Slow(0.05), shards, held)
     assert b.rounds == 20, "--time-budget 0 keeps every round"
+
+
+def test_the_demo_times_the_batches_its_devices_will_draw():
+    """--param length_buckets=8: the estimate times bucketed batches, which pad less."""
+    import argparse
+    from edgefed.demo import add_demo_args, plan_time
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    rows = [int(x) for x in np.random.default_rng(0).integers(5, 64, size=400)]
+    plain, bucketed = _Lengths(), _Lengths()
+    plan_time(p.parse_args(["--device-threads", "1"]), plain, [rows] * 4, rows)
+    plan_time(p.parse_args(["--device-threads", "1", "--param", "length_buckets=8"]), bucketed, [rows] * 4, rows)
+    assert len(bucketed.padded) > 8, "two whole draws of 8 bucketed batches"
+    assert np.mean(bucketed.padded[1:]) < 0.85 * np.mean(plain.padded[1:])

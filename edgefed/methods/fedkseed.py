@@ -74,6 +74,7 @@ def zo_plan_params(job: JobConfig, seed_pool_id: int | None = None) -> dict:
     their batch order (so a job is reproducible whatever its id)."""
     p = job.params
     pool = job.seed_pool_id if seed_pool_id is None else seed_pool_id
+    buckets = check_buckets(p.get("length_buckets", 1))
     adaptive = {}
     if int(p.get("n_perturb_max", 0) or 0) > int(p.get("n_perturb", 1)):
         adaptive = {"n_perturb_max": int(p["n_perturb_max"]), "adaptive_tol": float(p.get("adaptive_tol", 0.5))}
@@ -81,7 +82,7 @@ def zo_plan_params(job: JobConfig, seed_pool_id: int | None = None) -> dict:
             "n_perturb": int(p.get("n_perturb", 1)), "dist": str(p.get("dist", "normal")),
             "clip": float(p.get("clip", 0.0)), "run_seed": int(job.seed),
             **({"probe": str(p["probe"])} if "probe" in p else {}), **adaptive,
-            **({"length_buckets": int(p["length_buckets"])} if int(p.get("length_buckets", 1)) != 1 else {}),
+            **({"length_buckets": buckets} if buckets > 1 else {}),  # absent: old plans' bytes
             **DirectionSpec.from_params({**p, "seed_pool_id": pool}).plan_params(),
             **dp.DPConfig.from_params(p).plan_params()}
 

@@ -147,12 +147,14 @@ class DeviceProcesses:
             log.close()
 
 
-def plan_time(args, model, shards, held) -> None:
+def plan_time(args, model, shards, held, spent_s: float = 0.0) -> None:
     """Size the work to this machine and say how long the job will take, before it starts: device
     threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
-    from forward passes timed on random batches (edgefed.estimate)."""
+    from forward passes timed on random batches (edgefed.estimate). `spent_s`: seconds the demo
+    already spent (model preparation, data); they count against --time-budget and the estimate."""
+    t_plan = time.time()
     from .batching import check_buckets
-    from .estimate import estimate_job, forwards_per_step, time_forward, usable_cores
+    from .estimate import duration, estimate_job, forwards_per_step, time_forward, usable_cores
 
     cores = usable_cores()
     args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
@@ -166,8 +168,10 @@ def plan_time(args, model, shards, held) -> None:
                  devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
                  heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget, cores=cores)
     est = estimate_job(fwd, rounds=args.rounds, eval_every=args.eval_every or None, **sizes)
-    budget = float(getattr(args, "time_budget", 0) or 0) * 60
-    if budget and est.total_s > budget and args.rounds > 4:
+    spent_s += time.time() - t_plan  # timing the forward passes took time too
+    limit = float(getattr(args, "time_budget", 0) or 0) * 60  # 0: no limit
+    budget = max(1.0, limit - spent_s)
+    if limit and est.total_s > budget and args.rounds > 4:
         fixed = est.eval_final_s
         per_round = (est.total_s - fixed) / args.rounds
         rounds = max(4, int((budget - fixed) / per_round))
@@ -178,9 +182,10 @@ def plan_time(args, model, shards, held) -> None:
             args.rounds = rounds
             est = estimate_job(fwd, rounds=rounds, eval_every=est.eval_every, **sizes)
     args.eval_every = est.eval_every
-    print(f"      estimate: {est.describe()}; {args.devices} devices x {args.device_threads} thread(s), held-out "
-          f"evaluation of {min(args.eval_n, len(held))} rows every {est.eval_every} round(s)", file=sys.stderr)
-    args.estimate_s = est.total_s
+    print(f"      estimate: {est.describe()}, after {duration(spent_s)} of preparation; {args.devices} devices x "
+          f"{args.device_threads} thread(s), held-out evaluation of {min(args.eval_n, len(held))} rows every "
+          f"{est.eval_every} round(s)", file=sys.stderr)
+    args.estimate_s = est.total_s + spent_s  # against the demo's total time, printed at the end
 
 
 def run_demo(args) -> int:
@@ -235,7 +240,7 @@ def run_demo(args) -> int:
     except ValueError as e:
         print(f"edgefed demo: {e} (--seq-len)", file=sys.stderr)
         return 2
-    plan_time(args, probe_model, shards, held)
+    plan_time(args, probe_model, shards, held, spent_s=time.time() - t0)
     del probe_model
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training rows over {args.devices} devices "

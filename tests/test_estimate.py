@@ -122,3 +122,20 @@ def test_the_demo_times_the_batches_its_devices_will_draw():
     plan_time(p.parse_args(["--device-threads", "1", "--param", "length_buckets=8"]), bucketed, [rows] * 4, rows)
     assert len(bucketed.padded) > 8, "two whole draws of 8 bucketed batches"
     assert np.mean(bucketed.padded[1:]) < 0.85 * np.mean(plain.padded[1:])
+
+
+def test_time_already_spent_counts_against_the_budget(capsys):
+    """Model preparation before the estimate (an export on a fresh machine) is part of the demo's
+    time: with most of the budget spent, fewer rounds fit, and the estimate includes it."""
+    import argparse
+    from edgefed.demo import add_demo_args, plan_time
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    shards, held = [list(range(100))] * 4, list(range(500))
+    fresh = p.parse_args(["--device-threads", "1", "--time-budget", "2"])
+    plan_time(fresh, _Slow(0.05), shards, held)
+    late = p.parse_args(["--device-threads", "1", "--time-budget", "2"])
+    plan_time(late, _Slow(0.05), shards, held, spent_s=60.0)
+    assert fresh.rounds == 20 and late.rounds < fresh.rounds
+    assert late.estimate_s >= 60.0 and late.estimate_s <= 120 + 1e-6
+    assert "of preparation" in capsys.readouterr().err

@@ -149,12 +149,6 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
         if rnd >= 0 and (rnd + 1) % per_eval:
             return
         t_eval = time.time()
-        try:
-            _score(rnd, params_now, metrics)
-        finally:
-            eval_s[0] += time.time() - t_eval
-
-    def _score(rnd, params_now, metrics):
         evaluator.params[:] = params_now
         ev = evaluator.evaluate(held, batch_size=32)
         fw = sum(m.forward_count for m in models)
@@ -164,6 +158,7 @@ def run_one(variant: str, setting: str, seed: int, cfg: dict, base, evaluator, t
                       # on a multi-class task accuracy hides a label prior swinging between classes
                       "macro_f1": float(ev["macro_f1"]),
                       "predictions": np.asarray(ev["predictions"]).astype(int).tolist()})
+        eval_s[0] += time.time() - t_eval
     score(-1, base.params.copy())
     eval_s[0] = 0.0
     t0 = time.time()

@@ -43,19 +43,24 @@ def row_batches(gen: np.random.Generator, n_rows: int, batch_size: int, buckets:
 
     buckets = 1: each batch is `gen.choice(n_rows, batch_size, replace=False)`, nothing else drawn.
     buckets = M > 1: M * batch_size rows (at most every row) drawn at once, sorted by
-    `length_of(row)` (ties keep draw order), cut into batches, yielded in a random order."""
+    `length_of(row)` (ties keep draw order), cut into batches, yielded in a random order. Each
+    row's length is asked for once (a length means tokenising the row)."""
     buckets = check_buckets(buckets)
     if batch_size < 1 or n_rows < batch_size:
         raise ValueError(f"batch_size {batch_size} needs at least that many rows, got {n_rows}")
     if buckets > 1 and length_of is None:
         raise ValueError("length buckets need length_of(row)")
     m = min(buckets, n_rows // batch_size)
+    lengths: dict[int, int] = {}
     while True:
         if m == 1:
             yield gen.choice(n_rows, size=batch_size, replace=False)
             continue
         pick = gen.choice(n_rows, size=m * batch_size, replace=False)
-        lengths = np.fromiter((length_of(int(i)) for i in pick), dtype=np.int64, count=pick.size)
-        groups = pick[np.argsort(lengths, kind="stable")].reshape(m, batch_size)
+        for i in pick.tolist():
+            if i not in lengths:
+                lengths[i] = int(length_of(i))
+        order = np.argsort(np.array([lengths[i] for i in pick.tolist()], dtype=np.int64), kind="stable")
+        groups = pick[order].reshape(m, batch_size)
         for g in gen.permutation(m):
             yield groups[g]

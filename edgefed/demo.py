@@ -147,12 +147,13 @@ class DeviceProcesses:
             log.close()
 
 
-def plan_time(args, model, shards, held, spent_s: float = 0.0) -> None:
+def plan_time(args, model, shards, held, started: float | None = None) -> None:
     """Size the work to this machine and say how long the job will take, before it starts: device
     threads from the cores, the per-round evaluation interval from --eval-budget, and an estimate
-    from forward passes timed on random batches (edgefed.estimate). `spent_s`: seconds the demo
-    already spent (model preparation, data); they count against --time-budget and the estimate."""
-    t_plan = time.time()
+    from forward passes timed on random batches (edgefed.estimate). `started`: when the demo
+    started (time.time()); what it spent before the job (model preparation, data, this timing)
+    counts against --time-budget and is part of the estimate."""
+    started = time.time() if started is None else started
     from .batching import check_buckets
     from .estimate import duration, estimate_job, forwards_per_step, time_forward, usable_cores
 
@@ -160,15 +161,15 @@ def plan_time(args, model, shards, held, spent_s: float = 0.0) -> None:
     args.eval_threads = 1 if args.devices >= cores else max(1, cores - args.devices)
     rows = max(shards, key=len)
     params = dict(args.param or [])
-    # two whole draws of M length-bucketed batches: short and long batches weigh as the job runs them
     buckets = check_buckets(params.get("length_buckets", 1))
+    # two whole draws of M length-bucketed batches: short and long batches weigh as the job runs them
     fwd = time_forward(model, rows, min(args.batch_size, len(rows)), repeats=max(6, 2 * buckets),
                        length_buckets=buckets)
     sizes = dict(local_steps=args.local_steps, forwards_per_step=forwards_per_step(params),
                  devices=args.devices, batch_size=args.batch_size, eval_n=min(args.eval_n, len(held)),
                  heldout_n=len(held), eval_threads=args.eval_threads, eval_budget=args.eval_budget, cores=cores)
     est = estimate_job(fwd, rounds=args.rounds, eval_every=args.eval_every or None, **sizes)
-    spent_s += time.time() - t_plan  # timing the forward passes took time too
+    spent_s = time.time() - started
     limit = float(getattr(args, "time_budget", 0) or 0) * 60  # 0: no limit
     budget = max(1.0, limit - spent_s)
     if limit and est.total_s > budget and args.rounds > 4:
@@ -240,7 +241,7 @@ def run_demo(args) -> int:
     except ValueError as e:
         print(f"edgefed demo: {e} (--seq-len)", file=sys.stderr)
         return 2
-    plan_time(args, probe_model, shards, held, spent_s=time.time() - t0)
+    plan_time(args, probe_model, shards, held, started=t0)
     del probe_model
     files = [write_jsonl(out / "data" / f"device-{i + 1}.jsonl", s) for i, s in enumerate(shards)]
     print(f"[2/4] data: {sum(map(len, shards))} training rows over {args.devices} devices "

@@ -89,7 +89,8 @@ class LocalTrainer:
 
     def _steps(self, examples, steps: int, bs: int, gen, acc, q: int, noise_std: float, noise_gen, exact: bool,
                scratch, probs, bar) -> None:
-        draws = row_batches(gen, len(examples), bs, self.cfg.length_buckets, self._length_of(examples))
+        draws = row_batches(gen, len(examples), bs, self.cfg.length_buckets,
+                            lambda i: self.model.row_length(examples[i]))
         for t in range(steps):
             rows = next(draws)
             batch = self.model.encode([examples[i] for i in rows])
@@ -119,16 +120,6 @@ class LocalTrainer:
                 acc.add(probe)
             bar.update(1)
             bar.set_postfix(loss=f"{acc.history[-1].loss:.4f}")
-
-    def _length_of(self, examples):
-        """Row -> its encoded length in tokens (what its batch pads to), cached: for length buckets."""
-        cache: dict[int, int] = {}
-
-        def length_of(i: int) -> int:
-            if i not in cache:
-                cache[i] = self.model.row_length(examples[i])
-            return cache[i]
-        return length_of
 
     def _adaptive_step(self, batch, gen: np.random.Generator, probs, noise_gen) -> list[ProbeResult]:
         """Variance-adaptive n-SPSA: probes at the same theta on the same batch, at least

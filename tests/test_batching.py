@@ -116,3 +116,11 @@ def test_dpo_pairs_have_a_length_without_a_reference_pass(tmp_path):
     short = PreferencePair(prompt="Hi", chosen="yes", rejected="no")
     long = PreferencePair(prompt="Tell me about the film " * 3, chosen="a fine film indeed", rejected="bad")
     assert dm.row_length(short) < dm.row_length(long)
+
+
+def test_each_rows_length_is_asked_for_once():
+    """A length means tokenising the row: across draws, a row already measured is not measured again."""
+    asked = []
+    draws = row_batches(np.random.default_rng(4), 30, 4, 5, lambda i: asked.append(i) or i)
+    _take(draws, 60)
+    assert len(asked) == len(set(asked)) <= 30

@@ -1,9 +1,20 @@
 """The demo's time plan (edgefed.estimate): training spread over the cores, evaluation fitted in
 its budget, and the estimate's arithmetic."""
+import argparse
+import time
+
 import numpy as np
 import pytest
 
+from edgefed.demo import add_demo_args, plan_time
 from edgefed.estimate import estimate_job, time_forward
+
+
+def _demo_args(*argv):
+    """The demo's parsed command line, one ONNX Runtime thread a device, plus argv."""
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    return p.parse_args(["--device-threads", "1", *argv])
 
 
 def test_training_time_spreads_devices_over_the_cores():
@@ -49,7 +60,6 @@ def test_a_forward_is_timed_after_a_warm_up():
 class _Padded(_Timed):
     """A batch costs its longest row (padding), as the graph's forward does."""
     def loss(self, batch):
-        import time
         time.sleep(0.002 * max(batch))
         return 0.0
 
@@ -90,36 +100,27 @@ class _Slow(_Timed):
         self.seconds = seconds
 
     def loss(self, batch):
-        import time
         time.sleep(self.seconds)
         return 0.0
 
 
 def test_the_demo_runs_fewer_rounds_on_a_machine_too_slow_for_its_budget(capsys):
-    import argparse
-    from edgefed.demo import add_demo_args, plan_time
-    p = argparse.ArgumentParser()
-    add_demo_args(p)
     shards, held = [list(range(100))] * 4, list(range(500))
-    a = p.parse_args(["--device-threads", "1", "--time-budget", "1"])
+    a = _demo_args("--time-budget", "1")
     plan_time(a, _Slow(0.05), shards, held)
     assert a.rounds < 20 and a.estimate_s <= 60 + 1e-6
     assert "running" in capsys.readouterr().err
-    b = p.parse_args(["--device-threads", "1", "--time-budget", "0"])
+    b = _demo_args("--time-budget", "0")
     plan_time(b, _Slow(0.05), shards, held)
     assert b.rounds == 20, "--time-budget 0 keeps every round"
 
 
 def test_the_demo_times_the_batches_its_devices_will_draw():
     """--param length_buckets=8: the estimate times bucketed batches, which pad less."""
-    import argparse
-    from edgefed.demo import add_demo_args, plan_time
-    p = argparse.ArgumentParser()
-    add_demo_args(p)
     rows = [int(x) for x in np.random.default_rng(0).integers(5, 64, size=400)]
     plain, bucketed = _Lengths(), _Lengths()
-    plan_time(p.parse_args(["--device-threads", "1"]), plain, [rows] * 4, rows)
-    plan_time(p.parse_args(["--device-threads", "1", "--param", "length_buckets=8"]), bucketed, [rows] * 4, rows)
+    plan_time(_demo_args(), plain, [rows] * 4, rows)
+    plan_time(_demo_args("--param", "length_buckets=8"), bucketed, [rows] * 4, rows)
     assert len(bucketed.padded) > 8, "two whole draws of 8 bucketed batches"
     assert np.mean(bucketed.padded[1:]) < 0.85 * np.mean(plain.padded[1:])
 
@@ -127,15 +128,11 @@ def test_the_demo_times_the_batches_its_devices_will_draw():
 def test_time_already_spent_counts_against_the_budget(capsys):
     """Model preparation before the estimate (an export on a fresh machine) is part of the demo's
     time: with most of the budget spent, fewer rounds fit, and the estimate includes it."""
-    import argparse
-    from edgefed.demo import add_demo_args, plan_time
-    p = argparse.ArgumentParser()
-    add_demo_args(p)
     shards, held = [list(range(100))] * 4, list(range(500))
-    fresh = p.parse_args(["--device-threads", "1", "--time-budget", "2"])
+    fresh = _demo_args("--time-budget", "2")
     plan_time(fresh, _Slow(0.05), shards, held)
-    late = p.parse_args(["--device-threads", "1", "--time-budget", "2"])
-    plan_time(late, _Slow(0.05), shards, held, spent_s=60.0)
+    late = _demo_args("--time-budget", "2")
+    plan_time(late, _Slow(0.05), shards, held, started=time.time() - 60.0)
     assert fresh.rounds == 20 and late.rounds < fresh.rounds
     assert late.estimate_s >= 60.0 and late.estimate_s <= 120 + 1e-6
     assert "of preparation" in capsys.readouterr().err

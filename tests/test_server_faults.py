@@ -38,8 +38,6 @@ def broker():
     h.stop()
 
 
-
-
 class ServerProc:
     """The server CLI in a subprocess; stdout/stderr go to files the test reads."""
 

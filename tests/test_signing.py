@@ -22,8 +22,6 @@ from edgefed_server.store import Store
 from helpers import wait_until as wait_for
 
 
-
-
 @pytest.fixture
 def keys(tmp_path):
     paths = generate(tmp_path, ["a", "b"])

@@ -5,9 +5,10 @@ transport and the store.
     admission.py     what happens to an inbound update (accept / late / duplicate / reject)
     sync.py          SyncReply bytes (deltas from a cache or the store, or the full state)
     secure_round.py  the secure-aggregation stages of a round
-    engine.py        this file: the inbound queue and group commit, message dispatch, the
-                     store writes and Acks the decisions call for, the round's aggregation
-                     and commit, publishing, status and metrics
+    inbound.py       the bounded inbound queue between transport callbacks and the engine
+    engine.py        this file: group commit of each batch, message dispatch, the store
+                     writes and Acks the decisions call for, the round's aggregation and
+                     commit, publishing, status and metrics
 
 One engine thread owns all job state. Transport callbacks only put (topic, payload) on a
 queue, so they never block the transport's dispatcher (and the in-process transport's
@@ -34,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -52,7 +52,8 @@ from edgefed.replica import TrainablesReplica, artifact_id
 
 from . import round_policy
 from .admission import AcceptedMeta, Admission, Decision, ExtraRowQuota, Keep, Verdict, reason_class, reject
-from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize, take_batch
+from .inbound import InboundQueue, Offer, TooLarge
+from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
 from .round_policy import Action, ExpectedChange, RoundView
 from .secure_round import SecureRound, SecureRoundFailed
 from .workers import WorkerHub
@@ -69,18 +70,6 @@ RoundListener = Callable[[dict], None]
 _STOP = object()
 _WAKE = object()
 _MAX_REASON = 1000  # bytes; Ack.reason is limited to Limits.max_text (1024)
-_ITEM_OVERHEAD = 256  # bytes charged per queued message besides its payload (tuple, topic, ...)
-
-
-class _TooLarge:
-    """Stands in the queue for a payload over Limits.max_message_bytes (never queued itself)."""
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return 0
 
 
 def state_digest(tensors: Sequence[Tensor]) -> str:
@@ -155,7 +144,8 @@ class Server:
         self.model_id = artifact_id(job.artifact)
 
         self._lock = threading.RLock()
-        self._q: "queue.Queue" = queue.Queue()
+        self.inq = InboundQueue(limits.max_message_bytes, resource_limits.inbound_bytes,
+                                resource_limits.inbound_messages)
         self._progress = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -166,11 +156,6 @@ class Server:
         self._subscribed: List[str] = []
         self._pending: "deque" = deque()  # publish handles not yet acknowledged (flush())
         self._pending_lock = threading.Lock()
-        # inbound accounting: bytes/messages taken from the transport and not yet fully handled
-        self._in_lock = threading.Lock()
-        self._in_bytes = 0
-        self._in_msgs = 0
-        self._in_peak = 0
 
         # job state (engine thread; read under _lock)
         self.round = 0
@@ -315,7 +300,7 @@ class Server:
                 return
             self._stopped = True
         self._stopping.set()
-        self._q.put(_STOP)
+        self.inq.signal(_STOP)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         for flt in self._subscribed:
@@ -330,13 +315,13 @@ class Server:
 
     def poke(self) -> None:
         """Wake the engine (e.g. after advancing a fake clock in tests)."""
-        self._q.put(_WAKE)
+        self.inq.signal(_WAKE)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Until every queued message has been handled (tests, benchmarks)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self._q.unfinished_tasks == 0:
+            if self.inq.idle():
                 return True
             time.sleep(0.002)
         return False
@@ -369,10 +354,7 @@ class Server:
 
     def inbound(self) -> dict:
         """The inbound queue's accounting: what is queued or being handled, its peak, the budget."""
-        with self._in_lock:
-            return {"bytes": self._in_bytes, "messages": self._in_msgs, "peak_bytes": self._in_peak,
-                    "budget_bytes": self.rlimits.inbound_bytes,
-                    "budget_messages": self.rlimits.inbound_messages}
+        return self.inq.snapshot()
 
     def _listed_devices(self) -> List[dict]:
         """At most status_devices devices: active ones (not finished/offline) first, by id."""
@@ -420,53 +402,17 @@ class Server:
         self._subscribed.append(flt)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # transport dispatcher thread
-        """Admit a message into the bounded inbound queue, or drop it (never blocks).
-
-        The budget covers everything taken from the transport and not yet fully handled (queued
-        and in the engine's current batch). Past it the message is dropped: not acked, counted
-        (inbound_dropped), logged (rate-limited). The transports hand messages over after their
-        own MQTT acknowledgement, so waiting here would only move the backlog into the
-        transport's queue; dropping is what keeps memory bounded. Devices re-send un-acked
-        updates (docs/protocol.md). A payload over Limits.max_message_bytes is never queued:
-        a small marker takes its place, so it is still rejected (and acked) as too_large."""
-        n = len(payload)
-        item: Any = payload
-        if n > self.limits.max_message_bytes:
-            item, n = _TooLarge(n), 0
-        cost = n + _ITEM_OVERHEAD + len(topic)
-        rl = self.rlimits
-        with self._in_lock:
-            if self._in_bytes + cost > rl.inbound_bytes or self._in_msgs + 1 > rl.inbound_messages:
-                self.metrics["inbound_dropped"] += 1
-                self.metrics["inbound_dropped_bytes"] += len(payload)
-                drop = True
-            else:
-                if isinstance(item, _TooLarge):
-                    self.metrics["inbound_too_large"] += 1
-                self._in_bytes += cost
-                self._in_msgs += 1
-                self._in_peak = max(self._in_peak, self._in_bytes)
-                drop = False
-        if drop:
+        """Offer a message to the bounded inbound queue (server/inbound.py); never blocks. A
+        dropped one is counted (inbound_dropped) and logged (rate-limited), not acked."""
+        offer = self.inq.offer(topic, payload)
+        if offer is Offer.TOO_LARGE:
+            self.metrics["inbound_too_large"] += 1
+        elif offer is Offer.DROPPED:
+            self.metrics["inbound_dropped"] += 1
+            self.metrics["inbound_dropped_bytes"] += len(payload)
             self._warn("inbound", "inbound queue full (%d bytes / %d messages budget): dropped a "
-                       "%d-byte message on %s, not acked (%d dropped so far)", rl.inbound_bytes,
-                       rl.inbound_messages, len(payload), self._safe(topic), self.metrics["inbound_dropped"])
-            return
-        self._q.put((topic, item, cost))
-
-    def _release(self, batch: Sequence[Any]) -> None:
-        """Give back the budget of handled messages and mark them done."""
-        freed = msgs = 0
-        for item in batch:
-            if isinstance(item, tuple):
-                freed += item[2]
-                msgs += 1
-        if msgs:
-            with self._in_lock:
-                self._in_bytes -= freed
-                self._in_msgs -= msgs
-        for _ in batch:
-            self._q.task_done()
+                       "%d-byte message on %s, not acked (%d dropped so far)", self.inq.budget_bytes,
+                       self.inq.budget_messages, len(payload), self._safe(topic), self.metrics["inbound_dropped"])
 
     def _safe(self, value: Any) -> str:
         return sanitize(value, self.rlimits.log_chars)
@@ -568,16 +514,11 @@ class Server:
 
     def _drain_now(self) -> None:
         """Handle what is queued on the calling thread (before the engine thread exists)."""
-        batch = []
-        while True:
-            try:
-                batch.append(self._q.get_nowait())
-            except queue.Empty:
-                break
+        batch = self.inq.take_now()
         try:
-            self._process_batch([b[:2] for b in batch if isinstance(b, tuple)])
+            self._process_batch(self.inq.messages(batch))
         finally:
-            self._release(batch)
+            self.inq.release(batch)
 
     # ================================================================== secure aggregation
     def _secure_on(self) -> bool:
@@ -657,7 +598,7 @@ class Server:
         if self.secure is None:
             self._reject_log("secagg", topic, "no secure-aggregation stage is open")
             return
-        if isinstance(payload, _TooLarge):
+        if isinstance(payload, TooLarge):
             self._reject_log("secagg", topic, f"message of {payload.n} bytes is over the limit")
             return
         try:
@@ -698,14 +639,14 @@ class Server:
     # ================================================================== the engine thread
     def _loop(self) -> None:
         while True:
-            batch = take_batch(self._q, self._wait_time(), self.max_batch)  # []: still check the deadline
+            batch = self.inq.take(self._wait_time(), self.max_batch)  # []: still check the deadline
             stop = any(item is _STOP for item in batch)
             try:
-                self._process_batch([b[:2] for b in batch if isinstance(b, tuple)])
+                self._process_batch(self.inq.messages(batch))
             except Exception as e:  # never die on one bad batch
                 self.log.exception("engine batch failed: %s", self._safe(e))
             finally:
-                self._release(batch)
+                self.inq.release(batch)
             if stop:
                 return
 
@@ -828,7 +769,7 @@ class Server:
                    sanitize(reason, 2 * self.rlimits.log_chars))
 
     def _decode(self, payload: Any) -> Any:
-        if isinstance(payload, _TooLarge):
+        if isinstance(payload, TooLarge):
             raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
                                   f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
         return decode(payload, limits=self.limits, verifier=self._verifier)

@@ -19,6 +19,7 @@ from edgefed.protocol import AckStatus, Status
 from edgefed.transport import InProcBroker
 from edgefed_server.engine import ResourceLimits, Server, sanitize
 from edgefed_server.http_status import StatusHTTPServer, render_metrics
+from edgefed_server.inbound import ITEM_OVERHEAD, InboundQueue, Offer, TooLarge
 from edgefed_server.store import Store
 
 
@@ -253,6 +254,25 @@ def test_inbound_queue_byte_budget_drops_and_recovers(env):
     fleet.update("a", 0)
     fleet.update("b", 0)
     wait_for(lambda: srv.round == 1, what="round 0 closed")
+
+
+def test_inbound_queue_budget_counts_until_release():
+    """The budget holds what is queued AND what the engine is still handling: it comes back
+    only on release, and control tokens (stop, wake) neither cost budget nor are messages."""
+    q = InboundQueue(max_message_bytes=1000, budget_bytes=2 * (100 + ITEM_OVERHEAD + 1), budget_messages=10)
+    assert q.offer("t", bytes(100)) is Offer.QUEUED and q.offer("t", bytes(100)) is Offer.QUEUED
+    assert q.offer("t", bytes(100)) is Offer.DROPPED  # over the byte budget: not queued
+    q.signal("wake")
+    batch = q.take(0.1, 10)
+    assert len(batch) == 3 and [m[0] for m in q.messages(batch)] == ["t", "t"]
+    assert q.offer("t", bytes(1)) is Offer.DROPPED  # taken but not released still counts
+    assert not q.idle()
+    q.release(batch)
+    assert q.idle() and q.snapshot()["bytes"] == 0 and q.snapshot()["peak_bytes"] == 2 * (100 + ITEM_OVERHEAD + 1)
+    assert q.offer("t", bytes(5000)) is Offer.TOO_LARGE  # a marker is queued: it is rejected and acked
+    (item,) = q.messages(q.take_now())
+    assert isinstance(item[1], TooLarge) and item[1].n == 5000
+    assert q.snapshot()["bytes"] == ITEM_OVERHEAD + 1  # the marker costs no payload bytes
 
 
 def test_normal_job_unaffected_by_tight_limits(env):

@@ -6,6 +6,7 @@ transport and the store.
     sync.py          SyncReply bytes (deltas from a cache or the store, or the full state)
     secure_round.py  the secure-aggregation stages of a round
     inbound.py       the bounded inbound queue between transport callbacks and the engine
+    devices.py       the devices of the job: their last Status, which are proven
     engine.py        this file: group commit of each batch, message dispatch, the store
                      writes and Acks the decisions call for, the round's aggregation and
                      commit, publishing, status and metrics
@@ -52,6 +53,7 @@ from edgefed.replica import TrainablesReplica, artifact_id
 
 from . import round_policy
 from .admission import AcceptedMeta, Admission, Decision, ExtraRowQuota, Keep, Verdict, reason_class, reject
+from .devices import DeviceRegistry
 from .inbound import InboundQueue, Offer, TooLarge
 from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
 from .round_policy import Action, ExpectedChange, RoundView
@@ -169,8 +171,7 @@ class Server:
         self.accepted: Dict[str, Tuple[AcceptedMeta, int]] = {}  # device -> (metadata, raw size)
         self.acc: Optional[RoundAccumulator] = None  # the open round's aggregation (not secure rounds)
         self.expected: Set[str] = set()   # devices that count toward this round's target
-        self.devices: Dict[str, dict] = {}
-        self.proven: Set[str] = set()     # devices with an accepted update in this job
+        self.registry = DeviceRegistry(resource_limits.status_devices, resource_limits.max_devices)
         self.admission = Admission(self.topics, allow_unknown_devices=allow_unknown_devices,
                                    max_devices=resource_limits.max_devices)
         self.quota = ExtraRowQuota(resource_limits, lambda d: self.store.count_raw_late(self.job.job, d))
@@ -342,8 +343,8 @@ class Server:
                 "accepted_this_round": len(self.accepted), "target": self._target(),
                 "expected": sorted(self.expected)[:self.rlimits.status_devices],
                 "expected_count": len(self.expected), "extensions": self.extensions,
-                "devices": self._listed_devices(),
-                "devices_summary": self._devices_summary(),
+                "devices": self.registry.listed(),
+                "devices_summary": self.registry.summary(self.metrics["devices_refused"]),
                 "devices_online": self._online(),
                 "inbound": self.inbound(),
                 "history": list(self.history), "strategy": self._strategy_summary(),
@@ -356,22 +357,10 @@ class Server:
         """The inbound queue's accounting: what is queued or being handled, its peak, the budget."""
         return self.inq.snapshot()
 
-    def _listed_devices(self) -> List[dict]:
-        """At most status_devices devices: active ones (not finished/offline) first, by id."""
-        n = self.rlimits.status_devices
-        order = sorted(self.devices.items(),
-                       key=lambda kv: (kv[1]["state"] in ("finished", "offline"), kv[0]))
-        return [{"device": d, **i} for d, i in order[:n]]
-
-    def _devices_summary(self) -> dict:
-        states: Dict[str, int] = {}
-        for i in self.devices.values():
-            k = i["state"] if len(states) < 32 or i["state"] in states else "other"
-            states[k] = states.get(k, 0) + 1
-        return {"registered": len(self.devices), "listed": min(len(self.devices), self.rlimits.status_devices),
-                "online": self._online(), "proven": len(self.proven),
-                "max_devices": self.rlimits.max_devices, "refused": self.metrics["devices_refused"],
-                "by_state": states}
+    @property
+    def devices(self) -> Dict[str, dict]:
+        """device -> what its last Status said (server/devices.py)."""
+        return self.registry.devices
 
     def summary(self) -> dict:
         with self._lock:
@@ -445,10 +434,7 @@ class Server:
         self.round = r.round
         self._open_replica(r.round)
         self.history = list(r.history)
-        for d in r.devices:
-            self.devices[d["device"]] = self._device_info(
-                d["state"], d["round"], d["device_class"], d["first_seen"], d["last_seen"],
-                d["status"].get("text", ""))
+        self.registry.restore(r.devices, self.store.accepted_devices(self.job.job))
         if r.plan is None:
             self.done = True
             self.plan = None
@@ -463,7 +449,6 @@ class Server:
         self.deadline = r.deadline
         self.opened_at = r.opened_at
         self._restore_accepted(r.accepted)
-        self.proven = set(self.store.accepted_devices(self.job.job))
         self.expected = self._countable_online() | set(self.accepted)
         self.log.info("resuming job %s at round %d with %d accepted updates (%s)", self.job.job,
                       self.round, len(self.accepted), ", ".join(sorted(self.accepted)) or "none")
@@ -691,8 +676,7 @@ class Server:
             r = self.store.load_resume(self.job.job)
             self.accepted.clear()
             self.acc = None
-            self.devices.clear()
-            self.proven.clear()
+            self.registry.clear()
             self.quota.forget_raw_counts()
             self.sync.clear()
             self.done = False
@@ -858,9 +842,7 @@ class Server:
         # itself is the accumulator's to keep or drop
         self.accepted[device] = (AcceptedMeta.of(msg), len(raw))
         self.expected.add(device)
-        self.proven.add(device)
-        if device not in self.devices:  # allow_unknown_devices
-            self.devices[device] = self._device_info("unknown", msg.round, "", now, now, "")
+        self.registry.prove(device, msg.round, now)
         self.metrics["accepted"] += 1
         self.metrics["bytes_received"] += len(raw)
         self._ack(outbox, device, msg.round, msg.msg_id, AckStatus.ACCEPTED)
@@ -888,13 +870,6 @@ class Server:
         return keep.value
 
     # ------------------------------------------------------------------ statuses
-    @staticmethod
-    def _device_info(state: str, rnd: int, device_class: str, first_seen: float, last_seen: float,
-                     text: str) -> dict:
-        return {"state": state, "online": state != "offline", "round": rnd,
-                "device_class": device_class, "first_seen": first_seen, "last_seen": last_seen,
-                "text": text}
-
     def _decode_or_reject(self, topic: str, payload: bytes, label: str):
         """The message, or None after counting and logging why it was refused."""
         try:
@@ -913,7 +888,6 @@ class Server:
             return
         assert isinstance(msg, Status)
         now = self.clock()
-        prev = self.devices.get(msg.device)
         if self.admission.registry_full(msg.device, self.devices):
             self.metrics["devices_refused"] += 1
             self._count_reject("status_device_cap")
@@ -925,10 +899,8 @@ class Server:
                   "device_class": msg.device_class}
         self.store.upsert_device(self.job.job, msg.device, now, msg.state, msg.round,
                                  msg.device_class, status)
-        info = self._device_info(msg.state, msg.round, msg.device_class,
-                                 prev["first_seen"] if prev else now, now, msg.text)
-        self.devices[msg.device] = info
-        if prev is None:
+        info, new = self.registry.record_status(msg.device, msg.state, msg.round, msg.device_class, now, msg.text)
+        if new:
             self._warn("announce", "device %s announced itself (%s, class %s)", self._safe(msg.device),
                        self._safe(msg.state), self._safe(msg.device_class or "-"), level=logging.INFO)
         if msg.state == "error":  # the device skips this round (its reason in the text) and resyncs
@@ -970,20 +942,20 @@ class Server:
 
     # ------------------------------------------------------------------ rounds
     def _online(self) -> int:
-        return sum(1 for i in self.devices.values() if i["online"])
+        return len(self.registry.online())
 
     def _countable(self, device: str) -> bool:
-        return round_policy.countable(self.round, device in self.proven) and self._in_round(device)
+        return round_policy.countable(self.round, device in self.registry.proven) and self._in_round(device)
 
     def _countable_online(self) -> Set[str]:
-        return {d for d, i in self.devices.items() if i["online"] and self._countable(d)}
+        return {d for d in self.registry.online() if self._countable(d)}
 
     def _in_round(self, device: str) -> bool:
         """Whether the plan's per-device rules (edgefed.assign) select `device` this round."""
         if self.plan is None:
             return True
         try:
-            return plan_for(self.plan, device, self.devices.get(device, {}).get("device_class", "")) is not None
+            return plan_for(self.plan, device, self.registry.device_class(device)) is not None
         except ValueError:
             return True
 

@@ -19,6 +19,7 @@ from edgefed.protocol import AckStatus, Status
 from edgefed.transport import InProcBroker
 from edgefed_server.engine import ResourceLimits, Server, sanitize
 from edgefed_server.http_status import StatusHTTPServer, render_metrics
+from edgefed_server.devices import DeviceRegistry
 from edgefed_server.inbound import ITEM_OVERHEAD, InboundQueue, Offer, TooLarge
 from edgefed_server.store import Store
 
@@ -102,6 +103,24 @@ def test_rejection_logs_are_rate_limited(env, caplog):
 
 
 # ----------------------------------------------------------------------------- devices
+
+def test_device_registry_lists_active_first_and_keeps_first_seen():
+    reg = DeviceRegistry(status_devices=2, max_devices=100)
+    _, new = reg.record_status("z", "training", 0, "rpi4", now=1.0, text="")
+    assert new
+    reg.record_status("a", "finished", 0, "", now=2.0, text="")
+    reg.record_status("m", "offline", 0, "", now=3.0, text="")
+    info, new = reg.record_status("z", "idle", 1, "rpi4", now=9.0, text="ok")
+    assert not new and (info["first_seen"], info["last_seen"]) == (1.0, 9.0)
+    assert [d["device"] for d in reg.listed()] == ["z", "a"]  # active first, then by id; capped
+    assert reg.online() == {"z", "a"} and reg.device_class("z") == "rpi4" and reg.device_class("q") == ""
+    reg.prove("ghost", 3, now=10.0)  # an accepted update from a device that never sent a Status
+    assert reg.devices["ghost"]["state"] == "unknown" and reg.proven == {"ghost"}
+    for i in range(40):  # device-chosen state names: at most 32 buckets, the rest "other"
+        reg.record_status(f"s{i}", f"state{i}", 0, "", now=11.0, text="")
+    by_state = reg.summary(refused=0)["by_state"]
+    assert len(by_state) == 33 and by_state["other"] == 4 + 40 - 32 and sum(by_state.values()) == 44
+
 
 def test_device_cap_refuses_new_statuses_and_target_counts_proven_only(env, caplog):
     caplog.set_level(logging.WARNING, logger="edgefed.server")

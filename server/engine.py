@@ -57,7 +57,8 @@ from .devices import DeviceRegistry
 from .inbound import InboundQueue, Offer, TooLarge
 from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
 from .round_policy import Action, ExpectedChange, RoundView
-from .secure_round import SecureRound, SecureRoundFailed
+from .secure_round import (SecureRound, SecureRoundFailed, check_secure_job, max_cohort, secure_on,
+                           secure_plan_params, stage_window)
 from .workers import WorkerHub
 from .store import ResumeInfo, Store, StoreError
 from .sync import SyncBuilder, full_state, history_from
@@ -181,7 +182,7 @@ class Server:
         self.error: Optional[str] = None
         self.secure: Optional[SecureRound] = None  # this round's secure aggregation (secure jobs)
         self.replica: Optional[TrainablesReplica] = None  # the global trainables (state digest)
-        self._check_secure_job()
+        check_secure_job(self.job, self.strategy)
         # aggregation workers (server/workers.py): updates through a shared subscription
         self.hub: Optional[WorkerHub] = None
         if share_group:
@@ -507,21 +508,7 @@ class Server:
 
     # ================================================================== secure aggregation
     def _secure_on(self) -> bool:
-        return bool(int(self.job.params.get("secure_aggregation", 0) or 0))
-
-    def _check_secure_job(self) -> None:
-        """Refuse combinations that secure aggregation cannot honour (the server sees one sum)."""
-        if not self._secure_on():
-            return
-        p = self.job.params
-        if str(p.get("aggregator", "mean")).strip().lower() != "mean":
-            raise ValueError(f"secure_aggregation needs aggregator=mean: the server sees only the sum, so "
-                             f"{p.get('aggregator')!r} (which looks at each update) cannot run")
-        if str(p.get("dp_mode", "off")).strip().lower() == "central":
-            raise ValueError("secure_aggregation with dp_mode=central is not supported (the server cannot clip "
-                             "each update); use dp_mode=local, which adds the noise on the devices")
-        if type(self.strategy).secure_spec is ServerStrategy.secure_spec:
-            raise ValueError(f"method {self.job.method!r} has no secure aggregation mode")
+        return secure_on(self.job)
 
     def _check_worker_job(self) -> None:
         """Refuse a job whose aggregation cannot be split between workers and merged exactly."""
@@ -531,17 +518,6 @@ class Server:
         if why is not None:
             raise ValueError(f"job {self.job.job!r} cannot use aggregation workers (--share-group): {why}")
 
-    def _secagg_max_devices(self) -> int:
-        """The largest cohort of a secure round: it sizes the fixed-point scale and caps the roster."""
-        return int(self.job.params.get("secagg_max_devices", 0) or self.rlimits.max_devices)
-
-    def _secure_params(self, plan: RoundPlan, attempt: int) -> dict:
-        from edgefed.security.secagg import plan_params
-        spec = self.strategy.secure_spec(self.job, plan)
-        p = self.job.params
-        return plan_params(spec.length, spec.bound, self._secagg_max_devices(),
-                           int(p.get("secagg_threshold", 0) or 0), int(p.get("secagg_degree", 0) or 0), attempt)
-
     def _open_secure(self, plan: Optional[RoundPlan], now: float) -> None:
         """A SecureRound for the plan that was just set (None when the round is not secure)."""
         from edgefed.security.secagg import config_from_plan
@@ -549,10 +525,10 @@ class Server:
         if plan is None or not plan.params.get("secagg_len"):
             return
         cfg = config_from_plan(self.job.job, plan.round, plan.params)
-        window = float(self.job.params.get("secagg_window", 0) or min(30.0, self.job.round_timeout / 4))
         keys = self._verifier.devices if self._verifier is not None else None
-        self.secure = SecureRound(cfg, self.topics, clock=self.clock, window=window, opened_at=now,
-                                  expected=set(self.expected), max_devices=self._secagg_max_devices(),
+        self.secure = SecureRound(cfg, self.topics, clock=self.clock, window=stage_window(self.job), opened_at=now,
+                                  expected=set(self.expected),
+                                  max_devices=max_cohort(self.job, self.rlimits.max_devices),
                                   signer=self._signer, device_keys=keys, logger=self.log)
 
     def _restart_secure(self, now: float, outbox: list, reason: str) -> None:
@@ -1045,7 +1021,8 @@ class Server:
             # the global trainables at the start of this round: devices check theirs against it
             plan = dataclasses.replace(plan, params={**plan.params, "state_digest": self.replica.digest()})
         if self._secure_on():
-            plan = dataclasses.replace(plan, params={**plan.params, **self._secure_params(plan, 0)})
+            extra = secure_plan_params(self.job, self.strategy, plan, 0, self.rlimits.max_devices)
+            plan = dataclasses.replace(plan, params={**plan.params, **extra})
         return self._fit_plan(plan)
 
     def _fit_plan(self, plan: RoundPlan) -> RoundPlan:

@@ -22,7 +22,47 @@ from edgefed.protocol import Topics, Update
 from edgefed.security.secagg import UPDATE_TENSOR as MASKED_TENSOR
 from edgefed.security.secagg import SecAggConfig, SecAggError, SecAggServer, Stage, decode_message, from_wire
 
-__all__ = ["SecureRound", "SecureRoundFailed", "MASKED_TENSOR"]
+__all__ = ["SecureRound", "SecureRoundFailed", "MASKED_TENSOR", "secure_on", "check_secure_job", "max_cohort",
+           "stage_window", "secure_plan_params"]
+
+
+def secure_on(job) -> bool:
+    return bool(int(job.params.get("secure_aggregation", 0) or 0))
+
+
+def check_secure_job(job, strategy) -> None:
+    """Refuse combinations that secure aggregation cannot honour (the server sees one sum)."""
+    if not secure_on(job):
+        return
+    from edgefed.methods import ServerStrategy
+    p = job.params
+    if str(p.get("aggregator", "mean")).strip().lower() != "mean":
+        raise ValueError(f"secure_aggregation needs aggregator=mean: the server sees only the sum, so "
+                         f"{p.get('aggregator')!r} (which looks at each update) cannot run")
+    if str(p.get("dp_mode", "off")).strip().lower() == "central":
+        raise ValueError("secure_aggregation with dp_mode=central is not supported (the server cannot clip "
+                         "each update); use dp_mode=local, which adds the noise on the devices")
+    if type(strategy).secure_spec is ServerStrategy.secure_spec:
+        raise ValueError(f"method {job.method!r} has no secure aggregation mode")
+
+
+def max_cohort(job, max_devices: int) -> int:
+    """The largest cohort of a secure round: it sizes the fixed-point scale and caps the roster."""
+    return int(job.params.get("secagg_max_devices", 0) or max_devices)
+
+
+def stage_window(job) -> float:
+    """Seconds a stage waits for stragglers once the threshold is met."""
+    return float(job.params.get("secagg_window", 0) or min(30.0, job.round_timeout / 4))
+
+
+def secure_plan_params(job, strategy, plan, attempt: int, max_devices: int) -> dict:
+    """The plan params that open a secure round (edgefed.security.secagg.plan_params)."""
+    from edgefed.security.secagg import plan_params
+    spec = strategy.secure_spec(job, plan)
+    p = job.params
+    return plan_params(spec.length, spec.bound, max_cohort(job, max_devices),
+                       int(p.get("secagg_threshold", 0) or 0), int(p.get("secagg_degree", 0) or 0), attempt)
 
 
 class SecureRoundFailed(RuntimeError):

@@ -18,6 +18,7 @@ from typing import Callable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
+from edgefed.methods import ServerStrategy
 from edgefed.protocol import Topics, Update
 from edgefed.security.secagg import UPDATE_TENSOR as MASKED_TENSOR
 from edgefed.security.secagg import SecAggConfig, SecAggError, SecAggServer, Stage, decode_message, from_wire
@@ -34,7 +35,6 @@ def check_secure_job(job, strategy) -> None:
     """Refuse combinations that secure aggregation cannot honour (the server sees one sum)."""
     if not secure_on(job):
         return
-    from edgefed.methods import ServerStrategy
     p = job.params
     if str(p.get("aggregator", "mean")).strip().lower() != "mean":
         raise ValueError(f"secure_aggregation needs aggregator=mean: the server sees only the sum, so "

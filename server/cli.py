@@ -351,6 +351,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--client-id", default=None, help="MQTT client id (default edgefed-worker-<job>-<id>)")
     p.add_argument("--max-message-mb", type=float, default=4.0)
     p.add_argument("--broker-message-kb", type=int, default=4096)
+    p.add_argument("--inbound-bytes", type=int, default=64 << 20,
+                   help="byte budget of the inbound queue; messages past it are dropped, not acked")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -379,6 +381,12 @@ def run_worker(args: argparse.Namespace) -> int:
         except (ValueError, OSError, ImportError) as e:
             print(f"edgefed worker: --signing-dir: {e}", file=sys.stderr)
             return 2
+    from .limits import ResourceLimits
+    try:
+        rlimits = ResourceLimits(inbound_bytes=args.inbound_bytes)
+    except ValueError as e:
+        print(f"edgefed worker: --inbound-bytes: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     stopped_by: List[int] = []
 
@@ -386,7 +394,7 @@ def run_worker(args: argparse.Namespace) -> int:
     transport = make_transport(args.broker, args.client_id or f"edgefed-worker-{args.job}-{args.worker_id}",
                                max_payload_bytes=int(args.broker_message_kb) << 10)
     worker = Worker(transport, args.job, args.worker_id, group=args.share_group, signing=signing,
-                    limits=message_limits(args.max_message_mb))
+                    limits=message_limits(args.max_message_mb), resource_limits=rlimits)
     try:
         transport.connect()
         worker.start()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -31,12 +30,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edgefed.assign import plan_for
 from edgefed.methods import JobConfig, MethodState, get_method
 from edgefed.methods.base import RoundAccumulator
-from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, Limits, ProtocolError, RoundPlan, Status,
-                              Topics, Update, WorkerControl, WorkerReport, check_id, check_topic, decode,
+from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, Limits, MessageTooLarge, ProtocolError, RoundPlan,
+                              Status, Topics, Update, WorkerControl, WorkerReport, check_id, check_topic, decode,
                               parse_topic, validate_update)
 
 from .admission import reason_class
-from .limits import LogLimiter, sanitize, take_batch
+from .inbound import InboundQueue, Offer, TooLarge
+from .limits import DEFAULT_RESOURCE_LIMITS, LogLimiter, ResourceLimits, sanitize
 
 __all__ = ["Worker", "WorkerError", "DEFAULT_GROUP", "share_group"]
 
@@ -57,12 +57,15 @@ class Worker:
     """One aggregation worker of a job over a transport (MQTT 5 broker with shared subscriptions).
 
     signing: an edgefed.security.signing.WorkerSigning (its key, the device registry, the job's
-    public key); None = development mode (unsigned, like the server)."""
+    public key); None = development mode (unsigned, like the server). resource_limits: the
+    inbound queue's budget (inbound_bytes, inbound_messages), as the server's: past it a message
+    is dropped, not acked, and counted (stats["inbound_dropped"])."""
 
     def __init__(self, transport, job: str, worker_id: str, *, group: Optional[str] = None,
                  signing: Any = None, logger: Optional[logging.Logger] = None,
                  clock: Callable[[], float] = time.time, hold_s: float = 5.0, max_held: int = 10000,
-                 max_batch: int = 1024, limits: Limits = DEFAULT_LIMITS):
+                 max_batch: int = 1024, limits: Limits = DEFAULT_LIMITS,
+                 resource_limits: ResourceLimits = DEFAULT_RESOURCE_LIMITS):
         self.transport = transport
         self.job_id = check_id(job, "job")
         self.worker_id = check_id(worker_id, "worker")
@@ -82,8 +85,10 @@ class Worker:
         if signing is None:
             from edgefed.security.signing import warn_unsigned
             warn_unsigned(self.log, "worker")
-        self._loglim = LogLimiter(20, 10.0)
-        self._q: "queue.Queue" = queue.Queue()
+        self._loglim = LogLimiter(resource_limits.log_burst, resource_limits.log_interval_s)
+        # bounded: whoever can publish on the update topic must not grow the worker's memory
+        self.inq = InboundQueue(limits.max_message_bytes, resource_limits.inbound_bytes,
+                                resource_limits.inbound_messages)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.error: Optional[str] = None
@@ -106,7 +111,7 @@ class Worker:
         self.pending: List[Tuple[bytes, bytes, bytes]] = []  # (ack, label, raw) not yet reported
         self.held: List[Tuple[float, str, Update, bytes]] = []  # waiting for a plan / a status
         self.stats = {"updates": 0, "accepted": 0, "rejected": 0, "reports": 0, "partials": 0,
-                      "held": 0}
+                      "held": 0, "inbound_dropped": 0, "inbound_too_large": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Worker":
@@ -139,7 +144,7 @@ class Worker:
             self.transport.unsubscribe(self.topics.shared_updates(self.group))
         except Exception:  # noqa: BLE001
             pass
-        self._q.put(_STOP)
+        self.inq.signal(_STOP)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         try:
@@ -165,20 +170,29 @@ class Worker:
 
     # ------------------------------------------------------------------ engine thread
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self._q.put((topic, payload))
+        """Transport thread: offer to the bounded queue, never block (server/inbound.py)."""
+        offer = self.inq.offer(topic, payload)
+        if offer is Offer.TOO_LARGE:
+            self.stats["inbound_too_large"] += 1
+        elif offer is Offer.DROPPED:
+            self.stats["inbound_dropped"] += 1
+            self._warn("inbound", "inbound queue full (%d bytes / %d messages budget): dropped a %d-byte "
+                       "message on %s, not acked (%d dropped so far)", self.inq.budget_bytes,
+                       self.inq.budget_messages, len(payload), sanitize(topic), self.stats["inbound_dropped"])
 
     def _loop(self) -> None:
         while True:
-            batch = take_batch(self._q, 0.2, self.max_batch)
+            batch = self.inq.take(0.2, self.max_batch)
             stop = any(b is _STOP for b in batch)
             try:
-                for item in batch:
-                    if isinstance(item, tuple):
-                        self._handle(*item)
+                for topic, payload in self.inq.messages(batch):
+                    self._handle(topic, payload)
                 self._expire_held()
                 self._report()
             except Exception as e:  # noqa: BLE001 - never die on one batch
                 self.log.exception("worker batch failed: %s", sanitize(e))
+            finally:
+                self.inq.release(batch)
             if stop:
                 return
 
@@ -189,6 +203,9 @@ class Worker:
             return
         if info.kind == "update":
             self._on_update(topic, info.device or "", payload)
+        elif isinstance(payload, TooLarge):  # only the coordinator writes the other topics
+            self._warn("too_large", "a %d-byte message on %s is over the limit (%d B): ignored", payload.n,
+                       sanitize(topic), self.limits.max_message_bytes)
         elif info.kind == "worker_control":
             self._on_control(payload)
         elif info.kind == "plan":
@@ -288,6 +305,9 @@ class Worker:
     def _on_update(self, topic: str, device: str, payload: bytes) -> None:
         self.stats["updates"] += 1
         try:
+            if isinstance(payload, TooLarge):
+                raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
+                                      f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
             msg = decode(payload, limits=self.limits, verifier=self._verifier)
             check_topic(topic, msg)
         except ProtocolError as e:

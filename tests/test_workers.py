@@ -196,6 +196,45 @@ def test_silent_worker_and_resends_still_give_the_bits_of_one_server():
     server.stop()
 
 
+def test_a_flood_on_the_update_topic_is_dropped_past_the_workers_budget_and_counted():
+    """Anyone who can publish on update/+ reaches a worker's queue: it holds at most its budget
+    (as the server's, server/inbound.py), drops and counts the rest, and gives the budget back
+    once the batch is handled. Too-large updates are rejected as too_large without being held."""
+    from edgefed.protocol import Limits, decode
+    from edgefed.transport import InProcBroker
+    from edgefed_server.inbound import ITEM_OVERHEAD
+    from edgefed_server.limits import ResourceLimits
+
+    broker = InProcBroker()
+    budget = 64 << 10
+    w = Worker(broker.client("w1"), "flood", "w1", group="g", limits=Limits(max_message_bytes=8 << 10),
+               resource_limits=ResourceLimits(inbound_bytes=budget, inbound_messages=1000))
+    t = Topics("flood")
+    w._on_message(t.update("d0"), b"x" * (1 << 20))  # over max_message_bytes: a marker, not the bytes
+    assert w.stats["inbound_too_large"] == 1 and w.inq.snapshot()["bytes"] < 1024
+    for _ in range(100):  # before start(): nothing handles them, as when the worker falls behind
+        w._on_message(t.update("d0"), b"x" * 4096)
+    marker, per = ITEM_OVERHEAD + len(t.update("d0")), 4096 + ITEM_OVERHEAD + len(t.update("d0"))
+    kept = (budget - marker) // per  # what fits beside the marker
+    assert 0 < kept < 100 and w.stats["inbound_dropped"] == 100 - kept
+    assert w.inq.snapshot()["bytes"] == marker + kept * per <= budget
+    coord = broker.client("coordinator")
+    coord.connect()
+    reports = []
+    coord.subscribe(t.worker_report("w1"), lambda _t, p: reports.append(decode(p)))
+    w.start()
+    try:
+        wait_for(lambda: w.inq.idle() and w.stats["rejected"] == kept + 1, 5)
+        assert w.inq.snapshot()["bytes"] == 0, "the handled batch's budget is given back"
+        wait_for(lambda: sum(len(r.labels) for r in reports) == kept + 1, 5)
+        labels = [lab.decode() for r in reports for lab in r.labels]
+        assert labels.count("too_large") == 1 and len(labels) == kept + 1
+        w._on_message(t.update("d0"), b"x" * 4096)  # room again
+        assert w.stats["inbound_dropped"] == 100 - kept
+    finally:
+        w.stop()
+
+
 def test_jobs_that_cannot_split_a_round_refuse_workers():
     from edgefed.transport import InProcBroker
     broker = InProcBroker()

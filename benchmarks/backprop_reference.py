@@ -226,11 +226,10 @@ def print_seed_summary(res: dict, file=sys.stdout) -> None:
 
 
 def plot(res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from edgefed.plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         _log("matplotlib missing: no plot")
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -253,10 +252,7 @@ def plot(res: dict, path: Path) -> Path | None:
     ax.set_title(f"What backprop reaches on the demo's rows ({res['template'].split('{text}')[0].strip()[:48]!r})",
                  fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -105,11 +105,10 @@ def print_tables(res: dict, file=sys.stdout) -> None:
 
 
 def plot(res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from edgefed.plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         return None
     by: dict[str, dict[int, float]] = {}
     for r in res["tensors"]:
@@ -126,10 +125,7 @@ def plot(res: dict, path: Path) -> Path | None:
     ax.set_ylabel("share of |g|^2 at the start")
     ax.set_title(f"Where the gradient is ({res['task']}, {res['trainable']})", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

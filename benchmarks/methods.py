@@ -473,11 +473,10 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from edgefed.plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         _log("matplotlib missing: no plot")
         return None
     names = [r["name"] for r in rows]
@@ -519,11 +518,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax[2].set_title("training loss per round (the round's clients)")
     ax[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def run_title(cfg: dict) -> str:

@@ -138,11 +138,10 @@ def tables(d: dict, file=sys.stdout) -> None:
 
 
 def plot(d: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from edgefed.plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         _log("matplotlib missing: no plot")
         return None
     from edgefed.metrics import wilson_interval
@@ -182,11 +181,7 @@ def plot(d: dict, path: Path) -> Path | None:
     fig.suptitle(f"{cfg['model']} {cfg['offsite']}, fedavg AdamW {cfg['lr']:g}, {cfg['clients']} clients "
                  f"Dirichlet({cfg['alpha']:g}), {cfg['devices_per_round']}/round, {cfg['rounds']} rounds x "
                  f"{cfg['local_steps']} steps, batch {cfg['batch']}x{cfg['seq_len']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def report(d: dict) -> None:

@@ -280,11 +280,10 @@ def _f1_cell(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from edgefed.plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         return None
     panels = list(dict.fromkeys((r["task"], r["setting"]) for r in rows))  # a column per task and setting
     several_tasks = len({t for t, _ in panels}) > 1
@@ -307,10 +306,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ax.set_xlabel("training forward passes (all devices)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save(fig, path)
 
 
 def main(argv=None) -> int:

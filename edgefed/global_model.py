@@ -37,11 +37,11 @@ def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
     """The held-out primary metric (accuracy, preference accuracy or loss) and loss, and devices'
     training loss, over rounds. Each history entry
     describes the global state after `round` aggregated rounds (0 = before training)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import pyplot, save
 
-    path = Path(path)
+    plt = pyplot()
+    if plt is None:
+        raise ImportError("plotting the rounds needs matplotlib (a host extra): pip install matplotlib")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ev = [h for h in history if h.get("eval_metric") is not None]
     metric = next((h["metric"] for h in ev if h.get("metric")), "accuracy")
@@ -67,8 +67,4 @@ def plot_rounds(history: list[dict], path: str | Path, title: str) -> Path:
     ax2.grid(alpha=0.3)
     ax2.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

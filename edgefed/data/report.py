@@ -57,11 +57,10 @@ def write_split_report(dir: str | os.PathLike, shards: Sequence[Sequence], heldo
 
 
 def _plot(path: Path, devices: list[dict], labels: list[str]) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from ..plotting import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
         log.info("matplotlib not installed: skipping %s", path)
         return
     fig, ax = plt.subplots(figsize=(min(20.0, max(4.0, 0.4 * len(devices) + 3)), 3.5))
@@ -83,5 +82,4 @@ def _plot(path: Path, devices: list[dict], labels: list[str]) -> None:
     ax.set_ylabel("examples")
     ax.set_title("examples per device" + (" by label" if labels else ""))
     ax.set_xticks(x if len(x) <= 40 else x[::max(1, len(x) // 20)])
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight" keeps the outside legend
-    plt.close(fig)
+    save(fig, path, dpi=100, tight="bbox")  # "bbox" keeps the outside legend

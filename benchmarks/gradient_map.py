@@ -4,16 +4,24 @@
         [--mask lora_B,v_proj\\.lora_B] [--json FILE] [--plot FILE]
     python benchmarks/gradient_map.py --model tiny --batches 2   # smoke run, < 1 min
 
-A two-point ZO step with a direction drawn in a subspace S (a `mask_tensors` regex) moves the
-loss, in expectation, by about lr * |g_S|^2 and pays noise that grows with S's dimension d_S,
-so at its best step the progress per forward pass scales as |g_S|^2 / d_S (the expected
-decrease of ZO-SGD under L-smoothness). This measures g, the mean training gradient of the
-artifact's starting trainables (backprop on the torch backend, a host's job: devices never run
-it), over --batches random batches, and reports for each tensor group (a tensor name with its
-layer number dropped) and each --mask its share of |g|^2, its share of the dimensions, and
-their ratio: the predicted progress per forward of perturbing only it, as a multiple of
-perturbing everything (plain MeZO). It predicts the start only: the gradient moves as the
-model trains, so check a choice with benchmarks/zo_convergence.py.
+A two-point ZO step with a direction z drawn in a subspace S (a `mask_tensors` regex) moves
+the loss, in expectation, by -lr |g_S|^2 + lr^2/2 E[(z.g)^2 z'Hz]. Two models of the second
+term give two predictions of the progress per forward pass at the best step, each as a multiple
+of perturbing everything (plain MeZO):
+
+- by dimension (L-smooth, the same curvature everywhere): |g_S|^2 / d_S, so dropping
+  dimensions that carry no gradient pays (the classic argument for sparse ZO);
+- by curvature: |g_S|^2 / tr(H_S), the trace of the loss Hessian's block on S (its effective
+  dimension), so dropping dimensions pays only where they carry curvature and no gradient.
+
+This measures g, the mean training gradient of the artifact's starting trainables, over
+--batches random batches, and tr(H) per tensor by Hutchinson's estimator (z * Hz, Rademacher z
+over one tensor group at a time, --probes per group and batch over --curv-batches batches:
+Hessian-vector products by double backprop), on
+the torch backend (a host's job: devices never run it). For each tensor group (a tensor name
+with its layer number dropped) and each --mask it reports the shares of dimensions, |g|^2 and
+tr(H), and both predictions. They describe the start only: the model moves, so check a choice
+with benchmarks/zo_convergence.py (docs/results.md "Where the gradient is" has both).
 """
 from __future__ import annotations
 
@@ -58,20 +66,61 @@ def mean_gradient(model, train, batches: int, batch: int, seed: int) -> tuple[np
     return (g_sum / batches).numpy().astype(np.float64), (g2_sum / batches).numpy().astype(np.float64)
 
 
+def curvature(model, train, batches: int, probes: int, batch: int, seed: int,
+              groups: list[np.ndarray]) -> np.ndarray:
+    """Per coordinate, z * (Hz) averaged over `probes` Rademacher z per group and batch, z zero
+    outside its group, over `batches` batches: summed over a tensor it estimates the trace of the
+    tensor's diagonal block of the batch loss's Hessian without bias (Hutchinson). Probing one
+    group at a time keeps other groups' blocks out of the noise (with z over everything, the
+    cross terms of every pair of tensors land in each tensor's sum)."""
+    import torch
+
+    from edgefed.methods.fedavg import start_tensor
+
+    flat = start_tensor(model)
+    rng = np.random.default_rng(seed + 1)  # other batches than the gradient's
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for idx in groups:
+        m = torch.zeros(flat.shape, dtype=flat.dtype)
+        m[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = 1.0
+        masks.append(m)
+    acc = torch.zeros_like(flat)
+    n = len(masks) * probes
+    for i in range(batches):
+        rows = rng.choice(len(train), size=min(batch, len(train)), replace=False)
+        loss = model.loss_tensor(model.encode([train[j] for j in rows]), flat)
+        (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+        k = 0
+        for m in masks:
+            for _ in range(probes):
+                k += 1
+                z = (torch.randint(0, 2, flat.shape, generator=gen).to(flat.dtype) * 2 - 1) * m
+                (hz,) = torch.autograd.grad(g @ z, flat, retain_graph=k < n)
+                acc += z * hz
+        _log(f"curvature: batch {i + 1}/{batches} ({n} Hessian-vector products)")
+    return (acc / (batches * probes)).detach().numpy().astype(np.float64)
+
+
 def group_of(name: str) -> str:
     return re.sub(r"(layers|h|blocks)\.\d+\.", r"\1.*.", name)
 
 
-def tensor_rows(tensors: list[dict], g: np.ndarray, g2: np.ndarray) -> list[dict]:
+def tensor_rows(tensors: list[dict], g: np.ndarray, g2: np.ndarray, zhz: np.ndarray | None = None) -> list[dict]:
+    """Per tensor: its share of |g|^2 and of the dimensions, how much batches agree, and (with
+    zhz, curvature()'s output) its share of tr(H)."""
     total, dims = float(np.sum(g * g)), int(g.size)
+    trace = float(np.sum(zhz)) if zhz is not None else None
     rows = []
     for t in tensors:
-        part = g[t["offset"]:t["offset"] + t["numel"]]
-        energy = float(np.sum(part * part))
+        sl = slice(t["offset"], t["offset"] + t["numel"])
+        energy = float(np.sum(g[sl] * g[sl]))
         rows.append({"name": t["name"], "numel": int(t["numel"]), "share": energy / total,
                      "dim_share": t["numel"] / dims,
                      # the mean gradient's energy over the per-batch gradient's: how much a batch agrees
-                     "signal": energy / max(float(np.sum(g2[t["offset"]:t["offset"] + t["numel"]])), 1e-300)})
+                     "signal": energy / max(float(np.sum(g2[sl])), 1e-300),
+                     # no shares of a trace that is not positive (the start sits at a saddle)
+                     "curv_share": float(np.sum(zhz[sl])) / trace if trace and trace > 0 else None})
     return rows
 
 
@@ -79,8 +128,11 @@ def subset_row(label: str, rows: list[dict], keep) -> dict:
     chosen = [r for r in rows if keep(r["name"])]
     share = sum(r["share"] for r in chosen)
     dim_share = sum(r["dim_share"] for r in chosen)
+    curv = None if any(r.get("curv_share") is None for r in rows) else sum(r["curv_share"] for r in chosen)
     return {"subset": label, "tensors": len(chosen), "numel": sum(r["numel"] for r in chosen), "share": share,
-            "dim_share": dim_share, "predicted_x": share / dim_share if dim_share else 0.0}
+            "dim_share": dim_share, "predicted_x": share / dim_share if dim_share else 0.0, "curv_share": curv,
+            # no prediction where the estimated curvature is not positive (noise, or a saddle's direction)
+            "predicted_curv_x": share / curv if curv is not None and curv > 0 else None}
 
 
 def subsets(rows: list[dict], masks: list[str]) -> list[dict]:
@@ -94,14 +146,20 @@ def subsets(rows: list[dict], masks: list[str]) -> list[dict]:
 
 
 def print_tables(res: dict, file=sys.stdout) -> None:
+    curv = (f"; tr(H) from {res['probes']} probes x {res['curv_batches']} batches" if res.get("probes") else
+            "; no curvature (--probes 0)")
     print(f"\n{res['model']} ({res['trainable']}), {res['task']}, template {res['template']!r}: mean gradient "
-          f"over {res['batches']} batches of {res['batch']}\n", file=file)
-    print("| subset | tensors | dimensions | share of dimensions | share of \\|g\\|^2 | predicted progress per forward "
-          "(x plain MeZO) |", file=file)
-    print("| --- | ---: | ---: | ---: | ---: | ---: |", file=file)
+          f"over {res['batches']} batches of {res['batch']}{curv}\n", file=file)
+    print("| subset | tensors | dimensions | share of dimensions | share of \\|g\\|^2 | share of tr(H) | predicted "
+          "progress per forward, x plain MeZO: by dimension | by curvature |", file=file)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+
+    def cell(v, fmt):
+        return "-" if v is None else format(v, fmt)
     for s in res["subsets"]:
         print(f"| {s['subset']} | {s['tensors']} | {s['numel']:,} | {s['dim_share']:.3f} | {s['share']:.3f} "
-              f"| {s['predicted_x']:.2f} |", file=file)
+              f"| {cell(s.get('curv_share'), '.3f')} | {s['predicted_x']:.2f} | {cell(s.get('predicted_curv_x'), '.2f')} |",
+              file=file)
 
 
 def plot(res: dict, path: Path) -> Path | None:
@@ -138,14 +196,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probes", type=int, default=2,
+                    help="Hutchinson probes per tensor group and batch for tr(H) (0: no curvature, the gradient only)")
+    ap.add_argument("--curv-batches", type=int, default=8, help="batches the curvature is averaged over")
     ap.add_argument("--mask", default=r"lora_B,v_proj\.lora_B,q_proj\.lora_B",
                     help="comma-separated mask_tensors regexes to predict for")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
-    if args.batches < 1:
-        ap.error("--batches must be at least 1")
+    if args.batches < 1 or args.curv_batches < 1 or args.probes < 0:
+        ap.error("--batches and --curv-batches must be at least 1, --probes at least 0")
     if args.template is not None:  # a literal backslash-n is a newline, as in the CLI's --template
         args.template = args.template.replace("\\n", "\n")
     if args.template is not None and "{text}" not in args.template:
@@ -185,9 +246,18 @@ def main(argv=None) -> int:
     g, g2 = mean_gradient(model, train, args.batches, args.batch, args.seed)
     if not np.any(g):
         raise SystemExit("the mean gradient is zero: no trainable moves the loss at the start")
-    tensors = tensor_rows(read_manifest(art)["trainable"], g, g2)
+    manifest = read_manifest(art)["trainable"]
+    zhz = None
+    if args.probes:
+        by_group: dict[str, list] = {}
+        for t in manifest:
+            by_group.setdefault(group_of(t["name"]), []).append(np.arange(t["offset"], t["offset"] + t["numel"]))
+        zhz = curvature(model, train, args.curv_batches, args.probes, args.batch, args.seed,
+                        [np.concatenate(v) for v in by_group.values()])
+    tensors = tensor_rows(manifest, g, g2, zhz)
     res = {"model": args.model, "trainable": args.trainable, "task": args.task, "template": template,
            "batches": args.batches, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed,
+           "probes": args.probes, "curv_batches": args.curv_batches,
            "wall_s": time.time() - t0, "tensors": tensors, "subsets": subsets(tensors, masks)}
     print_tables(res)
     path = plot(res, Path(args.plot) if args.plot else Path("runs/gradient_map.png"))

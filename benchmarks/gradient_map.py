@@ -119,6 +119,7 @@ def tensor_rows(tensors: list[dict], g: np.ndarray, g2: np.ndarray, zhz: np.ndar
                      "dim_share": t["numel"] / dims,
                      # the mean gradient's energy over the per-batch gradient's: how much a batch agrees
                      "signal": energy / max(float(np.sum(g2[sl])), 1e-300),
+                     "trace": float(np.sum(zhz[sl])) if zhz is not None else None,
                      # no shares of a trace that is not positive (the start sits at a saddle)
                      "curv_share": float(np.sum(zhz[sl])) / trace if trace and trace > 0 else None})
     return rows
@@ -129,7 +130,9 @@ def subset_row(label: str, rows: list[dict], keep) -> dict:
     share = sum(r["share"] for r in chosen)
     dim_share = sum(r["dim_share"] for r in chosen)
     curv = None if any(r.get("curv_share") is None for r in rows) else sum(r["curv_share"] for r in chosen)
+    trace = None if any(r.get("trace") is None for r in rows) else sum(r["trace"] for r in chosen)
     return {"subset": label, "tensors": len(chosen), "numel": sum(r["numel"] for r in chosen), "share": share,
+            "trace": trace,
             "dim_share": dim_share, "predicted_x": share / dim_share if dim_share else 0.0, "curv_share": curv,
             # no prediction where the estimated curvature is not positive (noise, or a saddle's direction)
             "predicted_curv_x": share / curv if curv is not None and curv > 0 else None}
@@ -146,19 +149,22 @@ def subsets(rows: list[dict], masks: list[str]) -> list[dict]:
 
 
 def print_tables(res: dict, file=sys.stdout) -> None:
-    curv = (f"; tr(H) from {res['probes']} probes x {res['curv_batches']} batches" if res.get("probes") else
-            "; no curvature (--probes 0)")
+    total = res["subsets"][0].get("trace")
+    curv = "; no curvature (--probes 0)"
+    if res.get("probes") and total is not None:
+        curv = (f"; tr(H) = {total:.4g} from {res['probes']} probes a group x {res['curv_batches']} batches"
+                + ("" if total > 0 else " (not positive: the start is a saddle, so no curvature prediction)"))
     print(f"\n{res['model']} ({res['trainable']}), {res['task']}, template {res['template']!r}: mean gradient "
           f"over {res['batches']} batches of {res['batch']}{curv}\n", file=file)
-    print("| subset | tensors | dimensions | share of dimensions | share of \\|g\\|^2 | share of tr(H) | predicted "
-          "progress per forward, x plain MeZO: by dimension | by curvature |", file=file)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
+    print("| subset | tensors | dimensions | share of dimensions | share of \\|g\\|^2 | tr(H) | share of tr(H) | "
+          "predicted progress per forward, x plain MeZO: by dimension | by curvature |", file=file)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", file=file)
 
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
     for s in res["subsets"]:
         print(f"| {s['subset']} | {s['tensors']} | {s['numel']:,} | {s['dim_share']:.3f} | {s['share']:.3f} "
-              f"| {cell(s.get('curv_share'), '.3f')} | {s['predicted_x']:.2f} | {cell(s.get('predicted_curv_x'), '.2f')} |",
+              f"| {cell(s.get('trace'), '.4g')} | {cell(s.get('curv_share'), '.3f')} | {s['predicted_x']:.2f} | {cell(s.get('predicted_curv_x'), '.2f')} |",
               file=file)
 
 

@@ -164,8 +164,8 @@ def print_tables(res: dict, file=sys.stdout) -> None:
         return "-" if v is None else format(v, fmt)
     for s in res["subsets"]:
         print(f"| {s['subset']} | {s['tensors']} | {s['numel']:,} | {s['dim_share']:.3f} | {s['share']:.3f} "
-              f"| {cell(s.get('trace'), '.4g')} | {cell(s.get('curv_share'), '.3f')} | {s['predicted_x']:.2f} | {cell(s.get('predicted_curv_x'), '.2f')} |",
-              file=file)
+              f"| {cell(s.get('trace'), '.4g')} | {cell(s.get('curv_share'), '.3f')} | {s['predicted_x']:.2f} "
+              f"| {cell(s.get('predicted_curv_x'), '.2f')} |", file=file)
 
 
 def plot(res: dict, path: Path) -> Path | None:

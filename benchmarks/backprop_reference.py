@@ -306,9 +306,8 @@ def main(argv=None) -> int:
             lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
         except ValueError:
             ap.error(f"--lrs {args.lrs!r}: give numbers separated by commas, e.g. 5e-4,1e-3")
-        args.template = args.template.replace("\\n", "\n")  # a literal backslash-n is a newline, as in the CLI
-        if "{text}" not in args.template:
-            ap.error(f"--template {args.template!r} has no {{text}}: write where the review goes")
+        from zo_convergence import read_template
+        args.template = read_template(ap, args.template)
         t0 = time.time()
         prepare_model(args.model)
         art = ensure_artifact(args.model, args.trainable, TASK, template=args.template, progress=False)

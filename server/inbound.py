@@ -13,6 +13,8 @@ import queue
 import threading
 from typing import Any, List, Sequence, Tuple
 
+from edgefed.protocol import MessageTooLarge
+
 from .limits import take_batch
 
 __all__ = ["InboundQueue", "Offer", "ITEM_OVERHEAD"]
@@ -35,6 +37,10 @@ class TooLarge:
 
     def __len__(self) -> int:
         return 0
+
+    def error(self, limit: int) -> MessageTooLarge:
+        """What decoding it would have raised (the engine and the workers reject with this)."""
+        return MessageTooLarge(f"message is {self.n} bytes; the limit is {limit} (Limits.max_message_bytes)")
 
 
 class InboundQueue:

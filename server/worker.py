@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from edgefed.assign import plan_for
 from edgefed.methods import JobConfig, MethodState, get_method
 from edgefed.methods.base import RoundAccumulator
-from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, Limits, MessageTooLarge, ProtocolError, RoundPlan,
-                              Status, Topics, Update, WorkerControl, WorkerReport, check_id, check_topic, decode,
+from edgefed.protocol import (DEFAULT_LIMITS, Ack, AckStatus, Limits, ProtocolError, RoundPlan, Status,
+                              Topics, Update, WorkerControl, WorkerReport, check_id, check_topic, decode,
                               parse_topic, validate_update)
 
 from .admission import reason_class
@@ -306,8 +306,7 @@ class Worker:
         self.stats["updates"] += 1
         try:
             if isinstance(payload, TooLarge):
-                raise MessageTooLarge(f"message is {payload.n} bytes; the limit is "
-                                      f"{self.limits.max_message_bytes} (Limits.max_message_bytes)")
+                raise payload.error(self.limits.max_message_bytes)
             msg = decode(payload, limits=self.limits, verifier=self._verifier)
             check_topic(topic, msg)
         except ProtocolError as e:
